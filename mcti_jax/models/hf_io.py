@@ -1,0 +1,244 @@
+"""Read and write Hugging Face checkpoint folders (config.json + safetensors).
+
+Our Flax modules name their attributes exactly like the torch modules of
+diffusers/transformers, so an NNX parameter path maps to a torch state-dict key
+by joining it with dots and renaming the leaf (kernel/scale/embedding ->
+weight). The only layout change is the kernel transpose:
+
+  Linear  torch [out, in]           <-> flax [in, out]
+  Conv2d  torch [out, in, kh, kw]   <-> flax [kh, kw, in, out]
+
+Everything here is model-agnostic; a model-specific key rename (old names in
+old checkpoints) is passed in as a `renames` function by the model's loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+# Flax leaf name -> torch leaf name.
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint folder, file or tensor is missing or does not fit the model."""
+
+
+# ---------------------------------------------------------------- key mapping
+
+
+def torch_key(path: tuple[Any, ...]) -> str:
+  """('down_blocks', 0, 'resnets', 1, 'conv1', 'kernel') -> 'down_blocks.0.resnets.1.conv1.weight'."""
+  *parents, leaf = (str(p) for p in path)
+  return ".".join([*parents, _LEAF_TO_TORCH.get(leaf, leaf)])
+
+
+def to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+  if leaf == "kernel" and value.ndim == 2:
+    return value.T
+  if leaf == "kernel" and value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)
+  return value
+
+
+def from_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+  if leaf == "kernel" and value.ndim == 2:
+    return value.T
+  if leaf == "kernel" and value.ndim == 4:
+    return value.transpose(2, 3, 1, 0)
+  return value
+
+
+# ------------------------------------------------------------ files and folders
+
+
+def resolve_folder(path_or_hub_id: str | os.PathLike, subfolder: str | None = None) -> Path:
+  """A local folder as it is; otherwise a hub id, downloaded when the network allows."""
+  path = Path(path_or_hub_id).expanduser()
+  if not path.exists():
+    repo_id = str(path_or_hub_id)
+    looks_like_hub_id = repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+      raise CheckpointError(f"checkpoint folder {path} does not exist. Pass a local folder or a Hugging Face hub id such as "
+                            "'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
+    try:
+      from huggingface_hub import snapshot_download
+      path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+    except Exception as e:  # no network, unknown repo, gated repo...
+      raise CheckpointError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                            "Download it elsewhere and pass the local folder.") from e
+  if subfolder:
+    path = path / subfolder
+  if not path.is_dir():
+    raise CheckpointError(f"{path} is not a folder. A diffusers pipeline folder has model_index.json and the "
+                          "subfolders unet/, vae/, text_encoder/, tokenizer/, scheduler/.")
+  return path
+
+
+def read_config(folder: Path, name: str = "config.json") -> dict[str, Any]:
+  file = folder / name
+  if not file.is_file():
+    raise CheckpointError(f"{file} is missing: a Hugging Face model folder holds its {name} beside the weights.")
+  try:
+    return json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+
+
+def read_safetensors(folder: Path, weights_name: str, variant: str | None = None) -> tuple[dict[str, np.ndarray], Path]:
+  """All tensors of `weights_name` (or its sharded index) as numpy arrays, and the file they came from."""
+  from safetensors.numpy import load_file
+
+  stem, ext = weights_name.rsplit(".", 1)
+  if variant:
+    weights_name = f"{stem}.{variant}.{ext}"
+  single, index = folder / weights_name, folder / f"{weights_name}.index.json"
+  if single.is_file():
+    files = [single]
+  elif index.is_file():
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    files = [folder / s for s in shards]
+  else:
+    present = sorted(p.name for p in folder.glob("*.safetensors")) or "none"
+    raise CheckpointError(f"{single} is missing (safetensors files in that folder: {present}). Only safetensors weights "
+                          "are read; convert a .bin checkpoint with diffusers/transformers `save_pretrained` first.")
+  tensors: dict[str, np.ndarray] = {}
+  for f in files:
+    try:
+      tensors.update(_load_any_dtype(f, load_file))
+    except Exception as e:
+      raise CheckpointError(f"could not read {f}: {type(e).__name__}: {e}") from e
+  return tensors, single if single.is_file() else index
+
+
+def _load_any_dtype(file: Path, load_file) -> dict[str, np.ndarray]:
+  # numpy has no bfloat16; read those through the flax backend (ml_dtypes) instead.
+  try:
+    return load_file(file)
+  except TypeError:
+    from safetensors.flax import load_file as load_flax
+    return {k: np.asarray(v) for k, v in load_flax(file).items()}
+
+
+def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | dict | Mapping[str, np.ndarray]]) -> None:
+  """Write files into `folder` atomically: everything appears at once or not at all.
+
+  A value is bytes (written as is), a dict with '__tensors__' (safetensors) or
+  any JSON-able dict. Existing files not named here are kept.
+  """
+  from safetensors.numpy import save_file
+
+  folder = Path(folder)
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+  try:
+    if folder.exists():
+      shutil.copytree(folder, tmp, dirs_exist_ok=True)
+    for name, content in files.items():
+      target = tmp / name
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if isinstance(content, bytes):
+        target.write_bytes(content)
+      elif isinstance(content, Mapping) and "__tensors__" in content:
+        tensors = {k: np.ascontiguousarray(v) for k, v in content["__tensors__"].items()}
+        save_file(tensors, str(target), metadata={"format": "pt"})
+      else:
+        target.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    if folder.exists():
+      old = folder.with_name(folder.name + ".old")
+      shutil.rmtree(old, ignore_errors=True)
+      folder.rename(old)
+      tmp.rename(folder)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      tmp.rename(folder)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def tensors(state_dict: Mapping[str, np.ndarray]) -> dict:
+  """Mark a torch-layout state dict to be written as safetensors by `write_folder`."""
+  return {"__tensors__": state_dict}
+
+
+# -------------------------------------------------------------- state <-> torch
+
+
+def state_to_torch(state: nnx.State, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+  """Our parameters as a torch-layout state dict of numpy arrays."""
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+  out = {}
+  for path, value in flat.items():
+    value = np.asarray(jax.device_get(value)).astype(dtype)
+    out[torch_key(path)] = to_torch_layout(str(path[-1]), value)
+  return out
+
+
+def torch_to_state(abstract_state: nnx.State, state_dict: Mapping[str, np.ndarray], source: str | os.PathLike,
+                   *, prefix: str = "", renames: Callable[[str], str] | None = None,
+                   dtype: Any = None) -> nnx.State:
+  """Fill an abstract NNX state (from `nnx.eval_shape`) with tensors of a torch state dict.
+
+  `prefix` is prepended to every key (e.g. 'text_model.'), `renames` maps a
+  checkpoint key to the name we use (for old key names). Missing keys and shape
+  mismatches raise a `CheckpointError` naming `source` and the key.
+  """
+  if renames is not None:
+    state_dict = {renames(k): v for k, v in state_dict.items()}
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_state))
+  filled, missing = {}, []
+  for path, spec in flat.items():
+    key = prefix + torch_key(path)
+    if key not in state_dict:
+      missing.append(key)
+      continue
+    value = from_torch_layout(str(path[-1]), np.asarray(state_dict[key]))
+    if value.shape != tuple(spec.shape):
+      torch_shape = np.asarray(state_dict[key]).shape
+      raise CheckpointError(f"{source}: tensor {key!r} has shape {torch_shape}, but the model built from its config "
+                            f"expects {to_torch_layout(str(path[-1]), np.empty(spec.shape)).shape}. Check that the "
+                            "config.json beside it belongs to these weights.")
+    filled[path] = jnp.asarray(value, dtype=dtype or spec.dtype)
+  if missing:
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    raise CheckpointError(f"{source}: {len(missing)} tensors the model needs are missing: {shown}. "
+                          "Is this the right checkpoint (and subfolder) for this model?")
+  nnx.replace_by_pure_dict(abstract_state, traverse_util.unflatten_dict(filled))
+  return abstract_state
+
+
+def unsupported(source: str | os.PathLike, key: str, value: Any, supported: str) -> CheckpointError:
+  """An error for a config value we don't implement, naming the file and the key."""
+  return CheckpointError(f"{source}: {key}={value!r} is not supported (supported: {supported}).")
+
+
+# ------------------------------------------------------------ whole models
+
+
+def load_model(build: Callable[[], nnx.Module], folder: Path, weights_name: str, *, prefix: str = "",
+               renames: Callable[[str], str] | None = None, param_dtype: Any = None,
+               variant: str | None = None) -> nnx.Module:
+  """Build a module's shapes without allocating (`nnx.eval_shape`) and fill them from safetensors."""
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+  state_dict, file = read_safetensors(folder, weights_name, variant)
+  state = torch_to_state(abstract_state, state_dict, file, prefix=prefix, renames=renames, dtype=param_dtype)
+  return nnx.merge(graphdef, state)
+
+
+def save_model(model: nnx.Module, folder: str | os.PathLike, config: dict[str, Any], weights_name: str,
+               *, prefix: str = "", extra_files: Mapping[str, Any] | None = None) -> None:
+  """Write `config.json` and the weights in torch layout, so diffusers/transformers load the folder."""
+  state_dict = {prefix + k: v for k, v in state_to_torch(nnx.state(model, nnx.Param)).items()}
+  write_folder(folder, {"config.json": config, weights_name: tensors(state_dict), **(extra_files or {})})
