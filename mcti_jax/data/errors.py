@@ -1,0 +1,5 @@
+"""The one error type of the data layer, so callers can catch data problems apart from bugs."""
+
+
+class DataError(ValueError):
+  """A data source, image file, split file or cache file is missing, malformed or too small."""
