@@ -132,9 +132,11 @@ def _load_any_dtype(file: Path, load_file) -> dict[str, np.ndarray]:
 
 
 def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | dict | Mapping[str, np.ndarray]]) -> None:
-  """Write files into `folder` atomically: everything appears at once or not at all.
+  """Write files into `folder` so that a crash never leaves a half-written file.
 
-  A value is bytes (written as is), a dict with '__tensors__' (safetensors) or
+  All files are staged in a temporary sibling folder first; only when every
+  one is complete are they moved into place (a new folder appears in one
+  rename). A value is bytes (written as is), `tensors(...)` (safetensors) or
   any JSON-able dict. Existing files not named here are kept.
   """
   from safetensors.numpy import save_file
@@ -143,29 +145,24 @@ def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | dict | M
   folder.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
   try:
-    if folder.exists():
-      shutil.copytree(folder, tmp, dirs_exist_ok=True)
     for name, content in files.items():
       target = tmp / name
       target.parent.mkdir(parents=True, exist_ok=True)
       if isinstance(content, bytes):
         target.write_bytes(content)
       elif isinstance(content, Mapping) and "__tensors__" in content:
-        tensors = {k: np.ascontiguousarray(v) for k, v in content["__tensors__"].items()}
-        save_file(tensors, str(target), metadata={"format": "pt"})
+        arrays = {k: np.require(v, requirements="C") for k, v in content["__tensors__"].items()}  # keeps 0-d
+        save_file(arrays, str(target), metadata={"format": "pt"})
       else:
         target.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-    if folder.exists():
-      old = folder.with_name(folder.name + ".old")
-      shutil.rmtree(old, ignore_errors=True)
-      folder.rename(old)
+    if not folder.exists():
       tmp.rename(folder)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      tmp.rename(folder)
-  except BaseException:
+      return
+    for name in files:
+      (folder / name).parent.mkdir(parents=True, exist_ok=True)
+      os.replace(tmp / name, folder / name)
+  finally:
     shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def tensors(state_dict: Mapping[str, np.ndarray]) -> dict:
