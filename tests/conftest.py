@@ -1,9 +1,21 @@
 """Shared test helpers. Tests run on CPU with 8 simulated devices (see Makefile)."""
 
+import os
+import sys
+import tempfile
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+
+# Identical programs compiled by separate runs (e.g. a resumed training run) come from disk.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "mcti_jax_test_jit_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def perturb_params(model: nnx.Module, seed: int = 0, std: float = 0.05) -> nnx.Module:
@@ -28,3 +40,28 @@ def _torch_threads():
   except ImportError:
     pass
   yield
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+  """Random tiny CLIP + SD checkpoints in the Hugging Face layouts: <root>/clip, <root>/sd."""
+  from mcti_jax.models import tiny
+  root = tmp_path_factory.mktemp("tiny")
+  tiny.make_random_checkpoints(root, seed=0)
+  return root
+
+
+def tiny_train_config(checkpoint: Path, workdir: Path, **overrides):
+  """configs/mcti.py:tiny on the random checkpoint, with a short schedule."""
+  import mcti
+  c = mcti.get_config("tiny")
+  c.model.sd_path, c.model.clip_path = str(checkpoint / "sd"), str(checkpoint / "clip")
+  c.workdir, c.data.cache_dir = str(workdir), str(workdir.parent / "cache")
+  c.ti_steps, c.mcti_steps, c.log_every, c.checkpoint_every = 4, 4, 2, 2
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c

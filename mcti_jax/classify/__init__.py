@@ -1,0 +1,1 @@
+"""Classifiers built from learned tokens: the CLIP-token head (MC-TI eq. 6)."""

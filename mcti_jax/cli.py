@@ -1,0 +1,77 @@
+"""The `mcti` command.
+
+  mcti train --config configs/mcti.py:pets --config.data.data_dir=~/tensorflow_datasets
+  mcti train --config configs/mcti.py:tiny --config.ti_steps=50
+
+Every config field can be overridden with --config.<field>=<value>; an
+unknown field is refused. `mcti <command> --help` lists the flags.
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "train": "learn class tokens (TI warm-up, then MC-TI) for all classes in one run; resumable",
+    "demo": "the main job end to end on the embedded tiny model (CPU, minutes)",
+}
+
+
+def _usage() -> str:
+  lines = ["usage: mcti <command> [flags]", "", "commands:"]
+  lines += [f"  {name:<14} {text}" for name, text in COMMANDS.items()]
+  lines += ["", "`mcti <command> --help` lists a command's flags."]
+  return "\n".join(lines)
+
+
+def parse_config(argv: list[str]):
+  """--config FILE[:preset] plus --config.<field>=<value> overrides -> a locked ConfigDict."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  command = argv[0]
+  wants_help = any(a in ("-h", "--help", "--helpfull") for a in argv[1:])
+  argv = [a for a in argv if a not in ("-h", "--help", "--helpfull")]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/mcti.py:pets", flag_values=values,
+                                  lock_config=True)
+  try:
+    values(argv)
+  except flags.Error as e:
+    raise SystemExit(f"{command}: {e}") from None
+  except (AttributeError, KeyError) as e:
+    raise SystemExit(f"{command}: the config has no field {e}. `{command} --config FILE --help` lists the "
+                     "fields.") from None
+  if wants_help:
+    print(f"usage: {command} --config FILE[:preset] [--config.<field>=<value> ...]\n")
+    if values.config is not None:
+      print(f"fields of {values['config'].config_filename} (current values):\n{values.config}")
+    raise SystemExit(0)
+  if values.config is None:
+    raise SystemExit(f"{command} needs --config, e.g. --config configs/mcti.py:tiny")
+  return values.config
+
+
+def _train(argv):
+  config = parse_config(argv)
+  from mcti_jax import train
+  train.train(config)
+
+
+def _demo(argv):
+  raise SystemExit("`mcti demo` is not there yet: it comes with the demo issue (an embedded pretrained tiny model).")
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(_usage())
+    return
+  command = argv[1]
+  if command not in COMMANDS:
+    raise SystemExit(f"mcti: unknown command {command!r}\n\n{_usage()}")
+  {"train": _train, "demo": _demo}[command]([f"mcti {command}", *argv[2:]])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,59 @@
+"""Learned tokens on disk, in the formats people load them with.
+
+  <folder>/tokens.safetensors         {"tokens": float32 [K, V, D]}: all classes at once
+  <folder>/manifest.json              class index, token string, class name, per-class file
+  <folder>/classes/<k>/learned_embeds.safetensors   {"<cls-k>": float32 [V, D]}
+
+The per-class file is what diffusers' `pipe.load_textual_inversion(path)`
+accepts; with V > 1 it adds "<cls-k>", "<cls-k>_1", ... as our tokenizer does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mcti_jax.models import hf_io
+from mcti_jax.tokens import ClassTokens
+
+MANIFEST = "manifest.json"
+COMBINED = "tokens.safetensors"
+
+
+def export_tokens(folder: str | Path, tokens: np.ndarray, class_tokens: ClassTokens, class_names: list[str],
+                  info: dict[str, Any] | None = None) -> Path:
+  """Write all formats atomically (a crash leaves the previous export, or none)."""
+  tokens = np.asarray(tokens, np.float32)[: class_tokens.num_classes]
+  if tokens.shape[:2] != class_tokens.ids.shape:
+    raise ValueError(f"tokens {tokens.shape} do not match {class_tokens.num_classes} classes x "
+                     f"{class_tokens.num_vectors} vectors")
+  files: dict[str, Any] = {COMBINED: hf_io.tensors({"tokens": tokens})}
+  classes = []
+  for k, name in enumerate(class_names):
+    token = class_tokens.names[k][0]
+    rel = f"classes/{k:04d}/learned_embeds.safetensors"
+    files[rel] = hf_io.tensors({token: tokens[k]})
+    classes.append({"index": k, "token": token, "name": name, "file": rel})
+  files[MANIFEST] = {"num_classes": len(classes), "num_vectors": class_tokens.num_vectors,
+                     "width": int(tokens.shape[-1]), "classes": classes, **(info or {})}
+  hf_io.write_folder(folder, files)
+  return Path(folder)
+
+
+def load_tokens(folder: str | Path, expected_width: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+  """(tokens [K, V, D], manifest). `expected_width` is the text encoder's D, checked here."""
+  folder = Path(folder)
+  if not (folder / MANIFEST).is_file():
+    raise FileNotFoundError(f"{folder} holds no {MANIFEST}: pass the folder `mcti train` exported "
+                            "(e.g. runs/<name>/export/mcti).")
+  manifest = json.loads((folder / MANIFEST).read_text())
+  state, _ = hf_io.read_safetensors(folder, COMBINED)
+  tokens = state["tokens"].astype(np.float32)
+  if expected_width is not None and tokens.shape[-1] != expected_width:
+    base = manifest.get("base_model", "another model")
+    raise ValueError(f"tokens in {folder} are {tokens.shape[-1]}-wide (trained on {base}), but this text encoder is "
+                     f"{expected_width}-wide: tokens only work with the base model they were trained on.")
+  return tokens, manifest

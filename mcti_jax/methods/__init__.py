@@ -1,0 +1,1 @@
+"""One module per method: its loss and nothing else. The trainer composes them."""

@@ -1,0 +1,338 @@
+"""The trainer: few shots -> cached encodings -> one compiled step for all K classes -> export.
+
+  result = train(config)   # config from configs/mcti.py
+
+Steps [0, ti_steps) are the TI warm-up (noise MSE only); steps [ti_steps,
+ti_steps + mcti_steps) add the MC-TI regulariser, with a fresh AdamW state.
+The randomness of step s for class k is fold_in(fold_in(key, s), k), so a
+resumed run, a run on another device count, and a one-class run all see the
+same samples as an uninterrupted K-class run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mcti_jax import data as D
+from mcti_jax import export, parallel, plots
+from mcti_jax import tokens as tok
+from mcti_jax.models import clip as clip_lib
+from mcti_jax.models import pipeline
+from mcti_jax.models.frozen import freeze
+from mcti_jax.train_step import Backbone, ShotData, StepConfig, TrainState, make_optimizer, train_step
+
+
+# ------------------------------------------------------------------ data
+
+
+def load_labeled(data_cfg: ml_collections.ConfigDict, split: str) -> D.LabeledImages:
+  """The labelled images of a split ('train' or 'test') of the configured source."""
+  source = data_cfg.source
+  if source == "folder":
+    if not data_cfg.root:
+      raise D.DataError("data.source='folder' needs --config.data.root=/path/with/one/subfolder/per/class")
+    return D.from_folder(data_cfg.root)
+  if source == "split_file":
+    if not data_cfg.split_file:
+      raise D.DataError("data.source='split_file' needs --config.data.split_file=split.json")
+    return D.from_split_file(data_cfg.split_file, split, data_cfg.root)
+  if source == "tfds":
+    name_of_split = data_cfg.train_split if split == "train" else data_cfg.test_split
+    return D.from_tfds(data_cfg.name, split=name_of_split, data_dir=data_cfg.data_dir)
+  if source == "digits":
+    return D.from_digits("heldout")  # shots and test images both come from the held-out half
+  raise D.DataError(f"unknown data.source {source!r}; use folder, split_file, tfds or digits")
+
+
+def num_classes_of(labeled: D.LabeledImages, data_cfg) -> int:
+  k = len(labeled.class_names)
+  return min(k, data_cfg.num_classes) if data_cfg.num_classes else k
+
+
+def fingerprint(path: str | Path) -> str:
+  """Names, sizes and times of a checkpoint's files: a changed model invalidates cached encodings."""
+  folder = Path(path)
+  if not folder.exists():
+    return str(path)
+  h = hashlib.sha256()
+  for f in sorted(folder.rglob("*")):
+    if f.is_file():
+      st = f.stat()
+      h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns};".encode())
+  return h.hexdigest()[:16]
+
+
+def make_encoder(sd: pipeline.StableDiffusion, clip_model: clip_lib.CLIPModel | None) -> Callable:
+  """uint8 images [B, H, W, 3] -> VAE latent moments and (if CLIP is given) CLIP image features."""
+  vae = freeze(sd.vae)
+  clip_frozen = freeze(clip_model) if clip_model is not None else None
+
+  @jax.jit
+  def encode(images):
+    mean, logvar = vae.module.encode(D.to_model_range(images))
+    out = {"latent_mean": mean, "latent_logvar": logvar}
+    if clip_frozen is not None:
+      model = clip_frozen.module
+      pixels = clip_lib.preprocess(images, model.config.vision_config.image_size)
+      out["image_features"] = model.get_image_features(pixels)
+    return out
+
+  return lambda images: jax.device_get(encode(images))
+
+
+# ------------------------------------------------------------------ setup
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs, prepared once."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  sd: pipeline.StableDiffusion
+  clip: clip_lib.CLIPModel | None
+  class_names: list[str]
+  class_tokens: tok.ClassTokens
+  template_ids: np.ndarray
+  shots: D.FewShot
+  data: ShotData
+  init_tokens: jax.Array  # [Kp, V, D], class-sharded
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def num_padded(self) -> int:
+    return self.init_tokens.shape[0]
+
+
+def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Setup:
+  mesh = parallel.make_mesh(config.num_devices)
+  needs_clip = config.mcti_steps > 0
+  log(f"loading Stable Diffusion from {config.model.sd_path}")
+  sd = pipeline.load_stable_diffusion(config.model.sd_path, dtype=config.model.dtype, remat=config.model.remat)
+  clip_model = None
+  if needs_clip:
+    log(f"loading CLIP from {config.model.clip_path}")
+    clip_model, clip_tokenizer = pipeline.load_clip(config.model.clip_path, dtype=config.model.dtype)
+    _check_same_token_space(sd, clip_model, clip_tokenizer)
+
+  labeled = load_labeled(config.data, "train")
+  num_classes = num_classes_of(labeled, config.data)
+  num_padded = parallel.padded_num_classes(num_classes, mesh)
+  local = parallel.local_classes(mesh, num_padded)
+  local_real = local[local < num_classes]
+  shots = D.sample_few_shot(labeled, config.data.n_shots, config.data.shot_seed, class_indices=local_real,
+                            resolution=config.data.resolution)
+  log(f"{num_classes} classes x {config.data.n_shots} shots at {config.data.resolution}px "
+      f"on {mesh.devices.size} device(s) ({num_padded - num_classes} padded classes)")
+
+  cache_key = {"sd": fingerprint(config.model.sd_path), "clip": fingerprint(config.model.clip_path) if needs_clip else None,
+               "dtype": config.model.dtype, "source": labeled.source, "resolution": config.data.resolution}
+  encoded = D.encode_cached(shots, make_encoder(sd, clip_model), config.data.cache_dir, cache_key,
+                            flip=config.data.flip)
+  if not config.data.flip:  # a flip axis of size 1 keeps one code path
+    encoded = {k: v[:, :, None] for k, v in encoded.items()}
+  local_rows = len(local)
+
+  def sharded(name):
+    return parallel.shard_by_class(parallel.pad_rows(encoded[name], local_rows), mesh, num_padded)
+
+  replicate = jax.jit(lambda x: x, out_shardings=parallel.replicated(mesh))
+  features = replicate(sharded("image_features")) if needs_clip else jnp.zeros((num_padded, 1, 1, 1))
+  data = ShotData(class_ids=parallel.shard_by_class(local.astype(np.int32), mesh, num_padded),
+                  latent_mean=sharded("latent_mean"), latent_logvar=sharded("latent_logvar"),
+                  image_features=features,
+                  valid=jax.device_put(np.arange(num_padded) < num_classes, parallel.replicated(mesh)))
+
+  class_tokens = tok.add_class_tokens(sd.tokenizer, num_classes, config.tokens.num_vectors)
+  template_ids = tok.template_ids(sd.tokenizer, tok.templates(config.templates), class_tokens)
+  init = _initial_tokens(config, sd, num_classes)
+  init_tokens = parallel.shard_by_class(parallel.pad_rows(init, num_padded)[local], mesh, num_padded)
+  return Setup(config, mesh, sd, clip_model, labeled.class_names[:num_classes], class_tokens, template_ids,
+               shots, data, init_tokens)
+
+
+def _check_same_token_space(sd, clip_model, clip_tokenizer) -> None:
+  sd_width, clip_width = sd.text_width, clip_model.config.text_config.hidden_size
+  if sd_width != clip_width:
+    raise ValueError(f"MC-TI splices each class token into both the SD text encoder ({sd_width}-wide) and the CLIP "
+                     f"text tower ({clip_width}-wide); they must share one token space (SD 1.x with CLIP ViT-L/14).")
+  if len(clip_tokenizer) != len(sd.tokenizer):
+    raise ValueError(f"the SD tokenizer ({len(sd.tokenizer)} tokens) and the CLIP tokenizer ({len(clip_tokenizer)}) "
+                     "differ; MC-TI needs the same vocabulary for both text towers.")
+
+
+def _initial_tokens(config, sd, num_classes: int) -> np.ndarray:
+  table = np.asarray(sd.text_encoder.text_model.embeddings.token_embedding.embedding[...], np.float32)
+  init, v = config.tokens.init, config.tokens.num_vectors
+  if init == "word":
+    return tok.init_from_word(sd.tokenizer, table, config.tokens.init_word, num_classes, v)
+  if init == "random":
+    return tok.init_random(jax.random.PRNGKey(config.seed + 1), table, num_classes, v)
+  if init == "texts":
+    texts = list(config.tokens.init_texts or ())
+    if len(texts) != num_classes:
+      raise ValueError(f"tokens.init='texts' needs one text per class: got {len(texts)} for {num_classes} classes")
+    return tok.init_from_texts(sd.tokenizer, table, texts, v)
+  raise ValueError(f"unknown tokens.init {init!r}; use word, random or texts")
+
+
+def make_backbone(setup: Setup) -> Backbone:
+  sd = setup.sd
+  return Backbone(text_encoder=freeze(sd.text_encoder), unet=freeze(sd.unet), schedule=sd.schedule,
+                  clip=freeze(setup.clip) if setup.clip is not None else None, scaling_factor=sd.scaling_factor)
+
+
+def step_config(setup: Setup, phase: str) -> StepConfig:
+  c = setup.config
+  return StepConfig(first_placeholder_id=int(setup.class_tokens.ids[0, 0]), num_vectors=c.tokens.num_vectors,
+                    num_train_timesteps=int(setup.sd.schedule.num_train_timesteps), alpha=c.alpha,
+                    beta=c.beta if phase == "mcti" else 0.0, scale=c.scale, pooling=c.model.pooling,
+                    batch_per_class=c.batch_per_class, grad_accum=c.grad_accum)
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def _run_signature(setup: Setup) -> dict[str, Any]:
+  """What must match for a checkpoint in the workdir to be resumed."""
+  c = setup.config
+  keys = ("seed", "ti_steps", "mcti_steps", "alpha", "beta", "scale", "lr", "weight_decay", "batch_per_class",
+          "grad_accum", "templates")
+  sig = {k: c[k] for k in keys}
+  sig.update(num_classes=setup.num_classes, num_vectors=c.tokens.num_vectors, n_shots=c.data.n_shots,
+             shot_seed=c.data.shot_seed, sd=str(c.model.sd_path), pooling=c.model.pooling)
+  return json.loads(json.dumps(sig, default=str))
+
+
+def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Train (or resume, or find finished) the run in config.workdir; export its tokens."""
+  workdir = Path(config.workdir)
+  setup = prepare(config, log)
+  _check_signature(workdir, _run_signature(setup))
+  optimizer = make_optimizer(config.lr, config.weight_decay)
+  total = config.ti_steps + config.mcti_steps
+
+  tokens = setup.init_tokens.copy()  # the step donates its state; keep the initial tokens intact
+  state = TrainState(step=jnp.zeros((), jnp.int32), tokens=tokens, opt_state=optimizer.init(tokens),
+                     key=jax.random.PRNGKey(config.seed))
+  state_shardings = _state_shardings(state, setup)
+  state = jax.device_put(state, state_shardings)
+  tokens_ti = jnp.zeros_like(tokens)
+  manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
+                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  start = manager.latest_step() or 0
+  if start:
+    restored = manager.restore(start, args=ocp.args.StandardRestore({"state": state, "tokens_ti": tokens_ti}))
+    state, tokens_ti = restored["state"], restored["tokens_ti"]
+    log(f"resumed from the checkpoint at step {start}/{total}" if start < total else
+        f"{workdir} already holds a finished run ({total} steps); not training again")
+  metrics_path = workdir / "metrics.jsonl"
+  _truncate_metrics(metrics_path, start)
+
+  backbone, template_ids = make_backbone(setup), jnp.asarray(setup.template_ids)
+  steps = {phase: jax.jit(functools.partial(train_step, cfg=step_config(setup, phase), optimizer=optimizer,
+                                            mesh=setup.mesh), donate_argnums=(0,),
+                          out_shardings=(state_shardings, parallel.replicated(setup.mesh)))
+           for phase in ("ti", "mcti")}
+
+  def at_phase_boundary(state, tokens_ti, step: int):
+    if step == config.ti_steps:  # the warm-up is done: keep its tokens, restart AdamW
+      fresh = jax.device_put(optimizer.init(state.tokens), state_shardings.opt_state)
+      return state.replace(opt_state=fresh), state.tokens.copy()
+    return state, tokens_ti
+
+  if start == 0:
+    state, tokens_ti = at_phase_boundary(state, tokens_ti, 0)
+  from tqdm.auto import tqdm
+  bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=start >= total)
+  pending, t0 = [], time.time()
+  for s in range(start, total):
+    phase = "ti" if s < config.ti_steps else "mcti"
+    state, metrics = steps[phase](state, setup.data, backbone, template_ids)
+    pending.append(metrics)
+    done = s + 1
+    state, tokens_ti = at_phase_boundary(state, tokens_ti, done)
+    if done % config.log_every == 0 or done == total or done == config.ti_steps:
+      row = _log_metrics(metrics_path, pending, done, phase, time.time() - t0)
+      bar.set_postfix(phase=phase, mse=f"{row['mse']:.4f}", reg=f"{row['reg']:.3f}", acc=f"{row['reg_acc']:.2f}")
+      pending = []
+    if done % config.checkpoint_every == 0 or done == total or done == config.ti_steps:
+      manager.save(done, args=ocp.args.StandardSave({"state": state, "tokens_ti": tokens_ti}))
+    bar.update(1)
+    if on_step is not None:
+      manager.wait_until_finished()
+      on_step(done)
+  bar.close()
+  manager.wait_until_finished()
+  return _finish(setup, workdir, state.tokens, tokens_ti, metrics_path, log)
+
+
+def _state_shardings(state: TrainState, setup: Setup):
+  """Per-class leaves (leading axis Kp) sharded on the class axis, the rest replicated."""
+  def sharding(x):
+    per_class = x.ndim > 0 and x.shape[0] == setup.num_padded
+    return parallel.class_sharding(setup.mesh) if per_class else parallel.replicated(setup.mesh)
+  return jax.tree.map(sharding, state)
+
+
+def _check_signature(workdir: Path, signature: dict[str, Any]) -> None:
+  path = workdir / "run.json"
+  if path.is_file():
+    old = json.loads(path.read_text())
+    changed = {k: (old.get(k), v) for k, v in signature.items() if old.get(k) != v}
+    if changed:
+      detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+      raise ValueError(f"{workdir} holds a run with other settings ({detail}). Use a new --config.workdir, "
+                       "or delete the old run to start over.")
+  else:
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(signature, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+  """Drop log rows past the checkpoint we resume from, so resumed logs have no duplicates."""
+  if path.is_file():
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def _log_metrics(path: Path, pending: list[dict], step: int, phase: str, elapsed: float) -> dict[str, float]:
+  stacked = jax.device_get(pending)
+  row = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  row.update(step=step, phase=phase, elapsed_s=round(elapsed, 2))
+  with path.open("a") as f:
+    f.write(json.dumps(row) + "\n")
+  return row
+
+
+def _finish(setup: Setup, workdir: Path, tokens, tokens_ti, metrics_path: Path, log) -> dict[str, Any]:
+  c = setup.config
+  gather = jax.jit(lambda x: x, out_shardings=parallel.replicated(setup.mesh))
+  info = {"base_model": str(c.model.sd_path), "clip_model": str(c.model.clip_path), "pooling": c.model.pooling,
+          "templates": c.templates, "shots": setup.shots.manifest()}
+  exports = {}
+  phases = [("ti", tokens_ti if c.mcti_steps else tokens)] + ([("mcti", tokens)] if c.mcti_steps else [])
+  for phase, value in phases:
+    exports[phase] = export.export_tokens(workdir / "export" / phase, np.asarray(gather(value)), setup.class_tokens,
+                                          setup.class_names, {**info, "phase": phase})
+  plot = plots.loss_curves(metrics_path, workdir / "loss.png", ti_steps=c.ti_steps)
+  log(f"tokens exported to {', '.join(str(p) for p in exports.values())}; loss curves in {plot}")
+  return {"exports": exports, "metrics": metrics_path, "plot": plot, "setup": setup}
