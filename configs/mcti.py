@@ -55,6 +55,7 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.data.resolution = 512  # SD 1.5 trains at 512
   c.data.flip = True  # also encode mirrored shots and pick one at random
   c.data.num_classes = ml_collections.config_dict.placeholder(int)  # the first K classes only
+  c.data.class_names = ml_collections.config_dict.placeholder(tuple)  # names for reports and zero-shot prompts
   c.data.cache_dir = "runs/cache"
 
   c.tokens = ml_collections.ConfigDict()
@@ -99,6 +100,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.data.n_shots = 5
   c.data.resolution = 16
   c.data.flip = False  # digits are not mirror-symmetric
+  c.data.class_names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
   c.data.cache_dir = "runs/cache"
   c.tokens.init_word = "digit"
   c.ti_steps = 300

@@ -2,6 +2,7 @@
 
   mcti train --config configs/mcti.py:pets --config.data.data_dir=~/tensorflow_datasets
   mcti train --config configs/mcti.py:tiny --config.ti_steps=50
+  mcti eval --config configs/eval.py:pets --config.train.data.data_dir=~/tensorflow_datasets
 
 Every config field can be overridden with --config.<field>=<value>; an
 unknown field is refused. `mcti <command> --help` lists the flags.
@@ -13,6 +14,7 @@ import sys
 
 COMMANDS = {
     "train": "learn class tokens (TI warm-up, then MC-TI) for all classes in one run; resumable",
+    "eval": "N-shot settings x methods x seeds: results.json, a Table-1 markdown table, plots; resumable",
     "demo": "the main job end to end on the embedded tiny model (CPU, minutes)",
 }
 
@@ -58,6 +60,13 @@ def _train(argv):
   train.train(config)
 
 
+def _eval(argv):
+  config = parse_config(argv)
+  from mcti_jax import evaluate
+  out = evaluate.run(config)
+  print(out["table"].read_text())
+
+
 def _demo(argv):
   raise SystemExit("`mcti demo` is not there yet: it comes with the demo issue (an embedded pretrained tiny model).")
 
@@ -70,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
   command = argv[1]
   if command not in COMMANDS:
     raise SystemExit(f"mcti: unknown command {command!r}\n\n{_usage()}")
-  {"train": _train, "demo": _demo}[command]([f"mcti {command}", *argv[2:]])
+  {"train": _train, "eval": _eval, "demo": _demo}[command]([f"mcti {command}", *argv[2:]])
 
 
 if __name__ == "__main__":

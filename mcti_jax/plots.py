@@ -30,9 +30,56 @@ def loss_curves(metrics_path: str | Path, out_png: str | Path, ti_steps: int | N
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   axes[0].legend()
-  fig.tight_layout()
+  return _save(fig, plt, out_png)
+
+
+def accuracy_vs_shots(summary: dict, method_names: dict, out_png: str | Path, metric: str = "top1") -> Path:
+  """Top-1 accuracy against N-shot per method, mean ± std over seeds (MC-TI Fig. 5)."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for method, name in method_names.items():
+    pts = sorted((n, mean, std) for (m, n, k), (mean, std, _) in summary.items() if m == method and k == metric)
+    if pts:
+      n, mean, std = (list(v) for v in zip(*pts))
+      ax.errorbar(n, [100 * x for x in mean], yerr=[100 * x for x in std], marker="o", capsize=3, label=name)
+  ax.set_xscale("log", base=2)
+  shots = sorted({n for (_, n, _) in summary})
+  ax.set_xticks(shots, [str(n) for n in shots])
+  ax.set_xlabel("shots per class")
+  ax.set_ylabel("top-1 accuracy (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, plt, out_png)
+
+
+def token_pca(features: dict, class_names, out_png: str | Path) -> Path:
+  """2-D PCA of the text features [K, T, P] of each class's tokens under many templates (MC-TI Fig. 4).
+
+  One projection (fit on all methods together) so the panels are comparable.
+  """
+  import numpy as np
+  plt = _pyplot()
+  stacked = np.concatenate([f.reshape(-1, f.shape[-1]) for f in features.values()])
+  mean = stacked.mean(0)
+  _, _, vt = np.linalg.svd(stacked - mean, full_matrices=False)
+  fig, axes = plt.subplots(1, len(features), figsize=(5 * len(features), 4.4), squeeze=False)
+  cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+  for ax, (phase, f) in zip(axes[0], features.items()):
+    k, t, _ = f.shape
+    xy = (f.reshape(-1, f.shape[-1]) - mean) @ vt[:2].T
+    for c in range(k):
+      ax.scatter(*xy[c * t:(c + 1) * t].T, s=12, color=cmap(c % cmap.N), label=str(class_names[c]))
+    ax.set_title({"ti": "TI tokens", "mcti": "MC-TI tokens"}.get(phase, phase))
+    ax.set_xticks([])
+    ax.set_yticks([])
+  axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+  return _save(fig, plt, out_png)
+
+
+def _save(fig, plt, out_png) -> Path:
   out_png = Path(out_png)
   out_png.parent.mkdir(parents=True, exist_ok=True)
+  fig.tight_layout()
   fig.savefig(out_png, dpi=110)
   plt.close(fig)
   return out_png

@@ -162,7 +162,10 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   template_ids = tok.template_ids(sd.tokenizer, tok.templates(config.templates), class_tokens)
   init = _initial_tokens(config, sd, num_classes)
   init_tokens = parallel.shard_by_class(parallel.pad_rows(init, num_padded)[local], mesh, num_padded)
-  return Setup(config, mesh, sd, clip_model, labeled.class_names[:num_classes], class_tokens, template_ids,
+  class_names = tuple(config.data.class_names or labeled.class_names)
+  if len(class_names) < num_classes:
+    raise ValueError(f"data.class_names gives {len(class_names)} names for {num_classes} classes")
+  return Setup(config, mesh, sd, clip_model, list(class_names[:num_classes]), class_tokens, template_ids,
                shots, data, init_tokens)
 
 

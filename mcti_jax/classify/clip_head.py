@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mcti_jax import tokens as tok
 from mcti_jax.models.frozen import Frozen
@@ -21,16 +22,23 @@ def _normalize(x):
 
 
 @functools.partial(jax.jit, static_argnames=("first_id", "pooling"))
-def class_text_features(clip: Frozen, tokens, template_ids, *, first_id: int, pooling: str = "eos"):
-  """Normalised text features [K, P] of every class's tokens [K, V, D] in every template [T, L] (class 0 ids)."""
+def class_text_features(clip: Frozen, tokens, template_ids, *, first_id: int, pooling: str = "eos",
+                        shared_ids=None, shared_vectors=None):
+  """Normalised text features [K, P] of every class's tokens [K, V, D] in every template [T, L] (class 0 ids).
+
+  `shared_ids` [M] / `shared_vectors` [M, D] are spliced into every prompt too
+  (CoOp's context vectors).
+  """
   num_classes, num_vectors = tokens.shape[:2]
   model = clip.module
   table = model.text_model.embeddings.token_embedding.embedding[...]
+  if shared_ids is None:
+    shared_ids, shared_vectors = jnp.full((1,), -1, jnp.int32), jnp.zeros((1, tokens.shape[-1]), tokens.dtype)
 
   def one_class(vectors, k):
     ids = tok.ids_for_class(template_ids, first_id, num_vectors, k)
-    placeholder_ids = first_id + k * num_vectors + jnp.arange(num_vectors)
-    embeds = tok.splice(table, ids, placeholder_ids, vectors)
+    placeholder_ids = jnp.concatenate([shared_ids, first_id + k * num_vectors + jnp.arange(num_vectors)])
+    embeds = tok.splice(table, ids, placeholder_ids, jnp.concatenate([shared_vectors, vectors]))
     features = model.get_text_features(ids, inputs_embeds=embeds, pooling=pooling)
     return _normalize(_normalize(features).mean(0))
 
@@ -40,3 +48,65 @@ def class_text_features(clip: Frozen, tokens, template_ids, *, first_id: int, po
 def cosine_scores(image_features, text_features):
   """cos(f_i, g_k) [N, K]; argmax over k is the prediction."""
   return _normalize(image_features) @ _normalize(text_features).T
+
+
+# The three templates of MC-TI's classification study.
+TEMPLATES = {"T1": "a photo of a {}", "T2": "a photo of the nice {}", "T3": "a cropped photo of the {}"}
+
+
+def name_text_features(clip: Frozen, tokenizer, class_names, templates) -> jax.Array:
+  """Zero-shot text features [K, P] from class names (the semantic-aware reference), prompt-ensembled."""
+  from mcti_jax.models import tokenizer as tokenizer_lib
+  ids = [tokenizer_lib.encode(tokenizer, [t.format(name) for t in templates]) for name in class_names]
+  return _name_features(clip, jnp.asarray(np.stack(ids)))
+
+
+@jax.jit
+def _name_features(clip: Frozen, ids):  # ids [K, T, L]
+  model = clip.module
+  features = jax.vmap(lambda class_ids: _normalize(model.get_text_features(class_ids)).mean(0))(ids)
+  return _normalize(features)
+
+
+def prototype_features(shot_features) -> jax.Array:
+  """CLIP-feat: the mean of a class's normalised shot features [K, N, P] -> [K, P]."""
+  return _normalize(_normalize(jnp.asarray(shot_features)).mean(1))
+
+
+def image_features(clip: Frozen, labeled, resolution: int, mesh, batch_size: int = 64,
+                   progress: bool = True) -> np.ndarray:
+  """CLIP image features [M, P] of every image of `labeled`, batches sharded over the mesh.
+
+  Every batch is padded to `batch_size` (a multiple of the device count), so
+  one program serves the whole split.
+  """
+  from mcti_jax import parallel
+  if len(labeled) == 0:
+    raise ValueError(f"{labeled.source} holds no images to evaluate on; check the test split")
+  n = mesh.devices.size
+  batch_size = -(-batch_size // n) * n
+  encode = jax.jit(_encode_images, out_shardings=parallel.replicated(mesh))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.CLASS_AXIS))
+  out = []
+  batches = labeled.batches(resolution, batch_size)
+  if progress:
+    from tqdm.auto import tqdm
+    batches = tqdm(batches, total=-(-len(labeled) // batch_size), desc="CLIP image features", unit="batch")
+  for images, _, _ in batches:
+    padded = np.concatenate([images, np.repeat(images[:1], batch_size - len(images), 0)])
+    out.append(np.asarray(encode(clip, jax.device_put(padded, sharding)))[: len(images)])
+  return np.concatenate(out)
+
+
+def _encode_images(clip: Frozen, images):
+  from mcti_jax.models import clip as clip_lib
+  model = clip.module
+  return model.get_image_features(clip_lib.preprocess(images, model.config.vision_config.image_size))
+
+
+def save_linear_head(folder, text_features, class_names, info: dict | None = None):
+  """The K text features as a plain linear classifier: logits = normalize(f) @ weight.T (safetensors + names)."""
+  from mcti_jax.models import hf_io
+  weight = np.asarray(_normalize(jnp.asarray(text_features)), np.float32)
+  hf_io.write_folder(folder, {"linear_head.safetensors": hf_io.tensors({"weight": weight}),
+                              "classes.json": {"class_names": list(class_names), **(info or {})}})

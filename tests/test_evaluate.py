@@ -1,0 +1,139 @@
+"""Classification heads, metrics and the evaluation harness."""
+
+import importlib
+import json
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_train_config
+from mcti_jax import evaluate, export, metrics, train
+from mcti_jax.classify import clip_head
+from mcti_jax.models.frozen import freeze
+
+
+def test_clip_feat_and_token_head_equal_numpy():
+  rng = np.random.default_rng(0)
+  shots, test, text = rng.normal(size=(3, 4, 8)), rng.normal(size=(10, 8)), rng.normal(size=(3, 8))
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  prototypes = unit(unit(shots).mean(1))
+  np.testing.assert_allclose(clip_head.prototype_features(shots), prototypes, atol=1e-6)
+  np.testing.assert_allclose(clip_head.cosine_scores(jnp.asarray(test), jnp.asarray(text)),
+                             unit(test) @ unit(text).T, atol=1e-6)
+
+
+def test_classification_report_equals_counting_by_hand():
+  rng = np.random.default_rng(1)
+  scores, labels = rng.normal(size=(50, 7)), rng.integers(0, 7, 50)
+  report = metrics.classification_report(scores, labels)
+  pred = scores.argmax(1)
+  assert report["top1"] == pytest.approx(np.mean(pred == labels))
+  assert report["top5"] == pytest.approx(np.mean([labels[i] in np.argsort(-scores[i])[:5] for i in range(50)]))
+  for c in range(7):
+    assert report["confusion"][c][3] == np.sum((labels == c) & (pred == 3))
+  known = [0, 1, 2]
+  mask = np.isin(labels, known)
+  assert metrics.accuracy_on(report, known) == pytest.approx(np.mean(pred[mask] == labels[mask]))
+  with pytest.raises(ValueError, match="empty"):
+    metrics.classification_report(np.zeros((0, 3)), np.zeros(0, int))
+
+
+def test_token_head_equals_a_loop_over_classes_and_templates(tiny_checkpoint, tmp_path):
+  """Splicing each class's tokens and averaging normalised template features, class by class."""
+  from mcti_jax import conditioning
+  from mcti_jax.models import pipeline
+  clip_model, tokenizer = pipeline.load_clip(tiny_checkpoint / "clip")
+  from mcti_jax import tokens as tok
+  class_tokens = tok.add_class_tokens(tokenizer, 3, 2)
+  vectors = np.random.default_rng(0).normal(0, 0.02, (3, 2, 32)).astype(np.float32)
+  templates = tuple(clip_head.TEMPLATES.values())
+  ids = jnp.asarray(tok.template_ids(tokenizer, templates, class_tokens))
+  got = clip_head.class_text_features(freeze(clip_model), jnp.asarray(vectors), ids, first_id=int(class_tokens.ids[0, 0]))
+  learned = conditioning.LearnedTokens(class_tokens, vectors, ("a", "b", "c"))
+  for k in range(3):
+    feats = []
+    for t in templates:
+      ids_k = jnp.asarray(conditioning.tokenize(tokenizer, [t.format(f"<cls-{k}>")], learned))
+      embeds = tok.splice(clip_model.text_model.embeddings.token_embedding.embedding[...], ids_k,
+                          jnp.asarray(learned.placeholder_ids), jnp.asarray(learned.flat_vectors))
+      f = np.asarray(clip_model.get_text_features(ids_k, inputs_embeds=embeds))[0]
+      feats.append(f / np.linalg.norm(f))
+    want = np.mean(feats, 0)
+    np.testing.assert_allclose(np.asarray(got[k]), want / np.linalg.norm(want), atol=1e-5)
+
+
+def test_tokens_from_another_base_model_are_refused(tmp_path):
+  from mcti_jax import tokens as tok
+  names = tok.token_names(2, 1)
+  export.export_tokens(tmp_path / "x", np.zeros((2, 1, 768)), tok.ClassTokens(names, np.array([[5], [6]])),
+                       ["a", "b"], {"base_model": "sd-1.5"})
+  with pytest.raises(ValueError, match=r"768-wide \(trained on sd-1.5\).*32-wide"):
+    export.load_tokens(tmp_path / "x", expected_width=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_eval(tiny_checkpoint, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("eval")
+  config = importlib.import_module("eval").get_config("tiny")
+  config.train = tiny_train_config(tiny_checkpoint, workdir / "unused", ti_steps=2, mcti_steps=2)
+  config.workdir = str(workdir)
+  config.n_shots, config.seeds = (1,), (1, 2)
+  config.coop.steps = 3
+  return evaluate.run(config, log=lambda _: None), workdir, config
+
+
+def test_eval_writes_every_artefact(tiny_eval):
+  out, workdir, config = tiny_eval
+  for name in ("results.json", "results.md", "accuracy_vs_shots.png", "token_pca.png"):
+    assert (workdir / name).is_file(), name
+  rows = json.loads((workdir / "results.json").read_text())["rows"]
+  assert sorted((r["method"], r["seed"]) for r in rows) == sorted((m, s) for m in config.methods for s in (1, 2))
+  head = workdir / "heads" / "1shot_seed2"
+  names = json.loads((head / "classes.json").read_text())["class_names"]
+  assert (head / "linear_head.safetensors").is_file() and names[3] == "three"
+
+
+def test_every_table_number_comes_from_results_json(tiny_eval):
+  _, workdir, config = tiny_eval
+  rows = json.loads((workdir / "results.json").read_text())["rows"]
+  md = (workdir / "results.md").read_text()
+  method_of = {v: k for k, v in evaluate.METHOD_NAMES.items()}
+  checked = 0
+  for metric, table in re.findall(r"^## .*\[(\w+)\]\n\n((?:\|.*\n?)+)", md, re.M):
+    lines = table.strip().splitlines()
+    shots = [int(h.split("-")[0]) for h in lines[0].strip("| ").split(" | ")[1:]]
+    for line in lines[2:]:
+      cells = [c.strip() for c in line.strip("|").split("|")]
+      for n, cell in zip(shots, cells[1:]):
+        values = [r[metric] for r in rows if r["method"] == method_of[cells[0]] and r["n_shots"] == n]
+        assert len(values) == 2 and cell == f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
+        checked += 1
+  assert checked == 3 * len(config.methods)  # all, known, unknown
+
+
+def test_resumed_eval_does_not_redo_rows(tiny_eval, monkeypatch):
+  _, workdir, config = tiny_eval
+  before = json.loads((workdir / "results.json").read_text())["rows"]
+  calls = []
+  monkeypatch.setitem(evaluate.METHODS, "ti", lambda ctx: calls.append(1))
+  evaluate.run(config, log=lambda _: None)
+  assert calls == [] and json.loads((workdir / "results.json").read_text())["rows"] == before
+
+
+def test_a_split_with_no_test_images_left_is_a_clear_error(tiny_checkpoint, tmp_path):
+  """A folder whose classes hold exactly N images: after taking the shots nothing is left to test on."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for name in ("cat", "dog"):
+    (tmp_path / "images" / name).mkdir(parents=True)
+    for i in range(2):
+      Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
+  config = importlib.import_module("eval").get_config("tiny")
+  config.train = tiny_train_config(tiny_checkpoint, tmp_path / "run", ti_steps=1, mcti_steps=0,
+                                   **{"data.source": "folder", "data.root": str(tmp_path / "images"),
+                                      "data.n_shots": 2, "data.class_names": None})
+  setup = train.prepare(config.train, log=lambda _: None)
+  with pytest.raises(ValueError, match="holds no images of the 2 trained classes"):
+    evaluate.test_images(config, setup)
