@@ -15,7 +15,9 @@ import sys
 COMMANDS = {
     "train": "learn class tokens (TI warm-up, then MC-TI) for all classes in one run; resumable",
     "eval": "N-shot settings x methods x seeds: results.json, a Table-1 markdown table, plots; resumable",
-    "demo": "the main job end to end on the embedded tiny model (CPU, minutes)",
+    "generate": "images from prompts holding learned tokens (DDIM + classifier-free guidance)",
+    "demo": "the main job end to end on the embedded tiny model (CPU, minutes); default --config configs/demo.py",
+    "pretrain-tiny": "pretrain the embedded tiny CLIP + latent diffusion model on sklearn digits 0-4",
 }
 
 
@@ -68,7 +70,21 @@ def _eval(argv):
 
 
 def _demo(argv):
-  raise SystemExit("`mcti demo` is not there yet: it comes with the demo issue (an embedded pretrained tiny model).")
+  if not any(a == "--config" or a.startswith("--config=") for a in argv):
+    argv = [*argv, "--config", "configs/demo.py"]
+  config = parse_config(argv)
+  from mcti_jax import demo
+  demo.run(config)
+
+
+def _generate(argv):
+  from mcti_jax import generate
+  generate.generate_main(argv)
+
+
+def _pretrain_tiny(argv):
+  from mcti_jax import pretrain_tiny
+  pretrain_tiny.pretrain_main(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
   command = argv[1]
   if command not in COMMANDS:
     raise SystemExit(f"mcti: unknown command {command!r}\n\n{_usage()}")
-  {"train": _train, "eval": _eval, "demo": _demo}[command]([f"mcti {command}", *argv[2:]])
+  handlers = {"train": _train, "eval": _eval, "generate": _generate, "demo": _demo, "pretrain-tiny": _pretrain_tiny}
+  handlers[command]([f"mcti {command}", *argv[2:]])
 
 
 if __name__ == "__main__":

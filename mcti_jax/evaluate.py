@@ -75,16 +75,20 @@ class Context:
                                          first_id=self.first_id, pooling=self.config.train.model.pooling)
     return np.asarray(clip_head.cosine_scores(self.test_features, text))
 
-
-def _ti(ctx: Context) -> np.ndarray:
-  return ctx.token_scores("ti")
-
-
-def _mcti(ctx: Context) -> np.ndarray:
-  return ctx.token_scores("mcti")
+  def scored(self, scores) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A method's result on every test image."""
+    return scores, self.test.labels, {}
 
 
-def _mcti_coop(ctx: Context) -> np.ndarray:
+def _ti(ctx: Context):
+  return ctx.scored(ctx.token_scores("ti"))
+
+
+def _mcti(ctx: Context):
+  return ctx.scored(ctx.token_scores("mcti"))
+
+
+def _mcti_coop(ctx: Context):
   s, cfg = ctx.setup, coop.CoOpConfig(**ctx.config.coop)
   context_ids = coop.add_context_tokens(s.sd.tokenizer, cfg.num_context)  # this cell's own tokenizer
   template_ids = jnp.asarray(coop.context_template_ids(s.sd.tokenizer, s.class_tokens, cfg.num_context))
@@ -93,21 +97,53 @@ def _mcti_coop(ctx: Context) -> np.ndarray:
                                   first_id=ctx.first_id, pooling=pooling, cfg=cfg)
   text = coop.text_features(ctx.clip, ctx.tokens("mcti"), template_ids, context_ids, context, first_id=ctx.first_id,
                             pooling=pooling)
-  return np.asarray(clip_head.cosine_scores(ctx.test_features, text))
+  return ctx.scored(np.asarray(clip_head.cosine_scores(ctx.test_features, text)))
 
 
-def _clip_feat(ctx: Context) -> np.ndarray:
-  return np.asarray(clip_head.cosine_scores(ctx.test_features, clip_head.prototype_features(ctx.shot_features)))
+def _clip_feat(ctx: Context):
+  return ctx.scored(np.asarray(clip_head.cosine_scores(ctx.test_features,
+                                                       clip_head.prototype_features(ctx.shot_features))))
 
 
-def _clip_zeroshot(ctx: Context) -> np.ndarray:
+def _clip_zeroshot(ctx: Context):
   names = ctx.setup.class_names
   text = clip_head.name_text_features(ctx.clip, ctx.setup.sd.tokenizer, names, (ctx.config.zeroshot_template,))
-  return np.asarray(clip_head.cosine_scores(ctx.test_features, text))
+  return ctx.scored(np.asarray(clip_head.cosine_scores(ctx.test_features, text)))
 
 
-METHODS: dict[str, Callable[[Context], np.ndarray]] = {
+def _dic(ctx: Context, learned: bool):
+  """The Diffusion Classifier on a fixed subset of the test images (it costs many UNet calls per image)."""
+  from mcti_jax import conditioning
+  from mcti_jax.classify import diffusion_classifier as dic
+  c, s = ctx.config.dic, ctx.setup
+  cfg = dic.preset(c.preset, error=c.error) if c.error else dic.preset(c.preset)
+  text_encoder = freeze(s.sd.text_encoder)
+  if learned:
+    tokens = conditioning.LearnedTokens(s.class_tokens, ctx.tokens(c.tokens), tuple(s.class_names))
+    contexts = dic.class_contexts(text_encoder, s.sd.tokenizer, learned=tokens, template=c.template)
+  else:
+    contexts = dic.class_contexts(text_encoder, s.sd.tokenizer, class_names=s.class_names,
+                                  template=ctx.config.zeroshot_template)
+  # Evenly spread positions: the same subset for every method and seed whose test split is the same.
+  count = min(c.max_images, len(ctx.test))
+  subset = ctx.test.subset(np.linspace(0, len(ctx.test) - 1, count).round().astype(int))
+  kind = "fewshot" if learned else "zeroshot"
+  key = dic.settings_key(cfg, s.sd.schedule, contexts, extra={"sd": train.fingerprint(s.config.model.sd_path),
+                                                              "resolution": s.config.data.resolution})
+  cache = dic.ResultCache(Path(s.config.workdir) / f"dic_{kind}.jsonl", key)
+  result = dic.evaluate(freeze(s.sd.unet), s.sd.schedule, contexts, subset.batches(s.config.data.resolution, 8), cfg,
+                        encode=dic.latent_encoder(freeze(s.sd.vae), s.mesh), mesh=s.mesh, cache=cache,
+                        image_ids=subset.ids, total=len(subset))
+  scores = np.full((len(subset), s.num_classes), -np.inf)
+  for i, r in enumerate(result.results):  # higher is better: minus the position in DiC's ranking
+    scores[i, r.ranking] = -np.arange(len(r.ranking))
+  info = {k: result.summary()[k] for k in ("images_per_s", "unet_evals_per_s", "unet_evals", "num_computed")}
+  return scores, subset.labels, info
+
+
+METHODS: dict[str, Callable[[Context], tuple[np.ndarray, np.ndarray, dict]]] = {
     "ti": _ti, "mcti": _mcti, "mcti_coop": _mcti_coop, "clip_feat": _clip_feat, "clip_zeroshot": _clip_zeroshot,
+    "dic_zeroshot": lambda ctx: _dic(ctx, learned=False), "dic_fewshot": lambda ctx: _dic(ctx, learned=True),
 }
 
 
@@ -139,9 +175,9 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
       features = _test_features(setup, test, features_cache)
       ctx = Context(config, setup, trained["exports"], test, features)
       for method in todo:
-        scores = METHODS[method](ctx)
-        report = metrics.classification_report(scores, test.labels, setup.num_classes)
-        row = {"method": method, "n_shots": n_shots, "seed": seed, **report,
+        scores, labels, info = METHODS[method](ctx)
+        report = metrics.classification_report(scores, labels, setup.num_classes)
+        row = {"method": method, "n_shots": n_shots, "seed": seed, **report, **info,
                **{f"top1_{g}": metrics.accuracy_on(report, cls) for g, cls in config.class_groups.items()}}
         results["rows"].append(row)
         _write_json(results_path, results)

@@ -81,6 +81,7 @@ def tiny_eval(tiny_checkpoint, tmp_path_factory):
   config.workdir = str(workdir)
   config.n_shots, config.seeds = (1,), (1, 2)
   config.coop.steps = 3
+  config.dic.max_images = 6
   return evaluate.run(config, log=lambda _: None), workdir, config
 
 

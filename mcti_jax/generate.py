@@ -1,0 +1,364 @@
+"""Images from prompts (with learned class tokens): DDIM + classifier-free guidance.
+
+  sd = pipeline.load_stable_diffusion("stable-diffusion-v1-5/stable-diffusion-v1-5")
+  learned = LearnedTokens.from_export("runs/pets/export/mcti", sd.tokenizer, sd.text_width)
+  images = generate(sd, ["a photo of a <cls-3> on the beach"], learned=learned, num_images_per_prompt=8)
+
+Sampling follows diffusers' `StableDiffusionPipeline` with a `DDIMScheduler`
+(eta = 0): the same timesteps, the same update, the same guidance
+(uncond + g * (cond - uncond), with "" as the unconditional prompt, and only
+when g > 1), so the same initial latents give the same images. The whole loop
+and the VAE decode are one jitted program, run with the images split over the
+devices of a mesh. Image i starts from the noise of `fold_in(key(seed), i)`,
+so results don't depend on the device count or the batch size.
+
+Also here: the `mcti generate` command (`generate_main`) and MC-TI's
+generation metric (`clip_image_similarity`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from mcti_jax import conditioning, parallel
+from mcti_jax import tokens as tok
+from mcti_jax.conditioning import LearnedTokens
+from mcti_jax.models import clip as clip_lib
+from mcti_jax.models import hf_io
+from mcti_jax.models import vae as vae_lib
+from mcti_jax.models.frozen import Frozen, freeze
+from mcti_jax.models.schedule import NoiseSchedule, SchedulerConfig
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+CLASS_PROMPT = "a photo of a {}"  # MC-TI's generation metric prompt
+
+
+# ------------------------------------------------------------------ DDIM
+
+
+def ddim_timesteps(config: SchedulerConfig, num_steps: int) -> np.ndarray:
+  """The descending int32 timesteps [num_steps] of diffusers' `DDIMScheduler.set_timesteps`."""
+  n = config.num_train_timesteps
+  if not 1 <= num_steps <= n:
+    raise ValueError(f"steps must be in 1..{n} (the schedule's num_train_timesteps), not {num_steps}")
+  if config.timestep_spacing == "leading":  # SD's: multiples of n // steps, shifted by steps_offset
+    t = np.arange(num_steps)[::-1] * (n // num_steps) + config.steps_offset
+  elif config.timestep_spacing == "trailing":
+    t = np.round(np.arange(n, 0, -n / num_steps)) - 1
+  elif config.timestep_spacing == "linspace":
+    t = np.linspace(0, n - 1, num_steps).round()[::-1]
+  else:
+    raise hf_io.unsupported("scheduler_config.json", "timestep_spacing", config.timestep_spacing,
+                            " / ".join(TIMESTEP_SPACINGS))
+  return np.asarray(t, np.int32)
+
+
+def check_sampler(config: SchedulerConfig) -> None:
+  """Refuse the scheduler options that DDIM here does not implement."""
+  if config.thresholding:
+    raise hf_io.unsupported("scheduler_config.json", "thresholding", True, "false (pixel-space models only)")
+  if config.timestep_spacing not in TIMESTEP_SPACINGS:
+    raise hf_io.unsupported("scheduler_config.json", "timestep_spacing", config.timestep_spacing,
+                            " / ".join(TIMESTEP_SPACINGS))
+
+
+def ddim_step(schedule: NoiseSchedule, model_output: jax.Array, timestep, sample: jax.Array,
+              num_steps: int) -> jax.Array:
+  """x_t -> x_{t - n // num_steps}, deterministic DDIM (diffusers' `DDIMScheduler.step` with eta = 0).
+
+  The step before the first train timestep lands on `final_alpha_cumprod`
+  (1, or abar_0 when the config's `set_alpha_to_one` is false).
+  """
+  config = schedule.config
+  prev = timestep - config.num_train_timesteps // num_steps
+  abar_prev = jnp.where(prev >= 0, schedule.alphas_cumprod[jnp.maximum(prev, 0)], schedule.final_alpha_cumprod)
+  x0, eps = schedule.predict_x0_and_eps(model_output, sample, timestep)
+  if config.clip_sample:
+    x0 = jnp.clip(x0, -config.clip_sample_range, config.clip_sample_range)
+  abar_prev = abar_prev.astype(sample.dtype)
+  return jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1 - abar_prev) * eps
+
+
+def guide(uncond: jax.Array, cond: jax.Array, guidance) -> jax.Array:
+  """Classifier-free guidance: uncond + g * (cond - uncond)."""
+  return uncond + guidance * (cond - uncond)
+
+
+def denoise(unet, schedule: NoiseSchedule, latents: jax.Array, context: jax.Array, uncond_context: jax.Array,
+            timesteps: jax.Array, guidance, *, use_cfg: bool) -> jax.Array:
+  """Run DDIM over `timesteps` from `latents` [B, h, w, c] (pure; jit it).
+
+  context [B, S, D] conditions each image; uncond_context [1, S, D] is the
+  encoded "" prompt. Without CFG (use_cfg=False) only the conditional
+  prediction is used, as diffusers does for guidance <= 1.
+  """
+  num_steps = timesteps.shape[0]
+  batch = latents.shape[0]
+  if use_cfg:
+    uncond = jnp.broadcast_to(uncond_context, (batch, *uncond_context.shape[1:])).astype(context.dtype)
+    both = jnp.concatenate([uncond, context])
+
+  def step(i, x):
+    t = timesteps[i]
+    if use_cfg:
+      out = unet(jnp.concatenate([x, x]), t, both).astype(jnp.float32)
+      pred = guide(out[:batch], out[batch:], guidance)
+    else:
+      pred = unet(x, t, context).astype(jnp.float32)
+    return ddim_step(schedule, pred, t, x, num_steps)
+
+  return jax.lax.fori_loop(0, num_steps, step, latents.astype(jnp.float32))
+
+
+def initial_latents(seed, indices: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
+  """N(0, 1) latents [len(indices), *shape]; image i draws from fold_in(key(seed), i)."""
+  key = jax.random.key(seed)
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32))(indices)
+
+
+def decode(vae, latents: jax.Array) -> jax.Array:
+  """UNet latents -> images in [0, 1] (float32), as diffusers' pipeline + image processor."""
+  images = vae.decode(vae_lib.unscale_latents(latents, vae.config))
+  return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+def to_uint8(images) -> np.ndarray:
+  """[0, 1] floats -> uint8, rounded (as diffusers' numpy_to_pil)."""
+  return np.round(np.asarray(images, np.float32) * 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _sampler(mesh, use_cfg: bool, latent_shape: tuple[int, int, int]):
+  """One jitted program: noise -> DDIM -> decode, the images split over the mesh."""
+
+  def local(unet: Frozen, vae: Frozen, schedule, timesteps, context, uncond_context, indices, seed, guidance):
+    latents = initial_latents(seed, indices, latent_shape)
+    latents = denoise(unet.module, schedule, latents, context, uncond_context, timesteps, guidance, use_cfg=use_cfg)
+    return decode(vae.module, latents)
+
+  axis = parallel.CLASS_AXIS  # the mesh's one axis; here it splits images
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(), P(axis), P(), P(axis), P(), P()),
+                          out_specs=P(axis), check_vma=False)
+  return jax.jit(sharded)
+
+
+def latent_shape(sd, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+  """(h, w, c) of the latents; the image size defaults to the UNet's sample_size x the VAE's scale."""
+  scale = sd.latent_scale
+  size = sd.unet.config.sample_size
+  if isinstance(size, (tuple, list)):
+    default_h, default_w = (int(s) * scale for s in size)
+  else:
+    default_h = default_w = None if size is None else int(size) * scale
+  height, width = height or default_h, width or default_w
+  if height is None or width is None:
+    raise ValueError("the UNet config has no sample_size: pass height and width")
+  if height % scale or width % scale:
+    raise ValueError(f"height and width must be multiples of {scale} (the VAE's scale), not {height}x{width}")
+  return height // scale, width // scale, sd.unet.config.in_channels
+
+
+def generate(sd, prompts: list[str], *, learned: LearnedTokens | None = None, num_images_per_prompt: int = 1,
+             steps: int = 50, guidance: float = 7.5, seed: int = 0, mesh=None, height: int | None = None,
+             width: int | None = None, batch_size: int | None = None, output_type: str = "uint8") -> np.ndarray:
+  """Images [len(prompts) * num_images_per_prompt, H, W, 3], prompt after prompt.
+
+  output_type "uint8" (default) or "float" ([0, 1], before rounding).
+  batch_size caps how many images run at once (rounded up to a multiple of
+  the device count); the images don't depend on it.
+  """
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  if not prompts or num_images_per_prompt < 1:
+    raise ValueError("need at least one prompt and num_images_per_prompt >= 1")
+  if output_type not in ("uint8", "float"):
+    raise ValueError(f"output_type must be 'uint8' or 'float', not {output_type!r}")
+  check_sampler(sd.schedule.config)
+  mesh = mesh or parallel.make_mesh()
+  shape = latent_shape(sd, height, width)
+  timesteps = jnp.asarray(ddim_timesteps(sd.schedule.config, steps))
+
+  text = freeze(sd.text_encoder)
+  contexts = conditioning.encode_prompts(text, sd.tokenizer, list(prompts), learned)[0]
+  uncond = conditioning.encode_prompts(text, sd.tokenizer, [""])[0]
+
+  num_images = len(prompts) * num_images_per_prompt
+  devices = mesh.devices.size
+  chunk = -(-min(batch_size or num_images, num_images) // devices) * devices
+  total = -(-num_images // chunk) * chunk
+  prompt_of = np.repeat(np.arange(len(prompts)), num_images_per_prompt)
+  prompt_of = np.concatenate([prompt_of, np.zeros(total - num_images, prompt_of.dtype)])
+
+  replicated = parallel.replicated(mesh)
+  unet, vae = jax.device_put((freeze(sd.unet), freeze(sd.vae)), replicated)
+  schedule, timesteps, uncond = jax.device_put((sd.schedule, timesteps, uncond), replicated)
+  sample = _sampler(mesh, guidance > 1, shape)
+  out = []
+  for start in range(0, total, chunk):
+    indices = np.arange(start, start + chunk, dtype=np.int32)
+    images = sample(unet, vae, schedule, timesteps, contexts[prompt_of[indices]], uncond, indices,
+                    np.uint32(seed), np.float32(guidance))
+    out.append(np.asarray(jax.device_get(images)))
+  images = np.concatenate(out)[:num_images]
+  return to_uint8(images) if output_type == "uint8" else images
+
+
+def class_prompts(learned: LearnedTokens, template: str = CLASS_PROMPT) -> list[str]:
+  """'a photo of a <cls-k>' for every class k."""
+  template = tok.templates(template)[0]
+  return [template.format(f"<cls-{k}>") for k in range(learned.class_tokens.num_classes)]
+
+
+def generate_class_images(sd, learned: LearnedTokens, num_images: int, template: str = CLASS_PROMPT,
+                          **kwargs) -> np.ndarray:
+  """uint8 images [K, num_images, H, W, 3] of every class (the generation metric's input)."""
+  images = generate(sd, class_prompts(learned, template), learned=learned, num_images_per_prompt=num_images,
+                    **kwargs)
+  return images.reshape(learned.class_tokens.num_classes, num_images, *images.shape[1:])
+
+
+# ------------------------------------------------------------------ files
+
+
+def _png(image: np.ndarray) -> bytes:
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def save_images(images: np.ndarray, folder: str | Path, prefix: str = "image") -> list[Path]:
+  """Write uint8 images [B, H, W, 3] as <folder>/<prefix>_0000.png ...; each file appears whole or not at all."""
+  names = [f"{prefix}_{i:04d}.png" for i in range(len(images))]
+  hf_io.write_folder(folder, {name: _png(image) for name, image in zip(names, images)})
+  return [Path(folder) / name for name in names]
+
+
+def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
+  """uint8 images [B, H, W, C] -> one image [rows * H, cols * W, C], row by row; empty cells black."""
+  images = np.asarray(images)
+  b, h, w, c = images.shape
+  cols = math.ceil(b / rows)
+  cells = np.zeros((rows * cols, h, w, c), images.dtype)
+  cells[:b] = images
+  return cells.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+
+def save_grid(images: np.ndarray, path: str | Path, rows: int) -> Path:
+  """Write `image_grid(images, rows)` as one PNG, atomically."""
+  path = Path(path)
+  hf_io.write_folder(path.parent, {path.name: _png(image_grid(images, rows))})
+  return path
+
+
+# ------------------------------------------------------------------ generation metric
+
+
+@jax.jit
+def _normalized_image_features(clip_model: Frozen, images):
+  model = clip_model.module
+  features = model.get_image_features(clip_lib.preprocess(images, model.config.vision_config.image_size))
+  features = features.astype(jnp.float32)
+  return features / jnp.linalg.norm(features, axis=-1, keepdims=True)
+
+
+def image_features(clip_model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+  """Unit-norm CLIP image features [B, P] of uint8 images [B, H, W, 3], in fixed-size batches (one compile)."""
+  frozen = clip_model if isinstance(clip_model, Frozen) else freeze(clip_model)
+  images = np.asarray(images)
+  batch = min(batch_size, len(images))
+  out = []
+  for start in range(0, len(images), batch):
+    part = images[start:start + batch]
+    padded = np.concatenate([part, np.repeat(part[:1], batch - len(part), axis=0)])
+    out.append(np.asarray(_normalized_image_features(frozen, padded))[:len(part)])
+  return np.concatenate(out)
+
+
+def clip_image_similarity(clip_model, generated: np.ndarray, shots: np.ndarray, batch_size: int = 64) -> np.ndarray:
+  """MC-TI's generation metric (Table 2): per class, the mean CLIP image-image cosine.
+
+  generated [K, G, H, W, 3] and shots [K, N, H', W', 3] (uint8) -> [K]: for
+  class k, the mean over all G x N pairs of cos(f(generated[k, g]), f(shots[k, n])).
+  Report the values per class and their mean.
+  """
+  generated, shots = np.asarray(generated), np.asarray(shots)
+  if generated.ndim != 5 or shots.ndim != 5 or generated.shape[0] != shots.shape[0]:
+    raise ValueError(f"need generated [K, G, H, W, 3] and shots [K, N, H, W, 3] with the same K, got "
+                     f"{generated.shape} and {shots.shape}")
+  frozen = freeze(clip_model)
+  k, g, n = generated.shape[0], generated.shape[1], shots.shape[1]
+  gen = image_features(frozen, generated.reshape(-1, *generated.shape[2:]), batch_size).reshape(k, g, -1)
+  ref = image_features(frozen, shots.reshape(-1, *shots.shape[2:]), batch_size).reshape(k, n, -1)
+  return np.einsum("kgp,knp->k", gen.astype(np.float64), ref.astype(np.float64)) / (g * n)
+
+
+# ------------------------------------------------------------------ the command
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog=prog, description="Generate images with Stable Diffusion (DDIM + classifier-free guidance), "
+      "optionally with class tokens learned by `mcti train` (write <cls-k> in the prompt).")
+  p.add_argument("--sd", required=True, help="diffusers Stable Diffusion folder or hub id (the tokens' base model)")
+  p.add_argument("--tokens", help="export folder of `mcti train` (e.g. runs/pets/export/mcti)")
+  p.add_argument("--prompt", action="append", help="a prompt, e.g. 'a photo of a <cls-3> on the beach' "
+                 "(repeatable; default with --tokens: 'a photo of a <cls-k>' for every class)")
+  p.add_argument("--n", type=int, default=8, help="images per prompt")
+  p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+  p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="runs/generate", help="output folder for the PNGs, grid.png and prompts.json")
+  p.add_argument("--batch_size", type=int, default=16, help="images per device program (memory; not results)")
+  p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+  p.add_argument("--num_devices", type=int, default=None, help="devices to split the images over (default: all)")
+  return p
+
+
+def generate_main(argv: list[str]) -> None:
+  """`mcti generate --sd FOLDER [--tokens EXPORT] --prompt "a photo of a <cls-3>" ... --out FOLDER`.
+
+  argv[0] is the program name (as `cli.main` passes it).
+  """
+  from mcti_jax.models import pipeline
+  prog = argv[0] if argv else "mcti generate"
+  args = _parser(prog).parse_args(argv[1:])
+  if args.n < 1 or args.steps < 1:
+    raise SystemExit(f"{prog}: --n and --steps must be >= 1")
+  if not args.prompt and not args.tokens:
+    raise SystemExit(f"{prog}: give --prompt (and --tokens to use learned classes)")
+  try:
+    sd = pipeline.load_stable_diffusion(args.sd, dtype=args.dtype)
+    learned = None
+    if args.tokens:
+      learned = LearnedTokens.from_export(args.tokens, sd.tokenizer, sd.text_width)
+    prompts = args.prompt or class_prompts(learned)
+    # Refuse early: with --tokens every prompt must name a class, and every class must exist.
+    conditioning.tokenize(sd.tokenizer, prompts, learned, require_class_token=learned is not None)
+  except (ValueError, FileNotFoundError) as e:  # includes hf_io.CheckpointError
+    raise SystemExit(f"{prog}: {e}") from None
+
+  mesh = parallel.make_mesh(args.num_devices)
+  print(f"generating {args.n} image(s) for each of {len(prompts)} prompt(s), {args.steps} DDIM steps, "
+        f"guidance {args.guidance}, on {mesh.devices.size} device(s)")
+  images = generate(sd, prompts, learned=learned, num_images_per_prompt=args.n, steps=args.steps,
+                    guidance=args.guidance, seed=args.seed, mesh=mesh, batch_size=args.batch_size)
+  out = Path(args.out)
+  files = []
+  for i, prompt in enumerate(prompts):
+    paths = save_images(images[i * args.n:(i + 1) * args.n], out, prefix=f"prompt{i:03d}")
+    files.append({"prompt": prompt, "files": [p.name for p in paths]})
+  save_grid(images, out / "grid.png", rows=len(prompts))
+  info = {"sd": args.sd, "tokens": args.tokens, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+          "n": args.n, "sampler": "DDIM (eta=0)", "prompts": files}
+  hf_io.write_folder(out, {"prompts.json": info})
+  print(f"wrote {len(images)} images, grid.png and prompts.json to {out}")
