@@ -56,7 +56,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def _from_hf(cls, d: dict[str, Any], source):
   """`cls` from the keys of `d` it has; a value we do not implement raises, naming file and key."""
-  kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+  kw = hf_io.config_fields(cls, d)
   for key in ("image_size", "patch_size", "eos_token_id"):
     if key in kw and (not isinstance(kw[key], int) or isinstance(kw[key], bool)):
       raise hf_io.unsupported(source, key, kw[key], "a single int")

@@ -14,6 +14,7 @@ old checkpoints) is passed in as a `renames` function by the model's loader.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -214,6 +215,24 @@ def torch_to_state(abstract_state: nnx.State, state_dict: Mapping[str, np.ndarra
                           "Is this the right checkpoint (and subfolder) for this model?")
   nnx.replace_by_pure_dict(abstract_state, traverse_util.unflatten_dict(filled))
   return abstract_state
+
+
+def config_fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+  """The fields of the config dataclass `cls` that `d` (a config.json) holds; lists become tuples (hashable).
+
+  Keys we don't model (and `_`-prefixed ones) are ignored.
+  """
+  def tuples(v):
+    return tuple(tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
+  names = {f.name for f in dataclasses.fields(cls)}
+  return {k: tuples(v) for k, v in d.items() if k in names}
+
+
+def config_json(config) -> dict[str, Any]:
+  """A config dataclass as config.json fields (tuples back to lists)."""
+  def lists(v):
+    return [lists(x) for x in v] if isinstance(v, (list, tuple)) else v
+  return {k: lists(v) for k, v in dataclasses.asdict(config).items()}
 
 
 def unsupported(source: str | os.PathLike, key: str, value: Any, supported: str) -> CheckpointError:

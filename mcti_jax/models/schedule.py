@@ -67,17 +67,15 @@ class SchedulerConfig:
   @classmethod
   def from_hf(cls, d: dict[str, Any], source: str | os.PathLike = CONFIG_NAME) -> SchedulerConfig:
     """From a scheduler_config.json dict; unknown and `_`-prefixed keys are ignored, unsupported values raise."""
-    names = {f.name for f in dataclasses.fields(cls)}
     values = dict(_CLASS_DEFAULTS.get(d.get("_class_name", ""), {}))
-    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+    values.update(hf_io.config_fields(cls, d))
     config = cls(**values)
     config.check(source)
     return config
 
   def to_hf(self, class_name: str = "DDPMScheduler") -> dict[str, Any]:
     """The scheduler_config.json that diffusers' DDPMScheduler/DDIMScheduler.from_pretrained reads."""
-    d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-    return {"_class_name": class_name, **d}
+    return {"_class_name": class_name, **hf_io.config_json(self)}
 
   def check(self, source: str | os.PathLike = "SchedulerConfig") -> None:
     """Raise `hf_io.unsupported` for any value this implementation does not cover."""

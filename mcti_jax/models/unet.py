@@ -91,15 +91,13 @@ class UNetConfig:
   @classmethod
   def from_hf(cls, d: dict[str, Any], source: str | os.PathLike = CONFIG_NAME) -> UNetConfig:
     """From a config.json dict; unknown and `_`-prefixed keys are ignored, unsupported values raise."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    config = cls(**{k: _tuples(v) for k, v in d.items() if k in names})
+    config = cls(**hf_io.config_fields(cls, d))
     config.check(source)
     return config
 
   def to_hf(self) -> dict[str, Any]:
     """The config.json that diffusers' UNet2DConditionModel.from_pretrained reads."""
-    d = {k: _lists(v) for k, v in dataclasses.asdict(self).items()}
-    return {"_class_name": "UNet2DConditionModel", **d}
+    return {"_class_name": "UNet2DConditionModel", **hf_io.config_json(self)}
 
   def check(self, source: str | os.PathLike = "UNetConfig") -> None:
     """Raise `hf_io.unsupported` for any value this implementation does not cover."""
@@ -148,13 +146,6 @@ class UNetConfig:
 def _per_block(value, n: int) -> tuple:
   return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
 
-
-def _tuples(v):
-  return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-
-def _lists(v):
-  return [_lists(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 # ---------------------------------------------------------------- time embedding

@@ -68,15 +68,13 @@ class VAEConfig:
   @classmethod
   def from_hf(cls, d: dict[str, Any], source: str | os.PathLike = CONFIG_NAME) -> VAEConfig:
     """From a config.json dict; unknown and `_`-prefixed keys are ignored, unsupported values raise."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    config = cls(**{k: _tuples(v) for k, v in d.items() if k in names})
+    config = cls(**hf_io.config_fields(cls, d))
     config.check(source)
     return config
 
   def to_hf(self) -> dict[str, Any]:
     """The config.json that diffusers' AutoencoderKL.from_pretrained reads."""
-    d = {k: _lists(v) for k, v in dataclasses.asdict(self).items()}
-    return {"_class_name": "AutoencoderKL", **d}
+    return {"_class_name": "AutoencoderKL", **hf_io.config_json(self)}
 
   def check(self, source: str | os.PathLike = "VAEConfig") -> None:
     """Raise `hf_io.unsupported` for any value this implementation does not cover."""
@@ -95,13 +93,6 @@ class VAEConfig:
     need(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "norm_num_groups",
          f"a divisor of every block_out_channels entry {self.block_out_channels}")
 
-
-def _tuples(v):
-  return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
-
-
-def _lists(v):
-  return [_lists(x) for x in v] if isinstance(v, tuple) else v
 
 
 # --------------------------------------------------------------------- layers
