@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mcti_jax import export, metrics, parallel, plots, train
+from mcti_jax import export, metrics, plots, train
 from mcti_jax.classify import clip_head
 from mcti_jax.methods import coop
 from mcti_jax.models import hf_io
@@ -181,6 +181,9 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
                **{f"top1_{g}": metrics.accuracy_on(report, cls) for g, cls in config.class_groups.items()}}
         results["rows"].append(row)
         _write_json(results_path, results)
+        plots.confusion(report["confusion"], setup.class_names,
+                        workdir / "confusion" / f"{method}_{n_shots}shot_seed{seed}.png",
+                        f"{METHOD_NAMES[method]}, {n_shots}-shot, seed {seed}: top-1 {100 * row['top1']:.1f}%")
         log(f"   {METHOD_NAMES[method]:<24} top-1 {100 * row['top1']:.1f}%")
       if "mcti" in config.methods:
         clip_head.save_linear_head(workdir / "heads" / f"{n_shots}shot_seed{seed}", _mcti_text(ctx),

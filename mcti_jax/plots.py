@@ -83,3 +83,21 @@ def _save(fig, plt, out_png) -> Path:
   fig.savefig(out_png, dpi=110)
   plt.close(fig)
   return out_png
+
+
+def confusion(matrix, class_names, out_png: str | Path, title: str = "") -> Path:
+  """A confusion matrix (rows: true class, columns: predicted), row-normalised."""
+  import numpy as np
+  plt = _pyplot()
+  m = np.asarray(matrix, np.float64)
+  m = m / np.maximum(m.sum(1, keepdims=True), 1)
+  k = len(class_names)
+  fig, ax = plt.subplots(figsize=(1.2 + 0.35 * k, 1 + 0.35 * k))
+  ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+  if k <= 40:
+    ax.set_xticks(range(k), [str(n) for n in class_names], rotation=90, fontsize=7)
+    ax.set_yticks(range(k), [str(n) for n in class_names], fontsize=7)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  ax.set_title(title, fontsize=9)
+  return _save(fig, plt, out_png)

@@ -246,7 +246,8 @@ def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] |
     log(f"resumed from the checkpoint at step {start}/{total}" if start < total else
         f"{workdir} already holds a finished run ({total} steps); not training again")
   metrics_path = workdir / "metrics.jsonl"
-  _truncate_metrics(metrics_path, start)
+  if _is_main_process():
+    _truncate_metrics(metrics_path, start)
 
   backbone, template_ids = make_backbone(setup), jnp.asarray(setup.template_ids)
   steps = {phase: jax.jit(functools.partial(train_step, cfg=step_config(setup, phase), optimizer=optimizer,
@@ -263,7 +264,8 @@ def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] |
   if start == 0:
     state, tokens_ti = at_phase_boundary(state, tokens_ti, 0)
   from tqdm.auto import tqdm
-  bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=start >= total)
+  bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+             disable=start >= total or not _is_main_process())
   pending, t0 = [], time.time()
   for s in range(start, total):
     phase = "ti" if s < config.ti_steps else "mcti"
@@ -272,8 +274,9 @@ def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] |
     done = s + 1
     state, tokens_ti = at_phase_boundary(state, tokens_ti, done)
     if done % config.log_every == 0 or done == total or done == config.ti_steps:
-      row = _log_metrics(metrics_path, pending, done, phase, time.time() - t0)
-      bar.set_postfix(phase=phase, mse=f"{row['mse']:.4f}", reg=f"{row['reg']:.3f}", acc=f"{row['reg_acc']:.2f}")
+      if _is_main_process():
+        row = _log_metrics(metrics_path, pending, done, phase, time.time() - t0)
+        bar.set_postfix(phase=phase, mse=f"{row['mse']:.4f}", reg=f"{row['reg']:.3f}", acc=f"{row['reg_acc']:.2f}")
       pending = []
     if done % config.checkpoint_every == 0 or done == total or done == config.ti_steps:
       manager.save(done, args=ocp.args.StandardSave({"state": state, "tokens_ti": tokens_ti}))
@@ -303,7 +306,7 @@ def _check_signature(workdir: Path, signature: dict[str, Any]) -> None:
       detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
       raise ValueError(f"{workdir} holds a run with other settings ({detail}). Use a new --config.workdir, "
                        "or delete the old run to start over.")
-  else:
+  elif _is_main_process():
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(signature, indent=2) + "\n")
@@ -331,11 +334,19 @@ def _finish(setup: Setup, workdir: Path, tokens, tokens_ti, metrics_path: Path, 
   gather = jax.jit(lambda x: x, out_shardings=parallel.replicated(setup.mesh))
   info = {"base_model": str(c.model.sd_path), "clip_model": str(c.model.clip_path), "pooling": c.model.pooling,
           "templates": c.templates, "shots": setup.shots.manifest()}
-  exports = {}
+  exports, plot = {}, workdir / "loss.png"
   phases = [("ti", tokens_ti if c.mcti_steps else tokens)] + ([("mcti", tokens)] if c.mcti_steps else [])
   for phase, value in phases:
-    exports[phase] = export.export_tokens(workdir / "export" / phase, np.asarray(gather(value)), setup.class_tokens,
-                                          setup.class_names, {**info, "phase": phase})
-  plot = plots.loss_curves(metrics_path, workdir / "loss.png", ti_steps=c.ti_steps)
-  log(f"tokens exported to {', '.join(str(p) for p in exports.values())}; loss curves in {plot}")
+    value = np.asarray(gather(value))  # a collective: every process takes part
+    exports[phase] = workdir / "export" / phase
+    if _is_main_process():
+      export.export_tokens(exports[phase], value, setup.class_tokens, setup.class_names, {**info, "phase": phase})
+  if _is_main_process():
+    plots.loss_curves(metrics_path, plot, ti_steps=c.ti_steps)
+    log(f"tokens exported to {', '.join(str(p) for p in exports.values())}; loss curves in {plot}")
   return {"exports": exports, "metrics": metrics_path, "plot": plot, "setup": setup}
+
+
+def _is_main_process() -> bool:
+  """Files (run.json, metrics, exports, plots) are written by process 0 only; orbax coordinates its own."""
+  return jax.process_index() == 0

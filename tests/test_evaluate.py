@@ -87,7 +87,8 @@ def tiny_eval(tiny_checkpoint, tmp_path_factory):
 
 def test_eval_writes_every_artefact(tiny_eval):
   out, workdir, config = tiny_eval
-  for name in ("results.json", "results.md", "accuracy_vs_shots.png", "token_pca.png"):
+  artefacts = ("results.json", "results.md", "accuracy_vs_shots.png", "token_pca.png", "confusion/mcti_1shot_seed2.png")
+  for name in artefacts:
     assert (workdir / name).is_file(), name
   rows = json.loads((workdir / "results.json").read_text())["rows"]
   assert sorted((r["method"], r["seed"]) for r in rows) == sorted((m, s) for m in config.methods for s in (1, 2))
