@@ -249,7 +249,9 @@ def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] |
   if _is_main_process():
     _truncate_metrics(metrics_path, start)
 
-  backbone, template_ids = make_backbone(setup), jnp.asarray(setup.template_ids)
+  # Placed on the mesh once; left on one device they would be copied to every device at each step.
+  backbone, template_ids = jax.device_put((make_backbone(setup), jnp.asarray(setup.template_ids)),
+                                         parallel.replicated(setup.mesh))
   steps = {phase: jax.jit(functools.partial(train_step, cfg=step_config(setup, phase), optimizer=optimizer,
                                             mesh=setup.mesh), donate_argnums=(0,),
                           out_shardings=(state_shardings, parallel.replicated(setup.mesh)))
@@ -290,11 +292,11 @@ def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] |
 
 
 def _state_shardings(state: TrainState, setup: Setup):
-  """Per-class leaves (leading axis Kp) sharded on the class axis, the rest replicated."""
-  def sharding(x):
-    per_class = x.ndim > 0 and x.shape[0] == setup.num_padded
-    return parallel.class_sharding(setup.mesh) if per_class else parallel.replicated(setup.mesh)
-  return jax.tree.map(sharding, state)
+  """Tokens and their optimiser moments sharded on the class axis; step, key and counters replicated."""
+  by_class, replicated = parallel.class_sharding(setup.mesh), parallel.replicated(setup.mesh)
+  per_class = lambda x: by_class if x.ndim > 0 and x.shape == state.tokens.shape else replicated  # noqa: E731
+  return TrainState(step=replicated, tokens=by_class, opt_state=jax.tree.map(per_class, state.opt_state),
+                    key=replicated)
 
 
 def _check_signature(workdir: Path, signature: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import ROOT, tiny_train_config
 from mcti_jax import data as D
-from mcti_jax import export, parallel, train
+from mcti_jax import export, train
 from mcti_jax.classify import clip_head
 from mcti_jax.methods import mcti
 from mcti_jax.models import pipeline
