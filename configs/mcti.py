@@ -10,7 +10,14 @@ folders, or hub ids where the network allows. On one GPU, 3000+100 steps for
 K=37 pets train in one run.
 """
 
+import os
+
 import ml_collections
+
+import mcti_jax
+
+# The embedded tiny checkpoint (`mcti pretrain-tiny` writes it), found wherever the package is installed.
+TINY_ASSETS = os.path.join(os.path.dirname(mcti_jax.__file__), "assets", "tiny")
 
 # Dataset presets: tensorflow-datasets name, split names, initializer word.
 # The initializer words follow the MC-TI paper's per-dataset choice of a coarse word.
@@ -94,8 +101,8 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
   """The embedded tiny model on the sklearn digits: the demo and the tests. Minutes on 2 CPU cores."""
-  c.model.sd_path = "mcti_jax/assets/tiny/sd"
-  c.model.clip_path = "mcti_jax/assets/tiny/clip"
+  c.model.sd_path = os.path.join(TINY_ASSETS, "sd")
+  c.model.clip_path = os.path.join(TINY_ASSETS, "clip")
   c.data.source = "digits"
   c.data.n_shots = 5
   c.data.resolution = 16

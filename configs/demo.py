@@ -1,0 +1,31 @@
+"""The demo: MC-TI vs TI on digits the tiny models know by name (0-4) and never met (5-9).
+
+  make demo                                        # = mcti demo --config configs/demo.py
+  mcti demo --config configs/demo.py:quick         # a few steps, for tests
+
+CPU, 2 cores: about N minutes (see README). Writes runs/demo/.
+"""
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import eval as eval_config  # noqa: E402  (configs/eval.py)
+
+
+def get_config(arg: str = "full") -> ml_collections.ConfigDict:
+  c = eval_config.get_config("tiny")
+  c.workdir = "runs/demo"
+  c.seeds = (1, 2, 3)  # shot seeds: each takes other shots of the held-out digits
+  c.methods = ("ti", "mcti", "clip_feat", "clip_zeroshot", "dic_fewshot")
+  c.generation = ml_collections.ConfigDict(dict(num_images=8, guidance=2.0, steps=50, seed=0))
+  if arg == "quick":
+    c.workdir = "runs/demo_quick"
+    c.seeds = (1,)
+    c.train.ti_steps, c.train.mcti_steps = 4, 4
+    c.generation.num_images, c.generation.steps = 2, 3
+  elif arg != "full":
+    raise ValueError(f"unknown demo variant {arg!r}; use full or quick")
+  return c

@@ -1,0 +1,66 @@
+"""`mcti demo` with a short schedule: its files, and where its numbers come from.
+
+The mechanics are tested on the random tiny checkpoint; the committed
+pretrained one is checked in test_pretrain_tiny.py.
+"""
+
+import importlib
+import json
+import re
+
+import numpy as np
+import pytest
+
+from mcti_jax import demo, evaluate
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tiny_checkpoint, tmp_path_factory):
+  config = importlib.import_module("demo").get_config("quick")
+  workdir = tmp_path_factory.mktemp("demo")
+  config.workdir, config.train.data.cache_dir = str(workdir), str(workdir / "cache")
+  config.train.model.sd_path = str(tiny_checkpoint / "sd")
+  config.train.model.clip_path = str(tiny_checkpoint / "clip")
+  config.dic.max_images = 10
+  return demo.run(config, log=lambda _: None), workdir
+
+
+def test_demo_writes_its_report_and_files(quick_demo):
+  _, workdir = quick_demo
+  for name in ("report.md", "results.json", "generated_mcti.png", "generated_ti.png", "accuracy_vs_shots.png",
+               "token_pca.png", "5shot/seed1/export/mcti/tokens.safetensors", "5shot/seed1/loss.png"):
+    assert (workdir / name).is_file(), name
+  report = (workdir / "report.md").read_text()
+  for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+    assert (workdir / image).is_file(), image
+
+
+def test_demo_numbers_are_those_of_results_json(quick_demo):
+  _, workdir = quick_demo
+  results = json.loads((workdir / "results.json").read_text())
+  report = (workdir / "report.md").read_text()
+  table = re.search(r"\| method \| all \(10-way\).*?\n\n", report, re.S).group(0).strip().splitlines()[2:]
+  method_of = {v: k for k, v in evaluate.METHOD_NAMES.items()}
+  assert len(table) == 5
+  for line in table:
+    name, *cells = [c.strip() for c in line.strip("|").split("|")]
+    for cell, metric in zip(cells, ("top1", "top1_known", "top1_unknown")):
+      values = [r[metric] for r in results["rows"] if r["method"] == method_of[name]]
+      assert cell == f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
+  gen = results["generation"]
+  for phase, name in (("ti", "TI"), ("mcti", "MC-TI")):
+    row = re.search(rf"^\| {re.escape(name)} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", report, re.M)
+    assert row.group(1) == f"{100 * gen[phase]['known']:.1f}" and row.group(2) == f"{100 * gen[phase]['unknown']:.1f}"
+    assert row.group(3) == f"{np.mean(gen[phase]['clip_image_similarity']):.3f}"
+
+
+def test_the_judge_is_competent_and_independent():
+  judge, heldout_accuracy = demo.fit_judge()
+  assert heldout_accuracy > 0.9  # it knows all ten digits from pixels alone
+  from mcti_jax import data as D
+  images, labels = D.digits_images()
+  held = D.digits_split(labels)["heldout"]
+  out = demo.judge_generation(judge, images[held][:40].reshape(10, 4, 16, 16, 3), 10)
+  predicted = judge.predict(demo._judge_features(images[held][:40]))
+  assert out["predicted"] == predicted.reshape(10, 4).tolist()
+  np.testing.assert_allclose(out["per_class"], (predicted.reshape(10, 4) == np.arange(10)[:, None]).mean(1))
