@@ -466,42 +466,43 @@ def _kind(d: dict[str, Any], source) -> str:
                           "CLIPModel, CLIPTextModel(WithProjection), CLIPVisionModel(WithProjection)")
 
 
-def text_from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, *, dtype=jnp.float32,
-                         param_dtype=jnp.float32) -> CLIPTextModel:
-  """The text tower from an SD `text_encoder/` folder or (with its projection) from a full CLIP folder."""
+# Per tower: its index in CLIPConfig.tower_configs(), config and model classes, the architecture name
+# that means "with projection", and the key prefix of its weights.
+_TOWERS = {
+    "text": (0, CLIPTextConfig, CLIPTextModel, "CLIPTextModelWithProjection", "text_model.", _TEXT_ROOTS),
+    "vision": (1, CLIPVisionConfig, CLIPVisionModel, "CLIPVisionModelWithProjection", "vision_model.",
+               _VISION_ROOTS),
+}
+
+
+def _tower_from_pretrained(tower: str, path_or_hub_id, subfolder, dtype, param_dtype):
+  index, config_cls, model_cls, with_projection_name, prefix, roots = _TOWERS[tower]
   folder, d, source = _read(path_or_hub_id, subfolder)
   kind = _kind(d, source)
   if kind == "full":
-    config, with_projection = CLIPConfig.from_hf(d, source).tower_configs()[0], True
-  elif kind == "text":
-    config = CLIPTextConfig.from_hf(d, source)
-    with_projection = "CLIPTextModelWithProjection" in (d.get("architectures") or [])
+    config, with_projection = CLIPConfig.from_hf(d, source).tower_configs()[index], True
+  elif kind == tower:
+    config = config_cls.from_hf(d, source)
+    with_projection = with_projection_name in (d.get("architectures") or [])
   else:
-    raise hf_io.CheckpointError(f"{source} describes a CLIP vision model; it has no text tower")
+    raise hf_io.CheckpointError(f"{source} describes a CLIP {kind} model; it has no {tower} tower")
+
   def build():
-    return CLIPTextModel(config, with_projection=with_projection, dtype=dtype, param_dtype=param_dtype,
-                         rngs=nnx.Rngs(0))
-  return hf_io.load_model(build, folder, WEIGHTS_NAME, renames=_add_prefix("text_model.", _TEXT_ROOTS),
-                          param_dtype=param_dtype)
+    return model_cls(config, with_projection=with_projection, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+
+  return hf_io.load_model(build, folder, WEIGHTS_NAME, renames=_add_prefix(prefix, roots), param_dtype=param_dtype)
+
+
+def text_from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, *, dtype=jnp.float32,
+                         param_dtype=jnp.float32) -> CLIPTextModel:
+  """The text tower from an SD `text_encoder/` folder or (with its projection) from a full CLIP folder."""
+  return _tower_from_pretrained("text", path_or_hub_id, subfolder, dtype, param_dtype)
 
 
 def vision_from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, *, dtype=jnp.float32,
                            param_dtype=jnp.float32) -> CLIPVisionModel:
   """The vision tower from a CLIPVisionModel(WithProjection) folder or (with its projection) a full CLIP folder."""
-  folder, d, source = _read(path_or_hub_id, subfolder)
-  kind = _kind(d, source)
-  if kind == "full":
-    config, with_projection = CLIPConfig.from_hf(d, source).tower_configs()[1], True
-  elif kind == "vision":
-    config = CLIPVisionConfig.from_hf(d, source)
-    with_projection = "CLIPVisionModelWithProjection" in (d.get("architectures") or [])
-  else:
-    raise hf_io.CheckpointError(f"{source} describes a CLIP text model; it has no vision tower")
-  def build():
-    return CLIPVisionModel(config, with_projection=with_projection, dtype=dtype, param_dtype=param_dtype,
-                           rngs=nnx.Rngs(0))
-  return hf_io.load_model(build, folder, WEIGHTS_NAME, renames=_add_prefix("vision_model.", _VISION_ROOTS),
-                          param_dtype=param_dtype)
+  return _tower_from_pretrained("vision", path_or_hub_id, subfolder, dtype, param_dtype)
 
 
 def from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, *, dtype=jnp.float32,
