@@ -26,7 +26,8 @@ RESOLUTION = 16  # pixels; the VAE halves it once -> 8x8x4 latents
 # Words the tiny vocabulary learns whole (anything else still tokenizes, by characters).
 WORDS = ("a photo of the digit zero one two three four five six seven eight nine "
          "rendering cropped clean dirty dark my cool close-up bright good rendition nice small weird large "
-         "handwritten number picture an image").split()
+         "handwritten number picture an image "
+         "thin bold narrow wide heavy at on top bottom left right leaning").split()
 
 
 def clip_config(vocab_size: int, width: int = 32, layers: int = 2, heads: int = 4) -> clip.CLIPConfig:
