@@ -163,10 +163,10 @@ def test_reg_train_accuracy_equals_a_loop_by_hand():
 
 
 def test_mcti_raises_the_train_accuracy_of_its_classifier(tiny_checkpoint, tmp_path):
-  """Same warm-up, then 30 steps with beta=1 (MC-TI) or beta=0 (TI only), on a fixed seed."""
+  """Same warm-up, then 60 steps with beta=1 (MC-TI) or beta=0 (TI only), on a fixed seed."""
   accuracy = {}
   for beta in (0.0, 1.0):
-    config = tiny_train_config(tiny_checkpoint, tmp_path / f"beta{beta}", beta=beta, ti_steps=2, mcti_steps=30,
+    config = tiny_train_config(tiny_checkpoint, tmp_path / f"beta{beta}", beta=beta, ti_steps=2, mcti_steps=60,
                                lr=5e-3, log_every=10, checkpoint_every=100)
     result = train.train(config, log=lambda _: None)
     setup = result["setup"]
