@@ -69,10 +69,15 @@ def _eval(argv):
   print(out["table"].read_text())
 
 
+def with_default_config(argv: list[str], default: str) -> list[str]:
+  """`argv` with `--config default` ahead of its --config.<field> overrides, unless it names a config."""
+  if any(a == "--config" or a.startswith("--config=") for a in argv):
+    return argv
+  return [argv[0], "--config", default, *argv[1:]]
+
+
 def _demo(argv):
-  if not any(a == "--config" or a.startswith("--config=") for a in argv):
-    argv = [*argv, "--config", "configs/demo.py"]
-  config = parse_config(argv)
+  config = parse_config(with_default_config(argv, "configs/demo.py"))
   from mcti_jax import demo
   demo.run(config)
 

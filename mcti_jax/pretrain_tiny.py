@@ -6,10 +6,13 @@ models know digits 0-4 by name and never met digits 5-9 (not as images, not as
 words). Three phases, as the real models were made:
 
   1. CLIP: both towers, contrastive loss on (image, caption) pairs of the
-     pretraining half of digits 0-4. A batch holds many images of one class,
-     so the target of each image is every caption of its class (and back).
-     Random shifts of a few pixels keep the image features general enough
-     to tell apart digits CLIP never saw (without them, 5-9 are at chance).
+     pretraining half of digits 0-4. Captions name the digit and, now and
+     then, shape attributes measured on the image ("a photo of the digit
+     three bold leaning left"); a caption's targets are all images of the
+     batch it describes (a batch holds many images of one digit). Without
+     the attributes every feature collapses onto the five known digits and
+     nothing, learned tokens included, can tell 5-9 apart; without random
+     shifts of a few pixels 5-9 are at chance even for image features.
   2. VAE: reconstruction + a small KL, on the same images.
   3. UNet: epsilon prediction with SD's scaled_linear schedule, conditioned on
      the FROZEN CLIP text tower's last hidden states (SD's text encoder is
@@ -54,6 +57,9 @@ NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 
 # How a digit is named in captions: the TI templates (the trainer's prompts) hold the name
 # alone or as "digit <name>"; a few more phrasings on top.
+# The CLIP phase tokenizes captions to this length, not 77: the text tower is causal and pools at
+# the first EOS, so the pooled feature does not depend on later positions (exact, and much cheaper).
+CLIP_TEXT_LENGTH = 32
 _EXTRA_TEMPLATES = ("a photo of the digit {}", "the number {}", "a handwritten {}", "a picture of the digit {}",
                     "an image of the number {}", "a handwritten digit {}")
 
@@ -61,11 +67,10 @@ _EXTRA_TEMPLATES = ("a photo of the digit {}", "the number {}", "a handwritten {
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """Steps, batch sizes and learning rates of the three phases."""
-  clip_steps: int = 2000
+  clip_steps: int = 4000
   clip_batch: int = 128
   clip_lr: float = 2e-3
-  clip_attribute_p: float = 0.7  # chance that a described caption mentions each shape attribute of its image
-  clip_attribute_weight: float = 1.0  # weight of the described captions' loss (the named captions' is 1)
+  clip_attribute_p: float = 0.2  # chance that a caption mentions each shape attribute of its image
   vae_steps: int = 600
   vae_batch: int = 64
   vae_lr: float = 2e-3
@@ -96,9 +101,8 @@ def pretraining_data(digits: Sequence[int] = KNOWN_DIGITS) -> tuple[np.ndarray, 
 
 
 def caption_templates() -> tuple[str, ...]:
-  named = [t.format("{}") for t in tok.TI_TEMPLATES]
   as_digit = [t.format("digit {}") for t in tok.TI_TEMPLATES]
-  return tuple(dict.fromkeys(named + as_digit + list(_EXTRA_TEMPLATES)))
+  return tuple(dict.fromkeys([*tok.TI_TEMPLATES, *as_digit, *_EXTRA_TEMPLATES]))
 
 
 def captions_of(digit: int) -> list[str]:
@@ -144,18 +148,6 @@ def attribute_caption(template: str, digit: int, levels: np.ndarray, mention: np
   """A caption naming the digit and the mentioned non-middle attributes, e.g. 'a photo of a three bold leaning left'."""
   words = [ATTRIBUTES[a][1 + levels[a] // 2] for a in np.flatnonzero(mention & (levels != 1))]
   return " ".join([template.format(NAMES[digit]), *words])
-
-
-def trim_ids(ids: np.ndarray, eos_id: int) -> np.ndarray:
-  """Drop the padding columns past every caption's EOS (a multiple of 8 kept).
-
-  The text tower is causal and pools at the first EOS, so the pooled feature
-  does not depend on later positions: training on short rows is exact and
-  several times cheaper than on 77.
-  """
-  first_eos = np.argmax(ids == eos_id, axis=-1)
-  length = min(ids.shape[-1], int(-(-(first_eos.max() + 1) // 8) * 8))
-  return ids[..., :length]
 
 
 def shift_images(key, images, max_shift: int):
@@ -242,27 +234,20 @@ def train_clip(model: clip_lib.CLIPModel, tokenizer, images: np.ndarray, digits:
   images_f = jnp.asarray(images, jnp.float32) / 255.0
   levels = attribute_levels(shape_measures(images), shape_measures(images))
   templates = caption_templates()
-  text_length = 32
+  eos = model.config.text_config.real_eos_token_id
 
-  def contrastive(logits, targets):
-    image_targets = targets / targets.sum(-1, keepdims=True)
-    text_targets = targets.T / targets.T.sum(-1, keepdims=True)
-    return 0.5 * (_soft_cross_entropy(logits, image_targets) + _soft_cross_entropy(logits.T, text_targets))
-
-  def loss_fn(params, batch, names, described, targets, key):
+  def loss_fn(params, batch, captions, targets, key):
     m = nnx.merge(graphdef, params)
     pixels = clip_lib.preprocess(shift_images(key, images_f[batch], sched.max_shift), size)
     image = _normalize(m.get_image_features(pixels))
-    text = _normalize(m.get_text_features(jnp.concatenate([names, described])))
+    text = _normalize(m.get_text_features(captions))
     logits = jnp.exp(jnp.minimum(m.logit_scale[...], np.log(100.0))) * image @ text.T
+    image_targets = targets / targets.sum(-1, keepdims=True)
+    text_targets = targets.T / targets.T.sum(-1, keepdims=True)
+    loss = 0.5 * (_soft_cross_entropy(logits, image_targets) + _soft_cross_entropy(logits.T, text_targets))
     y = digits_j[batch]
-    same_digit = (y[:, None] == y[None, :]).astype(jnp.float32)
-    name_loss = contrastive(logits[:, :len(batch)], same_digit)
-    attribute_loss = contrastive(logits[:, len(batch):], targets)
-    accuracy = jnp.mean(same_digit[jnp.arange(len(batch)), jnp.argmax(logits[:, :len(batch)], -1)])
-    loss = name_loss + sched.clip_attribute_weight * attribute_loss
-    return loss, {"names": name_loss, "attributes": attribute_loss, "acc": accuracy,
-                  "scale": jnp.exp(m.logit_scale[...])}
+    accuracy = jnp.mean(y[jnp.argmax(logits, -1)] == y)  # the best caption names the right digit
+    return loss, {"acc": accuracy, "scale": jnp.exp(m.logit_scale[...])}
 
   digits_j = jnp.asarray(digits)
   step = _make_step(loss_fn, optimizer)
@@ -272,15 +257,15 @@ def train_clip(model: clip_lib.CLIPModel, tokenizer, images: np.ndarray, digits:
   def make_args(s):
     batch = rng.choice(len(images), sched.clip_batch, replace=False)
     mention = rng.random((len(batch), len(ATTRIBUTES))) < sched.clip_attribute_p
-    texts = [templates[rng.integers(len(templates))].format(NAMES[digits[i]]) for i in batch]
-    texts += [attribute_caption(templates[rng.integers(len(templates))], digits[i], levels[i], mention[j])
-              for j, i in enumerate(batch)]
-    ids = tokenizer_lib.encode(tokenizer, texts, max_length=text_length)
+    texts = [attribute_caption(templates[rng.integers(len(templates))], digits[i], levels[i], mention[j])
+             for j, i in enumerate(batch)]
+    ids = tokenizer_lib.encode(tokenizer, texts, max_length=CLIP_TEXT_LENGTH)
+    if not np.all(ids[:, -2] == eos):  # else some caption was cut (truncation keeps a final EOS)
+      raise ValueError(f"a caption is longer than CLIP_TEXT_LENGTH={CLIP_TEXT_LENGTH} tokens: {texts}")
     # Caption j describes image i if the digit matches and so does every attribute caption j mentions.
     agree = (levels[batch][:, None, :] == levels[batch][None, :, :]) | ~(mention & (levels[batch] != 1))[None]
     targets = (digits[batch][:, None] == digits[batch][None, :]) & agree.all(-1)
-    return (jnp.asarray(batch), jnp.asarray(ids[:len(batch)]), jnp.asarray(ids[len(batch):]),
-            jnp.asarray(targets, jnp.float32), jax.random.fold_in(key, s))
+    return jnp.asarray(batch), jnp.asarray(ids), jnp.asarray(targets, jnp.float32), jax.random.fold_in(key, s)
 
   params, rows, seconds = _train_loop("clip", step, params, optimizer.init(params), sched.clip_steps, make_args,
                                       sched.log_every, progress)
@@ -493,8 +478,11 @@ for Stable Diffusion 1.x + CLIP that trains on CPU in minutes.
 sklearn's `load_digits` (8x8, upsampled to 16x16 RGB); per digit a fixed random half is "pretrain",
 the rest "heldout" (`mcti_jax.data.digits_split`). Pretraining saw ONLY the {stats['num_images']}
 pretraining-half images of digits {', '.join(map(str, KNOWN_DIGITS))}, with captions that name them
-("a photo of the digit three", the Textual Inversion templates with "three" or "digit three", ...).
-Digits 5-9 never appeared: not as images, not as words (their words are in the vocabulary, untrained).
+("a photo of the digit three", the Textual Inversion templates with "three" or "digit three", ...),
+each of the image's shape attributes (ink, width, vertical and horizontal skew, slant; the outer thirds
+get words such as "bold", "narrow", "heavy at the top", "leaning left") added with probability
+{sched['clip_attribute_p']}. Digits 5-9 never appeared: not as images, not as words (their words are in the
+vocabulary, untrained).
 
 ## Models
 - CLIP: ViT {c.vision_config.image_size}px / patch {c.vision_config.patch_size}, width {c.vision_config.hidden_size},
@@ -505,11 +493,13 @@ Digits 5-9 never appeared: not as images, not as words (their words are in the v
   {sizes['UNet']:,} parameters. Scheduler: SD's scaled_linear betas 0.00085-0.012, 1000 steps, epsilon.
 
 ## Training (seed {stats['seed']})
-- CLIP: {sched['clip_steps']} steps x {sched['clip_batch']} images, AdamW lr {sched['clip_lr']}; contrastive loss with
-  class-aware targets (all captions of an image's digit), images shifted by up to {sched['max_shift']} px. Loss {losses['clip'][0]:.3f} -> {losses['clip'][1]:.3f}; final in-batch accuracy {last['clip']['acc']:.3f}.
+- CLIP: {sched['clip_steps']} steps x {sched['clip_batch']} images, AdamW lr {sched['clip_lr']}; contrastive loss whose
+  targets are all images a caption describes (digit and mentioned attributes), images shifted by up to
+  {sched['max_shift']} px. Loss {losses['clip'][0]:.3f} -> {losses['clip'][1]:.3f}; final in-batch accuracy {last['clip']['acc']:.3f}.
 - VAE: {sched['vae_steps']} steps x {sched['vae_batch']}, lr {sched['vae_lr']}, KL weight {sched['vae_kl']}.
   Loss {losses['vae'][0]:.3f} -> {losses['vae'][1]:.3f} (final reconstruction MSE {last['vae']['mse']:.4f} in [-1, 1]).
-- UNet: {sched['unet_steps']} steps x {sched['unet_batch']}, lr {sched['unet_lr']}, {sched['caption_dropout']:.0%} empty captions.
+- UNet: {sched['unet_steps']} steps x {sched['unet_batch']}, lr {sched['unet_lr']}, captions without attributes,
+  {sched['caption_dropout']:.0%} empty; centred images (no shifts: the digits it draws stay centred).
   Noise MSE {losses['unet'][0]:.3f} -> {losses['unet'][1]:.3f}.
 - Time: CLIP {sec['clip']}s, VAE {sec['vae']}s, UNet {sec['unet']}s, total {sec['total']}s on
   {os.cpu_count()} CPU cores (load average {stats['load_average']:.1f} at the end; other jobs shared the machine).

@@ -64,3 +64,16 @@ def test_the_judge_is_competent_and_independent():
   predicted = judge.predict(demo._judge_features(images[held][:40]))
   assert out["predicted"] == predicted.reshape(10, 4).tolist()
   np.testing.assert_allclose(out["per_class"], (predicted.reshape(10, 4) == np.arange(10)[:, None]).mean(1))
+
+
+
+def test_demo_command_takes_overrides_of_its_default_config():
+  import subprocess
+  import sys
+  from conftest import ROOT
+  from mcti_jax import cli
+  named = ["mcti demo", "--config", "configs/demo.py:quick"]
+  assert cli.with_default_config(named, "configs/demo.py") == named
+  out = subprocess.run([sys.executable, "-m", "mcti_jax.cli", "demo", "--config.generation.num_images=3", "--help"],
+                       cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  assert "num_images: 3" in out and "workdir: runs/demo" in out

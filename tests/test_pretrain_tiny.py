@@ -34,17 +34,37 @@ def test_pretraining_sees_only_the_pretraining_half_of_known_digits():
   assert "a photo of the digit three" in P.captions_of(3)
 
 
-def test_trimmed_caption_ids_give_the_same_pooled_text_features():
-  """The CLIP phase trains on captions cut after their EOS: exact, because the tower is causal."""
+def test_short_caption_rows_give_the_same_pooled_text_features():
+  """The CLIP phase tokenizes captions to CLIP_TEXT_LENGTH, not 77: exact, because the tower is causal."""
   import jax.numpy as jnp
   from mcti_jax.models import tiny
-  models = tiny.build(0)
-  ids = P.caption_ids(tiny.load_tiny_tokenizer(), (3,))[0]
-  short = P.trim_ids(ids, models.clip.config.text_config.real_eos_token_id)
-  assert short.shape[1] < ids.shape[1]
-  full = models.clip.get_text_features(jnp.asarray(ids))
-  trimmed = models.clip.get_text_features(jnp.asarray(short))
-  np.testing.assert_allclose(trimmed, full, atol=1e-5)
+  from mcti_jax.models import tokenizer as tokenizer_lib
+  clip_model, tokenizer = tiny.build(0).clip, tiny.load_tiny_tokenizer()
+  levels = np.array([0, 2, 0, 2, 0])  # every attribute mentioned: the longest captions
+  texts = [P.attribute_caption(t, 3, levels, np.ones(5, bool)) for t in P.caption_templates()[:8]]
+  short = tokenizer_lib.encode(tokenizer, texts, max_length=P.CLIP_TEXT_LENGTH)
+  full = tokenizer_lib.encode(tokenizer, texts)
+  np.testing.assert_array_equal(full[:, :P.CLIP_TEXT_LENGTH], short)
+  assert np.all(full[:, P.CLIP_TEXT_LENGTH - 2:] == tokenizer.eos_token_id)
+  np.testing.assert_allclose(clip_model.get_text_features(jnp.asarray(short)),
+                             clip_model.get_text_features(jnp.asarray(full)), atol=1e-5)
+
+
+def test_attribute_captions():
+  levels = np.array([2, 0, 1, 1, 2])
+  caption = P.attribute_caption("a photo of the {}", 4, levels, np.array([True, True, True, False, True]))
+  assert caption == "a photo of the four bold narrow leaning left"
+  images, _ = P.pretraining_data()
+  measures = P.shape_measures(images)
+  # Shifting an image (the CLIP phase's augmentation) changes none of its measures.
+  canvas = np.zeros((len(images), 20, 20, 3), np.uint8)
+  a, b = canvas.copy(), canvas.copy()
+  a[:, :16, :16], b[:, 3:19, 2:18] = images, images
+  np.testing.assert_allclose(P.shape_measures(a), measures, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(P.shape_measures(b), measures, rtol=1e-6, atol=1e-6)
+  # Terciles: about a third of the images in each level of each attribute.
+  counts = np.stack([np.bincount(col, minlength=3) for col in P.attribute_levels(measures, measures).T])
+  assert np.all(np.abs(counts - len(images) / 3) < 0.02 * len(images))
 
 
 @pytest.fixture(scope="module")
