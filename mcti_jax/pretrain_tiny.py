@@ -232,7 +232,8 @@ def train_clip(model: clip_lib.CLIPModel, tokenizer, images: np.ndarray, digits:
   optimizer = _optimizer(sched.clip_lr, sched.clip_steps)
   size = model.config.vision_config.image_size
   images_f = jnp.asarray(images, jnp.float32) / 255.0
-  levels = attribute_levels(shape_measures(images), shape_measures(images))
+  measures = shape_measures(images)
+  levels = attribute_levels(measures, measures)  # terciles of the pretraining images themselves
   templates = caption_templates()
   eos = model.config.text_config.real_eos_token_id
 

@@ -66,7 +66,6 @@ def test_the_judge_is_competent_and_independent():
   np.testing.assert_allclose(out["per_class"], (predicted.reshape(10, 4) == np.arange(10)[:, None]).mean(1))
 
 
-
 def test_demo_command_takes_overrides_of_its_default_config():
   import subprocess
   import sys
