@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mcti_jax.models import clip, init, pipeline, schedule, tiny, unet, vae
+from mcti_jax.models import attention, clip, init, pipeline, schedule, tiny, unet, vae
 
 TINY_VOCAB = 64  # the tiny text towers' vocabulary when no tokenizer is involved
 SD_SCALING_FACTOR = 0.18215
@@ -183,7 +183,8 @@ def environment(torch_device_name: str | None) -> dict[str, object]:
   """Where the numbers come from: record these with the results."""
   devices = jax.devices()
   env = {"date": datetime.date.today().isoformat(), "host": platform.node(), "jax": jax.__version__,
-         "jax_devices": f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"}
+         "jax_devices": f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})",
+         "attention": f"MCTI_ATTENTION={attention.implementation()}"}
   if torch_device_name is not None:
     import diffusers
     import torch
@@ -201,5 +202,12 @@ def rounded(x: float, digits: int = 4) -> float:
   return float(f"{x:.{digits}g}") if np.isfinite(x) else x
 
 
-def print_report(report: dict) -> None:
+def add_output_flag(parser) -> None:
+  parser.add_argument("--json_out", default=None, help="also append the report, as one JSON line, to this file")
+
+
+def print_report(report: dict, json_out: str | None = None) -> None:
   print(json.dumps(report, indent=1, default=str))
+  if json_out:
+    with open(json_out, "a") as f:
+      f.write(json.dumps(report, default=str) + "\n")

@@ -120,6 +120,7 @@ def main(argv=None):
   p.add_argument("--torch_batch_size", type=int, default=None, help="the reference's UNet batch (default: "
                                                                       "--batch_size)")
   common.add_torch_flags(p)
+  common.add_output_flag(p)
   args = p.parse_args(argv)
   torch_device = common.setup_torch(args)
 
@@ -166,7 +167,7 @@ def main(argv=None):
     report["torch"] = run_torch(unet_config, x0, contexts, cfg, torch_device, args.dtype,
                                 args.torch_batch_size or args.batch_size, warmup_images=group)
     report["speedup_images"] = common.rounded(report["jax"]["images_per_s"] / report["torch"]["images_per_s"], 3)
-  common.print_report(report)
+  common.print_report(report, args.json_out)
   return report
 
 

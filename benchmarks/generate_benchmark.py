@@ -91,6 +91,7 @@ def main(argv=None) -> dict:
   p.add_argument("--num_devices", type=int, default=None)
   p.add_argument("--repeats", type=int, default=3, help="timed calls after the first (at least 1)")
   common.add_torch_flags(p)
+  common.add_output_flag(p)
   args = p.parse_args(argv)
   if args.repeats < 1:
     p.error("--repeats must be at least 1")
@@ -132,7 +133,7 @@ def main(argv=None) -> dict:
   if torch_device is not None:
     report["torch"] = run_torch(sd, prompts, args, steps, torch_device)
     report["speedup_images"] = common.rounded(report["jax"]["images_per_s"] / report["torch"]["images_per_s"], 3)
-  common.print_report(report)
+  common.print_report(report, args.json_out)
   return report
 
 

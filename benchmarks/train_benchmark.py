@@ -271,6 +271,7 @@ def main(argv=None) -> dict:
   p.add_argument("--num_devices", type=int, default=None, help="devices of the class mesh (default: all)")
   common.add_torch_flags(p)
   p.add_argument("--trace_only", action="store_true", help="build and trace, run nothing (checks --full on a CPU)")
+  common.add_output_flag(p)
   args = p.parse_args(argv)
   args.classes = args.classes or (37 if args.full else 8)
   args.steps = args.steps or 10
@@ -292,7 +293,7 @@ def main(argv=None) -> dict:
     if not args.trace_only:
       report["speedup_class_steps"] = common.rounded(
           report["jax"]["class_steps_per_s"] / report["torch"]["class_steps_per_s"], 3)
-  common.print_report(report)
+  common.print_report(report, args.json_out)
   return report
 
 

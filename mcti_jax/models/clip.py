@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mcti_jax.models import hf_io
+from mcti_jax.models import attention, hf_io
 
 WEIGHTS_NAME = "model.safetensors"
 LEGACY_EOS_TOKEN_ID = 2  # transformers pools at argmax(input_ids) for this value
@@ -182,7 +182,7 @@ class CLIPAttention(nnx.Module):
     b, t, d = x.shape
     heads = (b, t, self.num_heads, d // self.num_heads)
     q, k, v = (proj(x).reshape(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)  # scale: head_dim ** -0.5, as CLIP
+    out = attention.dot_product_attention(q, k, v, is_causal=causal)  # scale: head_dim ** -0.5, as CLIP
     return self.out_proj(out.reshape(b, t, d))
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mcti_jax.models import hf_io
+from mcti_jax.models import attention, hf_io
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -246,7 +246,7 @@ class Attention(nnx.Module):
     out_dtype = q.dtype
     if self.upcast:
       q, k, v = (y.astype(jnp.float32) for y in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v).astype(out_dtype)
+    out = attention.dot_product_attention(q, k, v).astype(out_dtype)
     return self.to_out[0](out.reshape(*out.shape[:2], -1))
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mcti_jax.models import hf_io
+from mcti_jax.models import attention, hf_io
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -150,7 +150,7 @@ class Attention(nnx.Module):
     b, h, w, c = x.shape
     tokens = self.group_norm(x).reshape(b, h * w, 1, c)  # [B, T, heads=1, head_dim=C]
     q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
-    out = jax.nn.dot_product_attention(q, k, v)  # scale 1/sqrt(C); softmax in float32
+    out = attention.dot_product_attention(q, k, v)  # scale 1/sqrt(C); softmax in float32
     out = self.to_out[0](out.reshape(b, h * w, c)).reshape(b, h, w, c)
     return out + x
 
