@@ -121,6 +121,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   # - mcti_steps: at this lr, 400 leave MC-TI 3 points under CLIP-feat on 5-9; 600 bring it within 1.
   # - beta: the regulariser's CE (~1) dwarfs the noise MSE (~0.05); beta=1 drags the known digits' tokens
   #   off their names (MC-TI 68-78% on 0-4), 0.03 keeps the two in balance.
+  # Tuned to those seeds: on seeds 4, 5, 6 TI gets 69 +- 19% on 0-4, MC-TI 88 / 43 (CLIP-feat 90 / 44).
   c.lr = 2e-3
   c.beta = 0.03
   c.checkpoint_every = 100
