@@ -157,7 +157,11 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
     raise ValueError(f"unknown methods {unknown}; available: {sorted(METHODS)}")
   results_path = workdir / "results.json"
   results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": []}
-  results["settings"] = json.loads(config.to_json_best_effort())
+  made_with = {"settings": json.loads(config.to_json_best_effort()),
+               "weights": {"sd": train.weights_fingerprint(config.train.model.sd_path),
+                           "clip": train.weights_fingerprint(config.train.model.clip_path)}}
+  _check_rows_reusable(results, results_path, made_with)
+  results.update(made_with)
   done = {(r["method"], r["n_shots"], r["seed"]) for r in results["rows"]}
   features_cache: dict[str, np.ndarray] = {}
   pca_features = None
@@ -192,6 +196,24 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
       results["class_names"] = list(setup.class_names)
       _write_json(results_path, results)
   return write_reports(workdir, results, config, pca_features)
+
+
+# Settings that only say which cells to fill or where files go: results.json's rows stay valid when they change.
+GRID_SETTINGS = ("workdir", "seeds", "n_shots", "methods", "generation", "train.workdir", "train.data.cache_dir")
+
+
+def _check_rows_reusable(results: dict, path: Path, made_with: dict) -> None:
+  """Rows made with other settings or weights must not be reused as if they were made with these."""
+  if not results["rows"]:
+    return
+  if "weights" not in results:
+    changes = "made by an older mcti-jax that did not record its weights"
+  else:
+    old = {"settings": results["settings"], "weights": results["weights"]}
+    changes = train.settings_changes(old, made_with, ignore=tuple(f"settings.{k}" for k in GRID_SETTINGS))
+  if changes:
+    raise ValueError(f"{path} holds results made with other settings or model weights ({changes}). "
+                     f"Use a new --config.workdir, or delete {path.parent} to start over.")
 
 
 def _test_features(setup: train.Setup, test, cache: dict) -> np.ndarray:

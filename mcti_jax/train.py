@@ -75,6 +75,40 @@ def fingerprint(path: str | Path) -> str:
   return h.hexdigest()[:16]
 
 
+def weights_fingerprint(path: str | Path) -> str:
+  """sha256 of a checkpoint's files, model cards (*.md) aside: what a resumed run must have been made with.
+
+  Unlike fingerprint() it survives copying the folder; the file times only decide when to read it again.
+  """
+  return _weights_fingerprint(str(path), fingerprint(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_fingerprint(path: str, _times: str) -> str:
+  folder = Path(path)
+  if not folder.exists():
+    return path  # a hub id
+  h = hashlib.sha256()
+  for f in sorted(folder.rglob("*")):
+    if f.is_file() and f.suffix != ".md":
+      with open(f, "rb") as file:
+        h.update(f"{f.relative_to(folder)}:{hashlib.file_digest(file, 'sha256').hexdigest()};".encode())
+  return h.hexdigest()[:16]
+
+
+def settings_changes(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+  """'key: old -> new, ...' over the nested keys (dotted) that differ; '' when none does."""
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+  a, b = flat(old), flat(new)
+  keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
+          and not any(k == i or k.startswith(i + ".") for i in ignore)]
+  return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys)
+
+
 def make_encoder(sd: pipeline.StableDiffusion, clip_model: clip_lib.CLIPModel | None) -> Callable:
   """uint8 images [B, H, W, 3] -> VAE latent moments and (if CLIP is given) CLIP image features."""
   vae = freeze(sd.vae)
@@ -218,7 +252,9 @@ def _run_signature(setup: Setup) -> dict[str, Any]:
           "grad_accum", "templates")
   sig = {k: c[k] for k in keys}
   sig.update(num_classes=setup.num_classes, num_vectors=c.tokens.num_vectors, n_shots=c.data.n_shots,
-             shot_seed=c.data.shot_seed, sd=str(c.model.sd_path), pooling=c.model.pooling)
+             shot_seed=c.data.shot_seed, sd=weights_fingerprint(c.model.sd_path),
+             clip=weights_fingerprint(c.model.clip_path) if setup.clip is not None else None,
+             pooling=c.model.pooling)
   return json.loads(json.dumps(sig, default=str))
 
 
@@ -302,10 +338,8 @@ def _state_shardings(state: TrainState, setup: Setup):
 def _check_signature(workdir: Path, signature: dict[str, Any]) -> None:
   path = workdir / "run.json"
   if path.is_file():
-    old = json.loads(path.read_text())
-    changed = {k: (old.get(k), v) for k, v in signature.items() if old.get(k) != v}
-    if changed:
-      detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    detail = settings_changes(json.loads(path.read_text()), signature)
+    if detail:
       raise ValueError(f"{workdir} holds a run with other settings ({detail}). Use a new --config.workdir, "
                        "or delete the old run to start over.")
   elif _is_main_process():

@@ -124,6 +124,43 @@ def test_resumed_eval_does_not_redo_rows(tiny_eval, monkeypatch):
   assert calls == [] and json.loads((workdir / "results.json").read_text())["rows"] == before
 
 
+def test_results_made_with_other_settings_or_weights_are_not_reused(tiny_eval, tiny_checkpoint, tmp_path):
+  """A changed training setting or checkpoint must not pass off the old rows as its own; a new seed may extend them."""
+  import copy
+  import shutil
+  _, _, config = tiny_eval
+  changed = copy.deepcopy(config)
+  changed.train.beta = config.train.beta / 2
+  expected = f"settings.train.beta: {config.train.beta!r} -> {changed.train.beta!r}"
+  with pytest.raises(ValueError, match=re.escape(expected)):
+    evaluate.run(changed, log=lambda _: None)
+
+  retrained = tmp_path / "ckpt"
+  shutil.copytree(tiny_checkpoint, retrained)
+  weights = retrained / "sd" / "unet" / "diffusion_pytorch_model.safetensors"
+  data = bytearray(weights.read_bytes())
+  data[-1] ^= 1  # one bit of the last stored weight: same file size, same layout
+  weights.write_bytes(bytes(data))
+  changed = copy.deepcopy(config)
+  changed.train.model.sd_path = str(retrained / "sd")
+  with pytest.raises(ValueError, match=r"weights\.sd: "):
+    evaluate.run(changed, log=lambda _: None)
+
+
+def test_weights_fingerprint_follows_the_bytes_not_the_folder(tiny_checkpoint, tmp_path):
+  import shutil
+  copied = tmp_path / "copy"
+  shutil.copytree(tiny_checkpoint / "clip", copied, copy_function=shutil.copyfile)  # new file times
+  assert train.fingerprint(copied) != train.fingerprint(tiny_checkpoint / "clip")
+  assert train.weights_fingerprint(copied) == train.weights_fingerprint(tiny_checkpoint / "clip")
+  (copied / "README.md").write_text("a model card says nothing about what the model computes")
+  assert train.weights_fingerprint(copied) == train.weights_fingerprint(tiny_checkpoint / "clip")
+  config = json.loads((copied / "config.json").read_text())
+  config["logit_scale_init_value"] = 1.0
+  (copied / "config.json").write_text(json.dumps(config))
+  assert train.weights_fingerprint(copied) != train.weights_fingerprint(tiny_checkpoint / "clip")
+
+
 def test_a_split_with_no_test_images_left_is_a_clear_error(tiny_checkpoint, tmp_path):
   """A folder whose classes hold exactly N images: after taking the shots nothing is left to test on."""
   from PIL import Image
