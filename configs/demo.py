@@ -3,7 +3,7 @@
   make demo                                        # = mcti demo --config configs/demo.py
   mcti demo --config configs/demo.py:quick         # a few steps, for tests
 
-CPU, 2 cores: about 8 minutes (see README). Writes runs/demo/.
+CPU, 2 cores: about 9 minutes (see README). Writes runs/demo/.
 """
 
 import os

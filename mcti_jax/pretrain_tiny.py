@@ -503,7 +503,7 @@ vocabulary, untrained).
   {sched['caption_dropout']:.0%} empty; centred images (no shifts: the digits it draws stay centred).
   Noise MSE {losses['unet'][0]:.3f} -> {losses['unet'][1]:.3f}.
 - Time: CLIP {sec['clip']}s, VAE {sec['vae']}s, UNet {sec['unet']}s, total {sec['total']}s on
-  {os.cpu_count()} CPU cores (load average {stats['load_average']:.1f} at the end; other jobs shared the machine).
+  {os.cpu_count()} CPU cores (load average {stats['load_average']:.1f} at the end, this run's own threads included).
 """
 
 

@@ -12,9 +12,6 @@ from mcti_jax import pretrain_tiny as P
 from mcti_jax.models import pipeline
 
 COMMITTED = P.DEFAULT_OUT
-# The embedded pretrained checkpoint is not committed yet (issue 5 is open): these tests check it once it is.
-needs_committed = pytest.mark.skipif(not (COMMITTED / "sd" / "model_index.json").is_file(),
-                                     reason=f"no embedded checkpoint at {COMMITTED} yet (run `mcti pretrain-tiny`)")
 KNOWN_NAMES = {P.NAMES[d] for d in P.KNOWN_DIGITS}
 UNKNOWN_NAMES = set(P.NAMES) - KNOWN_NAMES
 
@@ -140,7 +137,6 @@ def test_write_is_atomic(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------- the committed checkpoint
 
 
-@needs_committed
 def test_committed_checkpoint_is_small_and_documented():
   files = [f for f in COMMITTED.rglob("*") if f.is_file()]
   assert sum(f.stat().st_size for f in files) < 20 * 2 ** 20
@@ -148,7 +144,6 @@ def test_committed_checkpoint_is_small_and_documented():
   assert "digits 0, 1, 2, 3, 4" in card and "seed" in card
 
 
-@needs_committed
 def test_committed_checkpoint_generates_in_diffusers():
   import torch
   from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -161,7 +156,6 @@ def test_committed_checkpoint_generates_in_diffusers():
   assert images.shape == (2, 16, 16, 3) and np.all(np.isfinite(images))
 
 
-@needs_committed
 def test_committed_clip_knows_digits_0_to_4_by_name_and_not_5_to_9():
   """Zero-shot 10-way classification in transformers, on held-out images (never seen in pretraining)."""
   import torch

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import ROOT, tiny_train_config
 from mcti_jax import data as D
-from mcti_jax import export, train
+from mcti_jax import export, pretrain_tiny, train
 from mcti_jax.classify import clip_head
 from mcti_jax.methods import mcti
 from mcti_jax.models import pipeline
@@ -163,12 +163,15 @@ def test_reg_train_accuracy_equals_a_loop_by_hand():
   assert float(mcti.reg_train_accuracy(jnp.asarray(g), jnp.asarray(f))) == pytest.approx(np.mean(hits))
 
 
-def test_mcti_raises_the_train_accuracy_of_its_classifier(tiny_checkpoint, tmp_path):
-  """Same warm-up, then 60 steps with beta=1 (MC-TI) or beta=0 (TI only), on a fixed seed."""
+def test_mcti_raises_the_train_accuracy_of_its_classifier(tmp_path):
+  """Same warm-up, then 60 steps with beta=1 (MC-TI) or beta=0 (TI only), on a fixed seed.
+
+  On the embedded pretrained checkpoint: a random CLIP's image features of different digits are too alike to learn.
+  """
   accuracy = {}
   for beta in (0.0, 1.0):
-    config = tiny_train_config(tiny_checkpoint, tmp_path / f"beta{beta}", beta=beta, ti_steps=2, mcti_steps=60,
-                               lr=5e-3, log_every=10, checkpoint_every=100)
+    config = tiny_train_config(pretrain_tiny.DEFAULT_OUT, tmp_path / f"beta{beta}", beta=beta, ti_steps=2,
+                               mcti_steps=60, lr=5e-3, log_every=10, checkpoint_every=100)
     result = train.train(config, log=lambda _: None)
     setup = result["setup"]
     tokens, _ = export.load_tokens(result["exports"]["mcti"])
@@ -176,7 +179,7 @@ def test_mcti_raises_the_train_accuracy_of_its_classifier(tiny_checkpoint, tmp_p
                                           first_id=int(setup.class_tokens.ids[0, 0]))
     shots = setup.data.image_features[:10, :, 0]  # [K, N, P], no flips in the tiny config
     accuracy[beta] = float(mcti.reg_train_accuracy(texts, shots))
-  assert accuracy[1.0] > accuracy[0.0] + 0.1, accuracy
+  assert accuracy[1.0] > accuracy[0.0] + 0.3, accuracy
 
 
 # ------------------------------------------------------------ export

@@ -35,7 +35,9 @@ def clip_config(vocab_size: int, width: int = 32, layers: int = 2, heads: int = 
                              num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
                              hidden_act="quick_gelu", projection_dim=width, eos_token_id=vocab_size - 1,
                              bos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1)
-  vision = clip.CLIPVisionConfig(image_size=RESOLUTION, patch_size=4, hidden_size=width, intermediate_size=2 * width,
+  # 2x2 patches (64 per image): with 4x4 patches (16) CLIP-feat reached 90.6% on the known digits 0-4 of the
+  # demo, with 2x2 93.0%, and MC-TI could not keep 90% there; the training step is no slower.
+  vision = clip.CLIPVisionConfig(image_size=RESOLUTION, patch_size=2, hidden_size=width, intermediate_size=2 * width,
                                  num_hidden_layers=layers, num_attention_heads=heads, hidden_act="quick_gelu",
                                  projection_dim=width)
   return clip.CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
