@@ -157,9 +157,7 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
     raise ValueError(f"unknown methods {unknown}; available: {sorted(METHODS)}")
   results_path = workdir / "results.json"
   results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": []}
-  made_with = {"settings": json.loads(config.to_json_best_effort()),
-               "weights": {"sd": train.weights_fingerprint(config.train.model.sd_path),
-                           "clip": train.weights_fingerprint(config.train.model.clip_path)}}
+  made_with = _made_with(config)
   _check_rows_reusable(results, results_path, made_with)
   results.update(made_with)
   done = {(r["method"], r["n_shots"], r["seed"]) for r in results["rows"]}
@@ -200,6 +198,13 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
 
 # Settings that only say which cells to fill or where files go: results.json's rows stay valid when they change.
 GRID_SETTINGS = ("workdir", "seeds", "n_shots", "methods", "generation", "train.workdir", "train.data.cache_dir")
+
+
+def _made_with(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The settings and checkpoint contents that results.json's rows depend on."""
+  return {"settings": json.loads(config.to_json_best_effort()),
+          "weights": {"sd": train.weights_fingerprint(config.train.model.sd_path),
+                      "clip": train.weights_fingerprint(config.train.model.clip_path)}}
 
 
 def _check_rows_reusable(results: dict, path: Path, made_with: dict) -> None:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from mcti_jax import data as D
 from mcti_jax import export, parallel, plots
@@ -98,12 +99,7 @@ def _weights_fingerprint(path: str, _times: str) -> str:
 
 def settings_changes(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
   """'key: old -> new, ...' over the nested keys (dotted) that differ; '' when none does."""
-  def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-  a, b = flat(old), flat(new)
+  a, b = traverse_util.flatten_dict(old, sep="."), traverse_util.flatten_dict(new, sep=".")
   keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
           and not any(k == i or k.startswith(i + ".") for i in ignore)]
   return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys)

@@ -1,8 +1,10 @@
 """Classification heads, metrics and the evaluation harness."""
 
+import copy
 import importlib
 import json
 import re
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -126,9 +128,12 @@ def test_resumed_eval_does_not_redo_rows(tiny_eval, monkeypatch):
 
 def test_results_made_with_other_settings_or_weights_are_not_reused(tiny_eval, tiny_checkpoint, tmp_path):
   """A changed training setting or checkpoint must not pass off the old rows as its own; a new seed may extend them."""
-  import copy
-  import shutil
-  _, _, config = tiny_eval
+  _, workdir, config = tiny_eval
+  results = json.loads((workdir / "results.json").read_text())
+  grown = copy.deepcopy(config)
+  grown.seeds, grown.methods = (1, 2, 3), ("ti",)
+  evaluate._check_rows_reusable(results, workdir / "results.json", evaluate._made_with(grown))  # no error
+
   changed = copy.deepcopy(config)
   changed.train.beta = config.train.beta / 2
   expected = f"settings.train.beta: {config.train.beta!r} -> {changed.train.beta!r}"
@@ -148,7 +153,6 @@ def test_results_made_with_other_settings_or_weights_are_not_reused(tiny_eval, t
 
 
 def test_weights_fingerprint_follows_the_bytes_not_the_folder(tiny_checkpoint, tmp_path):
-  import shutil
   copied = tmp_path / "copy"
   shutil.copytree(tiny_checkpoint / "clip", copied, copy_function=shutil.copyfile)  # new file times
   assert train.fingerprint(copied) != train.fingerprint(tiny_checkpoint / "clip")
