@@ -28,11 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from mcti_jax.errors import MctiError
+
 # Flax leaf name -> torch leaf name.
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MctiError):
   """A checkpoint folder, file or tensor is missing or does not fit the model."""
 
 
