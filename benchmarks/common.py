@@ -80,10 +80,11 @@ def jax_vae(config: vae.VAEConfig, dtype: str, seed: int = 0) -> vae.Autoencoder
   return init.create(lambda: vae.AutoencoderKL(config, rngs=nnx.Rngs(0), **kw), seed)
 
 
-def jax_text(config: clip.CLIPTextConfig, dtype: str, seed: int = 0, *,
-             param_dtype: str | None = None) -> clip.CLIPTextModel:
+def jax_text(config: clip.CLIPTextConfig, dtype: str, seed: int = 0, *, param_dtype: str | None = None,
+             eos_token_id: int | None = None) -> clip.CLIPTextModel:
+  """`eos_token_id`: the tokenizer's EOS, which SD 1.5's legacy config does not give (clip.py's "Pooling trap")."""
   kw = dict(dtype=pipeline.dtype_of(dtype), param_dtype=pipeline.dtype_of(param_dtype or dtype))
-  return init.create(lambda: clip.CLIPTextModel(config, rngs=nnx.Rngs(0), **kw), seed)
+  return init.create(lambda: clip.CLIPTextModel(config, eos_token_id=eos_token_id, rngs=nnx.Rngs(0), **kw), seed)
 
 
 def jax_clip(config: clip.CLIPConfig, dtype: str, seed: int = 0, *, param_dtype: str | None = None) -> clip.CLIPModel:

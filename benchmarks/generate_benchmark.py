@@ -31,11 +31,12 @@ from mcti_jax.models import pipeline, schedule, tiny
 
 def sd15_random(dtype: str, seed: int = 0) -> pipeline.StableDiffusion:
   """SD 1.5's configs with random weights (the tiny tokenizer: its ids are all valid for a 49408 vocabulary)."""
+  tok = tiny.load_tiny_tokenizer()
   return pipeline.StableDiffusion(
       unet=common.jax_unet(common.unet_config(True), dtype, seed),
       vae=common.jax_vae(common.vae_config(True), dtype, seed + 1),
-      text_encoder=common.jax_text(common.sd_text_config(True), dtype, seed + 2),
-      schedule=schedule.NoiseSchedule.from_config(common.scheduler_config()), tokenizer=tiny.load_tiny_tokenizer(),
+      text_encoder=common.jax_text(common.sd_text_config(True), dtype, seed + 2, eos_token_id=tok.eos_token_id),
+      schedule=schedule.NoiseSchedule.from_config(common.scheduler_config()), tokenizer=tok,
       source="random SD1.5-shaped")
 
 

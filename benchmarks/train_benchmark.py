@@ -73,7 +73,7 @@ def build_jax(args, mesh, inputs):
   num_padded = parallel.padded_num_classes(args.classes, mesh)
   # As mcti train: frozen weights in float32, compute in --dtype.
   unet = common.jax_unet(inputs["unet_config"], args.dtype, 0, param_dtype="float32", remat=args.remat)
-  text = common.jax_text(text_cfg, args.dtype, 1, param_dtype="float32")
+  text = common.jax_text(text_cfg, args.dtype, 1, param_dtype="float32", eos_token_id=inputs["eos_token_id"])
   clip_model = common.jax_clip(clip_cfg, args.dtype, 2, param_dtype="float32") if args.mcti else None
   backbone = Backbone(text_encoder=freeze(text), unet=freeze(unet),
                       schedule=schedule_lib.NoiseSchedule.from_config(common.scheduler_config()),
@@ -244,11 +244,13 @@ def make_inputs(args) -> dict:
   rng = np.random.default_rng(0)
   k, n, size, width = args.classes, args.shots, unet_cfg.sample_size, text_cfg.hidden_size
   first = text_cfg.vocab_size  # placeholders follow the vocabulary, as added tokens do
+  eos = text_cfg.vocab_size - 1  # <|endoftext|>, last in a CLIP vocabulary (SD 1.5's legacy config does not say it)
   latent_shape = (k, n, 1, size, size, unet_cfg.in_channels)
   return {
       "unet_config": unet_cfg, "text_config": text_cfg, "clip_config": clip_cfg, "first_placeholder_id": first,
+      "eos_token_id": eos,
       "template_ids": synthetic_templates(rng, text_cfg.vocab_size, first, args.num_vectors,
-                                          bos=text_cfg.vocab_size - 2, eos=text_cfg.real_eos_token_id),
+                                          bos=text_cfg.vocab_size - 2, eos=eos),
       "latent_mean": rng.normal(size=latent_shape).astype(np.float32),
       "latent_logvar": rng.normal(-4.0, 0.5, size=latent_shape).astype(np.float32),
       "image_features": rng.normal(size=(k, n, 1, clip_cfg.projection_dim)).astype(np.float32),

@@ -14,6 +14,8 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import eval as eval_config  # noqa: E402  (configs/eval.py)
 
+PRESET_NAMES = ("full", "quick")
+
 
 def get_config(arg: str = "full") -> ml_collections.ConfigDict:
   c = eval_config.get_config("tiny")
@@ -27,5 +29,5 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     c.train.ti_steps, c.train.mcti_steps = 4, 4
     c.generation.num_images, c.generation.steps = 2, 3
   elif arg != "full":
-    raise ValueError(f"unknown demo variant {arg!r}; use full or quick")
+    raise ValueError(f"unknown demo variant {arg!r}; use one of {', '.join(PRESET_NAMES)}")
   return c

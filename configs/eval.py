@@ -15,6 +15,8 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mcti  # noqa: E402  (configs/mcti.py, the training config)
 
+PRESET_NAMES = mcti.PRESET_NAMES
+
 
 def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()

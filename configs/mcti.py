@@ -34,6 +34,7 @@ PRESETS = {
     "imagenet": dict(name="imagenet2012", train_split="train", test_split="validation", init_word="object"),
     "celeba": dict(name="celeb_a", train_split="train", test_split="test", init_word="person"),
 }
+PRESET_NAMES = (*PRESETS, "folder", "tiny")  # what may follow ':'; `mcti train --help` lists them
 
 
 def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
@@ -95,7 +96,7 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   elif arg == "tiny":
     _tiny(c)
   else:
-    raise ValueError(f"unknown preset {arg!r}; choose one of {sorted(PRESETS) + ['folder', 'tiny']}")
+    raise ValueError(f"unknown preset {arg!r}; choose one of {', '.join(PRESET_NAMES)}")
   return c
 
 

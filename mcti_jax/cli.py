@@ -5,12 +5,25 @@
   mcti eval --config configs/eval.py:pets --config.train.data.data_dir=~/tensorflow_datasets
 
 Every config field can be overridden with --config.<field>=<value>; an
-unknown field is refused. `mcti <command> --help` lists the flags.
+unknown field is refused. `mcti <command> --help` lists the fields and presets.
+
+A problem with what was given (data, checkpoint, config: errors.MctiError)
+prints as one message and exits 1; Ctrl-C prints one line and exits 130.
+MCTI_DEBUG=1 adds their tracebacks. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+import re
+import signal
 import sys
+import threading
+import traceback
+
+from mcti_jax.errors import ConfigError, MctiError
 
 COMMANDS = {
     "train": "learn class tokens (TI warm-up, then MC-TI) for all classes in one run; resumable",
@@ -19,6 +32,9 @@ COMMANDS = {
     "demo": "the main job end to end on the embedded tiny model (CPU, minutes); default --config configs/demo.py",
     "pretrain-tiny": "pretrain the embedded tiny CLIP + latent diffusion model on sklearn digits 0-4",
 }
+HELP_FLAGS = ("-h", "--help", "--helpfull")
+# --config.<field>, --noconfig.<field> (a boolean's off switch): absl's spellings of an override.
+_OVERRIDE = re.compile(r"--?(?:no)?config\.([^=]+)")
 
 
 def _usage() -> str:
@@ -28,42 +44,110 @@ def _usage() -> str:
   return "\n".join(lines)
 
 
-def parse_config(argv: list[str]):
-  """--config FILE[:preset] plus --config.<field>=<value> overrides -> a locked ConfigDict."""
+def load_config(spec: str):
+  """`FILE[:preset]` -> (the config file as a module, its get_config(preset)); a bad file or preset is a ConfigError."""
+  file, *preset = spec.split(":", 1)
+  if not os.path.isfile(file):
+    raise ConfigError(f"no config file {file} (a relative path starts at the working directory; configs/ is in the "
+                      "repository root)")
+  name = "mcti_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(file))[0])
+  module_spec = importlib.util.spec_from_file_location(name, file)
+  module = importlib.util.module_from_spec(module_spec)
+  sys.modules[name] = module  # dataclasses and pickle look a module up by name
+  module_spec.loader.exec_module(module)
+  try:
+    return module, module.get_config(*preset)
+  except ValueError as e:  # an unknown preset
+    raise ConfigError(f"{spec}: {e}") from None
+
+
+def _config_arg(args: list[str]) -> tuple[str | None, list[str]]:
+  """(the FILE[:preset] of `--config FILE` or `--config=FILE`, the other args)."""
+  for i, a in enumerate(args):
+    if a == "--config":
+      if i + 1 == len(args):
+        raise ConfigError("--config needs a value, e.g. --config configs/mcti.py:tiny")
+      return args[i + 1], args[:i] + args[i + 2:]
+    if a.startswith("--config="):
+      return a.split("=", 1)[1], args[:i] + args[i + 1:]
+  return None, args
+
+
+def _check_fields(config, spec: str, command: str, args: list[str]) -> None:
+  """Refuse --config.<field> for a field the config lacks, naming the config, the field and the flag."""
+  from ml_collections import ConfigDict
+  for arg in args:
+    if m := _OVERRIDE.match(arg):
+      node = config
+      for key in m[1].split("."):
+        if not isinstance(node, ConfigDict) or key not in node:
+          raise ConfigError(f"{spec} has no field {m[1]!r} ({arg}); `{command} --help` lists the fields.")
+        node = node[key]
+
+
+def _help(command: str, spec: str, module, config) -> str:
+  """The config file's docstring, its presets, then its fields with their values."""
+  file = spec.split(":", 1)[0]
+  lines = [f"usage: {command} --config FILE[:preset] [--config.<field>=<value> ...]", ""]
+  if module.__doc__:
+    lines += [f"{file}: {module.__doc__.strip()}", ""]
+  if names := getattr(module, "PRESET_NAMES", None):
+    lines += [f"presets ({file}:<preset>): {', '.join(names)}", ""]
+  which = spec if ":" in spec else f"{spec} (its default preset; add :<preset> to see another)"
+  lines += [f"fields of {which}, with the overrides given:", *_fields(config)]
+  return "\n".join(lines)
+
+
+def _fields(config, prefix: str = ""):
+  """`  path.to.field: value` lines in the file's order, values spelled as --config.<field>=<value> takes them."""
+  from ml_collections import ConfigDict
+  for key, value in config.items():
+    if isinstance(value, ConfigDict) and len(value):
+      yield from _fields(value, f"{prefix}{key}.")
+    else:
+      yield f"  {prefix}{key}: {value if isinstance(value, str) and value else repr(value)}"
+
+
+def parse_config(argv: list[str], help_config: str | None = None):
+  """--config FILE[:preset] plus --config.<field>=<value> overrides -> a locked ConfigDict.
+
+  With --help, prints the config's presets and fields (those of `help_config` when no --config is given) and exits.
+  """
   from absl import flags
   from ml_collections import config_flags
 
   command = argv[0]
-  wants_help = any(a in ("-h", "--help", "--helpfull") for a in argv[1:])
-  argv = [a for a in argv if a not in ("-h", "--help", "--helpfull")]
+  wants_help = any(a in HELP_FLAGS for a in argv[1:])
+  spec, args = _config_arg([a for a in argv[1:] if a not in HELP_FLAGS])
+  if spec is None and not (wants_help and help_config):
+    raise ConfigError("--config FILE[:preset] is needed, e.g. --config configs/mcti.py:tiny; "
+                      f"`{command} --help` lists the presets.")
+  spec = spec or help_config
+  module, config = load_config(spec)
+  _check_fields(config, spec, command, args)
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/mcti.py:pets", flag_values=values,
-                                  lock_config=True)
   try:
-    values(argv)
-  except flags.Error as e:
-    raise SystemExit(f"{command}: {e}") from None
-  except (AttributeError, KeyError) as e:
-    raise SystemExit(f"{command}: the config has no field {e}. `{command} --config FILE --help` lists the "
-                     "fields.") from None
+    config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=[command, *args])
+    rest = values([command, *args])
+  except (flags.Error, ValueError) as e:  # a value of the wrong type, an unknown flag, a missing value
+    raise ConfigError(f"{e}; `{command} --help` lists the fields.") from None
+  if len(rest) > 1:
+    raise ConfigError(f"unexpected argument {rest[1]!r}; the flags are --config FILE[:preset] and "
+                      "--config.<field>=<value>.")
   if wants_help:
-    print(f"usage: {command} --config FILE[:preset] [--config.<field>=<value> ...]\n")
-    if values.config is not None:
-      print(f"fields of {values['config'].config_filename} (current values):\n{values.config}")
+    print(_help(command, spec, module, values.config))
     raise SystemExit(0)
-  if values.config is None:
-    raise SystemExit(f"{command} needs --config, e.g. --config configs/mcti.py:tiny")
   return values.config
 
 
 def _train(argv):
-  config = parse_config(argv)
+  config = parse_config(argv, help_config="configs/mcti.py")
   from mcti_jax import train
   train.train(config)
 
 
 def _eval(argv):
-  config = parse_config(argv)
+  config = parse_config(argv, help_config="configs/eval.py")
   from mcti_jax import evaluate
   out = evaluate.run(config)
   print(out["table"].read_text())
@@ -92,16 +176,84 @@ def _pretrain_tiny(argv):
   pretrain_tiny.pretrain_main(argv[1:])
 
 
+def _interrupt(e: BaseException) -> KeyboardInterrupt | None:
+  """The Ctrl-C behind `e`: `e` itself or one in its chain (a stopped import fails as an ImportError; cleanup code
+  that it unwinds can fail too, e.g. with a KeyError holding a whole jaxpr)."""
+  todo, seen = [e], set()
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    if isinstance(e, KeyboardInterrupt):
+      return e
+    seen.add(id(e))
+    todo += [e.__cause__, e.__context__]
+  return None
+
+
+def _report(prog: str, message: str, e: BaseException) -> None:
+  if os.environ.get("MCTI_DEBUG", "0") not in ("", "0"):
+    traceback.print_exception(e)
+  print(f"{prog}: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _remember_sigint(sigints: list):
+  """Ctrl-C raises KeyboardInterrupt as usual, and is noted in `sigints` in case C code swallows it.
+
+  One raised inside a gc or weakref callback (jax runs one on every collection) would only be printed as
+  "Exception ignored in ..." and the run would go on: it is sent again instead, to land in ordinary code.
+  """
+  def handle(signum, frame):
+    sigints.append(signum)
+    raise KeyboardInterrupt
+
+  def unraisable(u):
+    if not isinstance(u.exc_value, KeyboardInterrupt):
+      return previous_hook(u)
+    again = threading.Timer(0.01, signal.raise_signal, (signal.SIGINT,))
+    again.daemon = True
+    again.start()
+
+  own = (threading.current_thread() is threading.main_thread()
+         and signal.getsignal(signal.SIGINT) is signal.default_int_handler)  # not where SIGINT is ignored (nohup)
+  if not own:
+    yield
+    return
+  previous, previous_hook = signal.signal(signal.SIGINT, handle), sys.unraisablehook
+  sys.unraisablehook = unraisable
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    sys.unraisablehook = previous_hook
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
-  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+  if len(argv) < 2 or argv[1] in (*HELP_FLAGS, "help"):
     print(_usage())
     return
   command = argv[1]
   if command not in COMMANDS:
     raise SystemExit(f"mcti: unknown command {command!r}\n\n{_usage()}")
+  prog = f"mcti {command}"
   handlers = {"train": _train, "eval": _eval, "generate": _generate, "demo": _demo, "pretrain-tiny": _pretrain_tiny}
-  handlers[command]([f"mcti {command}", *argv[2:]])
+  sigints = []
+  try:
+    with _remember_sigint(sigints):
+      import numpy  # noqa: F401 - here, not from jaxlib's C code, which prints a Ctrl-C's traceback itself
+      handlers[command]([prog, *argv[2:]])
+  except (Exception, KeyboardInterrupt) as e:
+    if (stop := _interrupt(e) or (KeyboardInterrupt() if sigints else None)) is not None:
+      # Ctrl-C, or what it left (C code such as numpy's import swallows it and fails); the trainer's own stop
+      # (stopping.Stopped) says where it saved.
+      _report(prog, str(stop) or "interrupted", e)
+      raise SystemExit(128 + getattr(stop, "signum", signal.SIGINT)) from None
+    if not isinstance(e, MctiError):
+      raise  # a bug: its traceback is the report
+    _report(prog, f"error: {e}", e)  # a traceback through jax or httpx would bury what to change
+    raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mcti_jax import export, metrics, plots, train
+from mcti_jax import data as D
+from mcti_jax import export, metrics, plots, runs, train
 from mcti_jax.classify import clip_head
+from mcti_jax.errors import ConfigError
 from mcti_jax.methods import coop
 from mcti_jax.models import hf_io
 from mcti_jax.models.frozen import freeze
@@ -49,7 +51,7 @@ def test_images(config, setup: train.Setup):
     keep[np.asarray(setup.shots.shot_positions).ravel()] = False
   test = pool.subset(np.flatnonzero(keep))
   if len(test) == 0:
-    raise ValueError(f"the test split of {pool.source} holds no images of the {setup.num_classes} trained classes")
+    raise D.DataError(f"the test split of {pool.source} holds no images of the {setup.num_classes} trained classes")
   return test
 
 
@@ -128,7 +130,7 @@ def _dic(ctx: Context, learned: bool):
   count = min(c.max_images, len(ctx.test))
   subset = ctx.test.subset(np.linspace(0, len(ctx.test) - 1, count).round().astype(int))
   kind = "fewshot" if learned else "zeroshot"
-  key = dic.settings_key(cfg, s.sd.schedule, contexts, extra={"sd": train.fingerprint(s.config.model.sd_path),
+  key = dic.settings_key(cfg, s.sd.schedule, contexts, extra={"sd": runs.fingerprint(s.config.model.sd_path),
                                                               "resolution": s.config.data.resolution})
   cache = dic.ResultCache(Path(s.config.workdir) / f"dic_{kind}.jsonl", key)
   result = dic.evaluate(freeze(s.sd.unet), s.sd.schedule, contexts, subset.batches(s.config.data.resolution, 8), cfg,
@@ -154,7 +156,7 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
   workdir = Path(config.workdir)
   unknown = [m for m in config.methods if m not in METHODS]
   if unknown:
-    raise ValueError(f"unknown methods {unknown}; available: {sorted(METHODS)}")
+    raise ConfigError(f"unknown methods {unknown}; available: {sorted(METHODS)}")
   results_path = workdir / "results.json"
   results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": []}
   made_with = _made_with(config)
@@ -191,6 +193,7 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
         clip_head.save_linear_head(workdir / "heads" / f"{n_shots}shot_seed{seed}", _mcti_text(ctx),
                                    setup.class_names, {"template": config.template})
       pca_features = _pca_features(ctx)  # Fig. 4 shows the last cell
+      results["token_pca"] = {"n_shots": n_shots, "seed": seed}
       results["class_names"] = list(setup.class_names)
       _write_json(results_path, results)
   return write_reports(workdir, results, config, pca_features)
@@ -203,8 +206,8 @@ GRID_SETTINGS = ("workdir", "seeds", "n_shots", "methods", "generation", "train.
 def _made_with(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The settings and checkpoint contents that results.json's rows depend on."""
   return {"settings": json.loads(config.to_json_best_effort()),
-          "weights": {"sd": train.weights_fingerprint(config.train.model.sd_path),
-                      "clip": train.weights_fingerprint(config.train.model.clip_path)}}
+          "weights": {"sd": runs.weights_fingerprint(config.train.model.sd_path),
+                      "clip": runs.weights_fingerprint(config.train.model.clip_path)}}
 
 
 def _check_rows_reusable(results: dict, path: Path, made_with: dict) -> None:
@@ -215,9 +218,9 @@ def _check_rows_reusable(results: dict, path: Path, made_with: dict) -> None:
     changes = "made by an older mcti-jax that did not record its weights"
   else:
     old = {"settings": results["settings"], "weights": results["weights"]}
-    changes = train.settings_changes(old, made_with, ignore=tuple(f"settings.{k}" for k in GRID_SETTINGS))
+    changes = runs.settings_changes(old, made_with, ignore=tuple(f"settings.{k}" for k in GRID_SETTINGS))
   if changes:
-    raise ValueError(f"{path} holds results made with other settings or model weights ({changes}). "
+    raise ConfigError(f"{path} holds results made with other settings or model weights ({changes}). "
                      f"Use a new --config.workdir, or delete {path.parent} to start over.")
 
 
@@ -257,6 +260,15 @@ def _write_json(path: Path, obj) -> None:
 # ------------------------------------------------------------------ reports
 
 
+def requested(results: dict, config) -> dict:
+  """results with only the rows of config's grid (n_shots x seeds x methods).
+
+  results.json keeps every row ever made in the workdir; a report on seeds [1] must not average in seed 2's rows.
+  """
+  grid = {(m, n, s) for m in config.methods for n in config.n_shots for s in config.seeds}
+  return {**results, "rows": [r for r in results["rows"] if (r["method"], r["n_shots"], r["seed"]) in grid]}
+
+
 def summary(results: dict) -> dict[tuple[str, int, str], tuple[float, float, int]]:
   """(method, N, metric) -> (mean, std, number of seeds), over the rows of results.json."""
   cells: dict[tuple[str, int, str], list[float]] = {}
@@ -283,20 +295,26 @@ def markdown_table(results: dict, metric: str = "top1") -> str:
 
 
 def write_reports(workdir: Path, results: dict, config, pca_features) -> dict[str, Any]:
+  """results.md and the figures for config's grid; pca_features None (no cell computed now) keeps token_pca.png."""
+  shown = requested(results, config)
   metric_names = ["top1"] + [f"top1_{g}" for g in config.class_groups]
   parts = [f"# Evaluation: {config.train.preset}", "",
            f"Top-1 accuracy (%), mean ± std over seeds {list(config.seeds)}; every cell is a mean of rows of "
            "results.json.", ""]
   for metric in metric_names:
     title = "all classes" if metric == "top1" else f"{metric[5:]} classes {list(config.class_groups[metric[5:]])}"
-    parts += [f"## {title} [{metric}]", "", markdown_table(results, metric), ""]
+    parts += [f"## {title} [{metric}]", "", markdown_table(shown, metric), ""]
   table_path = workdir / "results.md"
-  figures = {"accuracy_vs_shots": plots.accuracy_vs_shots(summary(results), METHOD_NAMES,
+  figures = {"accuracy_vs_shots": plots.accuracy_vs_shots(summary(shown), METHOD_NAMES,
                                                           workdir / "accuracy_vs_shots.png")}
   if pca_features is not None:
     figures["token_pca"] = plots.token_pca(pca_features, results["class_names"], workdir / "token_pca.png")
+  elif (workdir / "token_pca.png").is_file():  # every cell was done before: the figure of an earlier run
+    figures["token_pca"] = workdir / "token_pca.png"
   parts += [f"![accuracy vs N-shot]({figures['accuracy_vs_shots'].name})", ""]
   if "token_pca" in figures:
-    parts += [f"![token text features, PCA]({figures['token_pca'].name})", ""]
+    cell = results.get("token_pca")
+    shows = f" ({cell['n_shots']}-shot, seed {cell['seed']})" if cell else ""
+    parts += [f"![token text features, PCA{shows}]({figures['token_pca'].name})", ""]
   hf_io.write_folder(workdir, {"results.md": "\n".join(parts).encode()})
   return {"results": results, "table": table_path, "figures": figures}

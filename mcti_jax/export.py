@@ -1,5 +1,9 @@
 """Learned tokens on disk, in the formats people load them with.
 
+A run's export holds one such folder per phase (<workdir>/export/ti, .../mcti),
+written together in one step: a crash leaves the previous export or none,
+never some phases without the others.
+
   <folder>/tokens.safetensors         {"tokens": float32 [K, V, D]}: all classes at once
   <folder>/manifest.json              class index, token string, class name, per-class file
   <folder>/classes/<k>/learned_embeds.safetensors   {"<cls-k>": float32 [V, D]}
@@ -23,9 +27,9 @@ MANIFEST = "manifest.json"
 COMBINED = "tokens.safetensors"
 
 
-def export_tokens(folder: str | Path, tokens: np.ndarray, class_tokens: ClassTokens, class_names: list[str],
-                  info: dict[str, Any] | None = None) -> Path:
-  """Write all formats atomically (a crash leaves the previous export, or none)."""
+def token_files(tokens: np.ndarray, class_tokens: ClassTokens, class_names: list[str],
+                info: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The files of one token folder, for `hf_io.write_folder`."""
   tokens = np.asarray(tokens, np.float32)[: class_tokens.num_classes]
   if tokens.shape[:2] != class_tokens.ids.shape:
     raise ValueError(f"tokens {tokens.shape} do not match {class_tokens.num_classes} classes x "
@@ -39,8 +43,23 @@ def export_tokens(folder: str | Path, tokens: np.ndarray, class_tokens: ClassTok
     classes.append({"index": k, "token": token, "name": name, "file": rel})
   files[MANIFEST] = {"num_classes": len(classes), "num_vectors": class_tokens.num_vectors,
                      "width": int(tokens.shape[-1]), "classes": classes, **(info or {})}
-  hf_io.write_folder(folder, files)
+  return files
+
+
+def export_tokens(folder: str | Path, tokens: np.ndarray, class_tokens: ClassTokens, class_names: list[str],
+                  info: dict[str, Any] | None = None) -> Path:
+  """Write all formats atomically (a crash leaves the previous export, or none)."""
+  hf_io.write_folder(folder, token_files(tokens, class_tokens, class_names, info))
   return Path(folder)
+
+
+def export_phases(folder: str | Path, phases: dict[str, np.ndarray], class_tokens: ClassTokens,
+                  class_names: list[str], info: dict[str, Any] | None = None) -> dict[str, Path]:
+  """<folder>/<phase>/ for every phase, replacing the whole of `folder` in one step."""
+  files = {f"{phase}/{name}": content for phase, tokens in phases.items()
+           for name, content in token_files(tokens, class_tokens, class_names, {**(info or {}), "phase": phase}).items()}
+  hf_io.write_folder(folder, files, replace=True)
+  return {phase: Path(folder) / phase for phase in phases}
 
 
 def load_tokens(folder: str | Path, expected_width: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:

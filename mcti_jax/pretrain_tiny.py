@@ -235,7 +235,7 @@ def train_clip(model: clip_lib.CLIPModel, tokenizer, images: np.ndarray, digits:
   measures = shape_measures(images)
   levels = attribute_levels(measures, measures)  # terciles of the pretraining images themselves
   templates = caption_templates()
-  eos = model.config.text_config.real_eos_token_id
+  eos = tokenizer.eos_token_id
 
   def loss_fn(params, batch, captions, targets, key):
     m = nnx.merge(graphdef, params)

@@ -7,14 +7,20 @@ ti_steps + mcti_steps) add the MC-TI regulariser, with a fresh AdamW state.
 The randomness of step s for class k is fold_in(fold_in(key, s), k), so a
 resumed run, a run on another device count, and a one-class run all see the
 same samples as an uninterrupted K-class run.
+
+Everything that can be wrong with the input (config values, data, paths,
+class counts, a workdir holding another run) is checked before the models
+load. SIGINT or SIGTERM stops the run at the next step boundary, after saving
+a checkpoint; the same command resumes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,14 +31,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
+from mcti_jax import config_checks, export, parallel, plots, runs
 from mcti_jax import data as D
-from mcti_jax import export, parallel, plots
+from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax import tokens as tok
 from mcti_jax.models import clip as clip_lib
-from mcti_jax.models import pipeline
+from mcti_jax.models import hf_io, pipeline
 from mcti_jax.models.frozen import freeze
+from mcti_jax.stopping import StopOnSignal
 from mcti_jax.train_step import Backbone, ShotData, StepConfig, TrainState, make_optimizer, train_step
 
 
@@ -59,50 +66,12 @@ def load_labeled(data_cfg: ml_collections.ConfigDict, split: str) -> D.LabeledIm
 
 
 def num_classes_of(labeled: D.LabeledImages, data_cfg) -> int:
+  """K: all the source's classes, or the first data.num_classes of them."""
   k = len(labeled.class_names)
-  return min(k, data_cfg.num_classes) if data_cfg.num_classes else k
-
-
-def fingerprint(path: str | Path) -> str:
-  """Names, sizes and times of a checkpoint's files: a changed model invalidates cached encodings."""
-  folder = Path(path)
-  if not folder.exists():
-    return str(path)
-  h = hashlib.sha256()
-  for f in sorted(folder.rglob("*")):
-    if f.is_file():
-      st = f.stat()
-      h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns};".encode())
-  return h.hexdigest()[:16]
-
-
-def weights_fingerprint(path: str | Path) -> str:
-  """sha256 of a checkpoint's files, model cards (*.md) aside: what a resumed run must have been made with.
-
-  Unlike fingerprint() it survives copying the folder; the file times only decide when to read it again.
-  """
-  return _weights_fingerprint(str(path), fingerprint(path))
-
-
-@functools.lru_cache(maxsize=8)
-def _weights_fingerprint(path: str, _times: str) -> str:
-  folder = Path(path)
-  if not folder.exists():
-    return path  # a hub id
-  h = hashlib.sha256()
-  for f in sorted(folder.rglob("*")):
-    if f.is_file() and f.suffix != ".md":
-      with open(f, "rb") as file:
-        h.update(f"{f.relative_to(folder)}:{hashlib.file_digest(file, 'sha256').hexdigest()};".encode())
-  return h.hexdigest()[:16]
-
-
-def settings_changes(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
-  """'key: old -> new, ...' over the nested keys (dotted) that differ; '' when none does."""
-  a, b = traverse_util.flatten_dict(old, sep="."), traverse_util.flatten_dict(new, sep=".")
-  keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
-          and not any(k == i or k.startswith(i + ".") for i in ignore)]
-  return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys)
+  if data_cfg.num_classes and data_cfg.num_classes > k:
+    raise ConfigError(f"data.num_classes={data_cfg.num_classes}, but {labeled.source} has only {k} classes; "
+                      "lower it or leave it unset for all of them")
+  return data_cfg.num_classes or k
 
 
 def make_encoder(sd: pipeline.StableDiffusion, clip_model: clip_lib.CLIPModel | None) -> Callable:
@@ -139,6 +108,7 @@ class Setup:
   shots: D.FewShot
   data: ShotData
   init_tokens: jax.Array  # [Kp, V, D], class-sharded
+  signature: dict[str, Any]  # what run.json records (runs.signature)
 
   @property
   def num_classes(self) -> int:
@@ -149,9 +119,42 @@ class Setup:
     return self.init_tokens.shape[0]
 
 
-def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Setup:
+def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
+            check_signature: Callable[[dict[str, Any]], None] | None = None) -> Setup:
+  """Check the config and data, then load the models and encode the shots.
+
+  `check_signature` sees the run's signature before the models load (the trainer refuses a workdir of another
+  run there), so that no bad input waits minutes for Stable Diffusion.
+  """
+  config_checks.check_train_config(config)
   mesh = parallel.make_mesh(config.num_devices)
   needs_clip = config.mcti_steps > 0
+
+  labeled = load_labeled(config.data, "train")
+  num_classes = num_classes_of(labeled, config.data)
+  class_names = _class_names(config, labeled, num_classes)
+  num_padded = parallel.padded_num_classes(num_classes, mesh)
+  local = parallel.local_classes(mesh, num_padded)
+  local_real = local[local < num_classes]
+  shots = D.sample_few_shot(labeled, config.data.n_shots, config.data.shot_seed, class_indices=local_real,
+                            resolution=config.data.resolution)
+  log(f"{num_classes} classes x {config.data.n_shots} shots at {config.data.resolution}px "
+      f"on {mesh.devices.size} device(s) ({num_padded - num_classes} padded classes)")
+  replicate = jax.jit(lambda x: x, out_shardings=parallel.replicated(mesh))
+
+  def sharded(local_rows: np.ndarray) -> jax.Array:
+    return parallel.shard_by_class(parallel.pad_rows(local_rows, len(local)), mesh, num_padded)
+
+  digests = runs.shot_digests(shots.class_names, shots.shot_ids, shots.shots)
+  signature = runs.signature(
+      config, num_classes=num_classes, data=runs.data_fingerprint(np.asarray(replicate(sharded(digests)))[:num_classes]),
+      sd=runs.weights_fingerprint(config.model.sd_path),
+      clip=runs.weights_fingerprint(config.model.clip_path) if needs_clip else None)
+  if check_signature is not None:
+    check_signature(signature)
+
+  for path in [config.model.sd_path] + ([config.model.clip_path] if needs_clip else []):
+    hf_io.resolve_folder(path)  # a wrong path fails here, before any model loads
   log(f"loading Stable Diffusion from {config.model.sd_path}")
   sd = pipeline.load_stable_diffusion(config.model.sd_path, dtype=config.model.dtype, remat=config.model.remat)
   clip_model = None
@@ -160,31 +163,16 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
     clip_model, clip_tokenizer = pipeline.load_clip(config.model.clip_path, dtype=config.model.dtype)
     _check_same_token_space(sd, clip_model, clip_tokenizer)
 
-  labeled = load_labeled(config.data, "train")
-  num_classes = num_classes_of(labeled, config.data)
-  num_padded = parallel.padded_num_classes(num_classes, mesh)
-  local = parallel.local_classes(mesh, num_padded)
-  local_real = local[local < num_classes]
-  shots = D.sample_few_shot(labeled, config.data.n_shots, config.data.shot_seed, class_indices=local_real,
-                            resolution=config.data.resolution)
-  log(f"{num_classes} classes x {config.data.n_shots} shots at {config.data.resolution}px "
-      f"on {mesh.devices.size} device(s) ({num_padded - num_classes} padded classes)")
-
-  cache_key = {"sd": fingerprint(config.model.sd_path), "clip": fingerprint(config.model.clip_path) if needs_clip else None,
+  cache_key = {"sd": runs.fingerprint(config.model.sd_path),
+               "clip": runs.fingerprint(config.model.clip_path) if needs_clip else None,
                "dtype": config.model.dtype, "source": labeled.source, "resolution": config.data.resolution}
   encoded = D.encode_cached(shots, make_encoder(sd, clip_model), config.data.cache_dir, cache_key,
                             flip=config.data.flip)
   if not config.data.flip:  # a flip axis of size 1 keeps one code path
     encoded = {k: v[:, :, None] for k, v in encoded.items()}
-  local_rows = len(local)
-
-  def sharded(name):
-    return parallel.shard_by_class(parallel.pad_rows(encoded[name], local_rows), mesh, num_padded)
-
-  replicate = jax.jit(lambda x: x, out_shardings=parallel.replicated(mesh))
-  features = replicate(sharded("image_features")) if needs_clip else jnp.zeros((num_padded, 1, 1, 1))
+  features = replicate(sharded(encoded["image_features"])) if needs_clip else jnp.zeros((num_padded, 1, 1, 1))
   data = ShotData(class_ids=parallel.shard_by_class(local.astype(np.int32), mesh, num_padded),
-                  latent_mean=sharded("latent_mean"), latent_logvar=sharded("latent_logvar"),
+                  latent_mean=sharded(encoded["latent_mean"]), latent_logvar=sharded(encoded["latent_logvar"]),
                   image_features=features,
                   valid=jax.device_put(np.arange(num_padded) < num_classes, parallel.replicated(mesh)))
 
@@ -192,11 +180,19 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   template_ids = tok.template_ids(sd.tokenizer, tok.templates(config.templates), class_tokens)
   init = _initial_tokens(config, sd, num_classes)
   init_tokens = parallel.shard_by_class(parallel.pad_rows(init, num_padded)[local], mesh, num_padded)
-  class_names = tuple(config.data.class_names or labeled.class_names)
-  if len(class_names) < num_classes:
-    raise ValueError(f"data.class_names gives {len(class_names)} names for {num_classes} classes")
-  return Setup(config, mesh, sd, clip_model, list(class_names[:num_classes]), class_tokens, template_ids,
-               shots, data, init_tokens)
+  return Setup(config, mesh, sd, clip_model, class_names, class_tokens, template_ids, shots, data, init_tokens,
+               signature)
+
+
+def _class_names(config, labeled: D.LabeledImages, num_classes: int) -> list[str]:
+  """The K class names (data.class_names, or the source's); also checks tokens.init_texts' count."""
+  names = tuple(config.data.class_names or labeled.class_names)
+  if len(names) < num_classes:
+    raise ConfigError(f"data.class_names gives {len(names)} names for {num_classes} classes")
+  if config.tokens.init == "texts" and len(config.tokens.init_texts or ()) != num_classes:
+    raise ConfigError(f"tokens.init='texts' needs one text per class: got {len(config.tokens.init_texts or ())} "
+                      f"for {num_classes} classes")
+  return list(names[:num_classes])
 
 
 def _check_same_token_space(sd, clip_model, clip_tokenizer) -> None:
@@ -216,12 +212,9 @@ def _initial_tokens(config, sd, num_classes: int) -> np.ndarray:
     return tok.init_from_word(sd.tokenizer, table, config.tokens.init_word, num_classes, v)
   if init == "random":
     return tok.init_random(jax.random.PRNGKey(config.seed + 1), table, num_classes, v)
-  if init == "texts":
-    texts = list(config.tokens.init_texts or ())
-    if len(texts) != num_classes:
-      raise ValueError(f"tokens.init='texts' needs one text per class: got {len(texts)} for {num_classes} classes")
-    return tok.init_from_texts(sd.tokenizer, table, texts, v)
-  raise ValueError(f"unknown tokens.init {init!r}; use word, random or texts")
+  if init == "texts":  # one per class: checked in _class_names
+    return tok.init_from_texts(sd.tokenizer, table, list(config.tokens.init_texts), v)
+  raise ConfigError(f"unknown tokens.init {init!r}; use word, random or texts")
 
 
 def make_backbone(setup: Setup) -> Backbone:
@@ -241,25 +234,19 @@ def step_config(setup: Setup, phase: str) -> StepConfig:
 # ------------------------------------------------------------------ the loop
 
 
-def _run_signature(setup: Setup) -> dict[str, Any]:
-  """What must match for a checkpoint in the workdir to be resumed."""
-  c = setup.config
-  keys = ("seed", "ti_steps", "mcti_steps", "alpha", "beta", "scale", "lr", "weight_decay", "batch_per_class",
-          "grad_accum", "templates")
-  sig = {k: c[k] for k in keys}
-  sig.update(num_classes=setup.num_classes, num_vectors=c.tokens.num_vectors, n_shots=c.data.n_shots,
-             shot_seed=c.data.shot_seed, sd=weights_fingerprint(c.model.sd_path),
-             clip=weights_fingerprint(c.model.clip_path) if setup.clip is not None else None,
-             pooling=c.model.pooling)
-  return json.loads(json.dumps(sig, default=str))
-
-
 def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
   """Train (or resume, or find finished) the run in config.workdir; export its tokens."""
   workdir = Path(config.workdir)
-  setup = prepare(config, log)
-  _check_signature(workdir, _run_signature(setup))
+  with StopOnSignal(log) as stop:
+    setup = prepare(config, log, check_signature=lambda sig: runs.check_resumable(workdir, sig))
+    if _is_main_process():
+      runs.record(workdir, setup.signature)
+    return _run(setup, workdir, stop, on_step, log)
+
+
+def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> dict[str, Any]:
+  config = setup.config
   optimizer = make_optimizer(config.lr, config.weight_decay)
   total = config.ti_steps + config.mcti_steps
 
@@ -269,8 +256,8 @@ def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] |
   state_shardings = _state_shardings(state, setup)
   state = jax.device_put(state, state_shardings)
   tokens_ti = jnp.zeros_like(tokens)
-  manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
-                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  checkpoint_dir = (workdir / "checkpoints").absolute()
+  manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   start = manager.latest_step() or 0
   if start:
     restored = manager.restore(start, args=ocp.args.StandardRestore({"state": state, "tokens_ti": tokens_ti}))
@@ -284,10 +271,6 @@ def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] |
   # Placed on the mesh once; left on one device they would be copied to every device at each step.
   backbone, template_ids = jax.device_put((make_backbone(setup), jnp.asarray(setup.template_ids)),
                                          parallel.replicated(setup.mesh))
-  steps = {phase: jax.jit(functools.partial(train_step, cfg=step_config(setup, phase), optimizer=optimizer,
-                                            mesh=setup.mesh), donate_argnums=(0,),
-                          out_shardings=(state_shardings, parallel.replicated(setup.mesh)))
-           for phase in ("ti", "mcti")}
 
   def at_phase_boundary(state, tokens_ti, step: int):
     if step == config.ti_steps:  # the warm-up is done: keep its tokens, restart AdamW
@@ -295,14 +278,42 @@ def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] |
       return state.replace(opt_state=fresh), state.tokens.copy()
     return state, tokens_ti
 
+  def save(step: int, state: TrainState, tokens_ti) -> None:
+    """Synchronous, so that a failed save (a full disk) stops the run at once, with one message."""
+    with _quiet_absl():
+      try:
+        manager.save(step, args=ocp.args.StandardSave({"state": state, "tokens_ti": tokens_ti}))
+        manager.wait_until_finished()
+      except Exception as e:  # orbax wraps OS errors in its own types
+        with contextlib.suppress(Exception):
+          manager.close()  # its threads finish failing here, not as tracebacks at exit
+        reason = str(e).split(" [tensorstore_spec=")[0][:500]  # tensorstore appends kilobytes of JSON
+        raise MctiError(f"could not save the checkpoint of step {step} in {checkpoint_dir}: {type(e).__name__}: "
+                        f"{reason}. Free disk space (or fix the folder), then run the same command again: it resumes "
+                        f"from the last saved checkpoint (step {manager.latest_step() or 0}).") from e
+
   if start == 0:
     state, tokens_ti = at_phase_boundary(state, tokens_ti, 0)
+  phase_of = lambda s: "ti" if s < config.ti_steps else "mcti"  # noqa: E731
+  steps = {}
+  for phase in dict.fromkeys(phase_of(s) for s in (start, max(start, config.ti_steps)) if s < total):
+    log(f"compiling the {phase} step ...")  # 1-2 minutes for SD on a GPU; the progress bar starts after it
+    t = time.time()
+    cfg = step_config(setup, phase)
+    steps[phase] = jax.jit(functools.partial(train_step, cfg=cfg, optimizer=optimizer, mesh=setup.mesh),
+                           donate_argnums=(0,), out_shardings=(state_shardings, parallel.replicated(setup.mesh))
+                           ).lower(state, setup.data, backbone, template_ids).compile()
+    log(f"compiled the {phase} step in {time.time() - t:.0f} s")
+  if stop.requested is not None and start < total:
+    raise stop.stopped(f"stopped before step {start + 1}/{total}; nothing new to save. Run the same command "
+                       "again to resume.")
+
   from tqdm.auto import tqdm
   bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=start >= total or not _is_main_process())
   pending, t0 = [], time.time()
   for s in range(start, total):
-    phase = "ti" if s < config.ti_steps else "mcti"
+    phase = phase_of(s)
     state, metrics = steps[phase](state, setup.data, backbone, template_ids)
     pending.append(metrics)
     done = s + 1
@@ -312,15 +323,30 @@ def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] |
         row = _log_metrics(metrics_path, pending, done, phase, time.time() - t0)
         bar.set_postfix(phase=phase, mse=f"{row['mse']:.4f}", reg=f"{row['reg']:.3f}", acc=f"{row['reg_acc']:.2f}")
       pending = []
-    if done % config.checkpoint_every == 0 or done == total or done == config.ti_steps:
-      manager.save(done, args=ocp.args.StandardSave({"state": state, "tokens_ti": tokens_ti}))
+    stopping = stop.requested is not None and done < total
+    if done % config.checkpoint_every == 0 or done == total or done == config.ti_steps or stopping:
+      save(done, state, tokens_ti)
     bar.update(1)
     if on_step is not None:
-      manager.wait_until_finished()
       on_step(done)
+    if stopping:
+      bar.close()
+      raise stop.stopped(f"stopped at step {done}/{total}; the checkpoint is saved in {checkpoint_dir}. "
+                         "Run the same command again to resume.")
   bar.close()
-  manager.wait_until_finished()
   return _finish(setup, workdir, state.tokens, tokens_ti, metrics_path, log)
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """orbax logs every failed save thread's traceback (300 lines for a full disk); the save raises one message."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def _state_shardings(state: TrainState, setup: Setup):
@@ -329,20 +355,6 @@ def _state_shardings(state: TrainState, setup: Setup):
   per_class = lambda x: by_class if x.ndim > 0 and x.shape == state.tokens.shape else replicated  # noqa: E731
   return TrainState(step=replicated, tokens=by_class, opt_state=jax.tree.map(per_class, state.opt_state),
                     key=replicated)
-
-
-def _check_signature(workdir: Path, signature: dict[str, Any]) -> None:
-  path = workdir / "run.json"
-  if path.is_file():
-    detail = settings_changes(json.loads(path.read_text()), signature)
-    if detail:
-      raise ValueError(f"{workdir} holds a run with other settings ({detail}). Use a new --config.workdir, "
-                       "or delete the old run to start over.")
-  elif _is_main_process():
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(signature, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -366,14 +378,12 @@ def _finish(setup: Setup, workdir: Path, tokens, tokens_ti, metrics_path: Path, 
   gather = jax.jit(lambda x: x, out_shardings=parallel.replicated(setup.mesh))
   info = {"base_model": str(c.model.sd_path), "clip_model": str(c.model.clip_path), "pooling": c.model.pooling,
           "templates": c.templates, "shots": setup.shots.manifest()}
-  exports, plot = {}, workdir / "loss.png"
-  phases = [("ti", tokens_ti if c.mcti_steps else tokens)] + ([("mcti", tokens)] if c.mcti_steps else [])
-  for phase, value in phases:
-    value = np.asarray(gather(value))  # a collective: every process takes part
-    exports[phase] = workdir / "export" / phase
-    if _is_main_process():
-      export.export_tokens(exports[phase], value, setup.class_tokens, setup.class_names, {**info, "phase": phase})
+  plot = workdir / "loss.png"
+  phases = {"ti": tokens_ti if c.mcti_steps else tokens, **({"mcti": tokens} if c.mcti_steps else {})}
+  phases = {phase: np.asarray(gather(value)) for phase, value in phases.items()}  # a collective: all processes
+  exports = {phase: workdir / "export" / phase for phase in phases}
   if _is_main_process():
+    export.export_phases(workdir / "export", phases, setup.class_tokens, setup.class_names, info)
     plots.loss_curves(metrics_path, plot, ti_steps=c.ti_steps)
     log(f"tokens exported to {', '.join(str(p) for p in exports.values())}; loss curves in {plot}")
   return {"exports": exports, "metrics": metrics_path, "plot": plot, "setup": setup}

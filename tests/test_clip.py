@@ -204,13 +204,14 @@ def _resized_torch_text(folder, extra_rows):
 
 def test_pooling_modes_match_transformers_legacy_and_real_eos(tmp_path):
   # Same weights twice: the SD1.x-style legacy config (eos_token_id=2) and the corrected one.
-  base = perturb_params(clip.CLIPTextModel(text_config(eos_token_id=2), rngs=nnx.Rngs(0)), seed=5)
+  # The legacy config does not say which id is EOS: the tokenizer's is passed in (as pipeline.py's loaders do).
+  base = perturb_params(clip.CLIPTextModel(text_config(eos_token_id=2), eos_token_id=EOS, rngs=nnx.Rngs(0)), seed=5)
   clip.save_pretrained(base, tmp_path / "legacy")
   real = clip.CLIPTextModel(text_config(), rngs=nnx.Rngs(0))
   nnx.update(real, nnx.state(base))
   clip.save_pretrained(real, tmp_path / "real")
-  assert base.config.real_eos_token_id == EOS and base.config.transformers_pooling == "argmax"
-  assert real.config.transformers_pooling == "eos"
+  assert base.text_model.eos_token_id == EOS and base.config.transformers_pooling == "argmax"
+  assert real.text_model.eos_token_id == EOS and real.config.transformers_pooling == "eos"
 
   placeholder_rows = np.random.default_rng(6).normal(0, 0.1, (2, 32)).astype(np.float32)
   legacy_torch = _resized_torch_text(tmp_path / "legacy", placeholder_rows)

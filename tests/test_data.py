@@ -141,6 +141,45 @@ def test_grey_and_rgba_become_rgb(tmp_path):
   np.testing.assert_array_equal(D.read_image(tmp_path / "rgba.png"), logo[..., :3])
 
 
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_white(tmp_path):
+  """A 16-bit PNG in a class folder used to read as 99.6% white (PIL clips at 255); now value >> 8."""
+  ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)  # every level, dark to light
+  ramp[0, :4] = [255, 256, 32768, 65535]
+  for name in ("deep", "flat"):
+    os.makedirs(tmp_path / name)
+  Image.fromarray(ramp).save(tmp_path / "deep" / "ramp.png")  # PIL mode I;16
+  assert Image.open(tmp_path / "deep" / "ramp.png").mode == "I;16"
+  Image.fromarray(skdata.camera()[:64, :64]).save(tmp_path / "flat" / "camera.png")
+  labeled = D.from_folder(tmp_path)
+  out = labeled.load(labeled.positions_of_class(0), resolution=64)[0]  # 64x64 already: no resize
+  expected = (ramp // 256).astype(np.uint8)  # the high byte
+  np.testing.assert_array_equal(out, np.stack([expected] * 3, -1))
+  np.testing.assert_array_equal(out[0, :4, 0], [0, 1, 128, 255])
+  assert (out == 255).mean() < 0.01 and out.mean() == pytest.approx(127.5, abs=1)
+  # PIL reads a 16-bit PGM as 32-bit ints "I" (older Pillow did so for 16-bit PNGs too); a uint16 array from tfds.
+  Image.fromarray(ramp).save(tmp_path / "ramp.pgm")
+  assert Image.open(tmp_path / "ramp.pgm").mode == "I"
+  np.testing.assert_array_equal(D.read_image(tmp_path / "ramp.pgm"), np.stack([expected] * 3, -1))
+  np.testing.assert_array_equal(D.to_rgb(ramp), np.stack([expected] * 3, -1))
+
+
+def test_float_and_32_bit_images_are_refused_naming_the_file(tmp_path):
+  """Float or 32-bit pixels have no fixed range to map to 0..255: a clear error, not a guess."""
+  os.makedirs(tmp_path / "a")
+  for i in range(2):
+    Image.fromarray(skdata.coffee()[:20, :20]).save(tmp_path / "a" / f"{i}.png")
+  bad = {"2.tif": np.linspace(0, 1, 400, dtype=np.float32).reshape(20, 20),  # PIL mode F
+         "3.tif": np.arange(400, dtype=np.int32).reshape(20, 20) * 1000}  # PIL mode I, 32-bit values
+  for name, pixels in bad.items():
+    Image.fromarray(pixels).save(tmp_path / "a" / name)
+  labeled = D.from_folder(tmp_path)
+  with pytest.raises(D.DataError, match=f"image file {tmp_path / 'a' / '2.tif'} holds 32-bit float pixels"):
+    D.sample_few_shot(labeled, 4, seed=0, resolution=RES)
+  for name, kind in (("2.tif", "float"), ("3.tif", "integer")):
+    with pytest.raises(D.DataError, match=f"{tmp_path / 'a' / name} holds 32-bit {kind} pixels.*save it as an 8-bit"):
+      D.read_image(tmp_path / "a" / name)
+
+
 def test_model_range_and_flip():
   img = skdata.astronaut()[:40, :50]
   x = D.to_model_range(img)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_train_config
-from mcti_jax import evaluate, export, metrics, train
+from mcti_jax import evaluate, export, metrics, runs, train
 from mcti_jax.classify import clip_head
 from mcti_jax.models.frozen import freeze
 
@@ -73,6 +73,32 @@ def test_tokens_from_another_base_model_are_refused(tmp_path):
                        ["a", "b"], {"base_model": "sd-1.5"})
   with pytest.raises(ValueError, match=r"768-wide \(trained on sd-1.5\).*32-wide"):
     export.load_tokens(tmp_path / "x", expected_width=32)
+
+
+def test_report_shows_only_the_requested_grid_and_keeps_the_token_pca(tmp_path):
+  """Rerun with seeds (1,) in a workdir that holds seeds 1 and 2: the report is on seed 1, and every cell being done
+  (no PCA features computed now) keeps the earlier token_pca.png in results.md."""
+  config = importlib.import_module("eval").get_config("tiny")
+  config.n_shots, config.seeds, config.methods = (1,), (1, 2), ("ti", "mcti")
+  top1 = {("ti", 1, 1): 0.339, ("ti", 1, 2): 0.259, ("mcti", 1, 1): 0.5, ("mcti", 1, 2): 0.3, ("ti", 2, 1): 0.9}
+  rows = [{"method": m, "n_shots": n, "seed": s, "top1": v, "top1_known": v - 0.1, "top1_unknown": 0.25}
+          for (m, n, s), v in top1.items()]
+  rng = np.random.default_rng(0)
+  results = {"rows": rows, "class_names": [str(i) for i in range(10)], "token_pca": {"n_shots": 1, "seed": 2}}
+  pca = {phase: rng.normal(size=(10, 3, 8)) for phase in ("ti", "mcti")}
+  evaluate.write_reports(tmp_path, copy.deepcopy(results), config, pca)
+  md = (tmp_path / "results.md").read_text()
+  assert "| TI | 29.9 ± 4.0 |" in md and "| MC-TI | 40.0 ± 10.0 |" in md and "2-shot" not in md
+
+  config.seeds = (1,)
+  out = evaluate.write_reports(tmp_path, copy.deepcopy(results), config, None)
+  md = (tmp_path / "results.md").read_text()
+  assert "mean ± std over seeds [1];" in md
+  assert "| TI | 33.9 ± 0.0 |" in md and "| MC-TI | 50.0 ± 0.0 |" in md and "29.9" not in md  # all classes
+  assert "| TI | 23.9 ± 0.0 |" in md  # known classes: 0.339 - 0.1
+  assert "![token text features, PCA (1-shot, seed 2)](token_pca.png)" in md
+  assert out["figures"]["token_pca"] == tmp_path / "token_pca.png" and (tmp_path / "token_pca.png").is_file()
+  assert len(out["results"]["rows"]) == len(rows)  # results.json keeps every row
 
 
 @pytest.fixture(scope="module")
@@ -155,14 +181,14 @@ def test_results_made_with_other_settings_or_weights_are_not_reused(tiny_eval, t
 def test_weights_fingerprint_follows_the_bytes_not_the_folder(tiny_checkpoint, tmp_path):
   copied = tmp_path / "copy"
   shutil.copytree(tiny_checkpoint / "clip", copied, copy_function=shutil.copyfile)  # new file times
-  assert train.fingerprint(copied) != train.fingerprint(tiny_checkpoint / "clip")
-  assert train.weights_fingerprint(copied) == train.weights_fingerprint(tiny_checkpoint / "clip")
+  assert runs.fingerprint(copied) != runs.fingerprint(tiny_checkpoint / "clip")
+  assert runs.weights_fingerprint(copied) == runs.weights_fingerprint(tiny_checkpoint / "clip")
   (copied / "README.md").write_text("a model card says nothing about what the model computes")
-  assert train.weights_fingerprint(copied) == train.weights_fingerprint(tiny_checkpoint / "clip")
+  assert runs.weights_fingerprint(copied) == runs.weights_fingerprint(tiny_checkpoint / "clip")
   config = json.loads((copied / "config.json").read_text())
   config["logit_scale_init_value"] = 1.0
   (copied / "config.json").write_text(json.dumps(config))
-  assert train.weights_fingerprint(copied) != train.weights_fingerprint(tiny_checkpoint / "clip")
+  assert runs.weights_fingerprint(copied) != runs.weights_fingerprint(tiny_checkpoint / "clip")
 
 
 def test_a_split_with_no_test_images_left_is_a_clear_error(tiny_checkpoint, tmp_path):

@@ -1,10 +1,17 @@
 """The vectorised trainer on tiny random models and 8 simulated CPU devices."""
 
+import contextlib
 import functools
 import json
+import os
 import re
+import shutil
+import signal
+import stat
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +22,9 @@ from PIL import Image
 from conftest import ROOT, tiny_train_config
 from mcti_jax import data as D
 from mcti_jax import export, pretrain_tiny, train
+from mcti_jax import runs as run_record  # `runs` is the fixture below
 from mcti_jax.classify import clip_head
+from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax.methods import mcti
 from mcti_jax.models import pipeline
 from mcti_jax.models.frozen import freeze
@@ -107,8 +116,210 @@ def test_interrupted_run_resumes_to_the_same_tokens(runs, tmp_path):
 def test_changed_settings_are_refused_in_an_existing_workdir(runs):
   config = runs["config8"].copy_and_resolve_references()
   old_lr, config.lr = config.lr, 1e-3
-  with pytest.raises(ValueError, match=re.escape(f"other settings (lr: {old_lr} -> 0.001)")):
+  with pytest.raises(ConfigError, match=re.escape(f"other settings or data (config.lr: {old_lr} -> 0.001)")):
     train.train(config, log=lambda _: None)
+
+
+@pytest.mark.parametrize("changes", [
+    {"data.resolution": 8}, {"data.flip": True}, {"tokens.init_word": "number"}, {"data.shot_seed": 7},
+    {"templates": "a photo of a {}"}, {"model.pooling": "argmax"}, {"data.source": "folder"},
+])
+def test_every_setting_that_changes_the_result_is_checked_before_the_models_load(runs, tmp_path, changes):
+  """The resume check fails closed: fields not listed as resumable are refused (some never were before)."""
+  config = runs["config8"].copy_and_resolve_references()
+  if changes.get("data.source") == "folder":
+    changes["data.root"] = str(_image_folder(tmp_path / "images", {"a": 5, "b": 5, "c": 5, "d": 5, "e": 5}))
+  for key, value in changes.items():
+    parent, leaf = (config, key) if "." not in key else (config[key.split(".")[0]], key.split(".")[1])
+    parent[leaf] = value
+  logs = []
+  with pytest.raises(ConfigError, match="other settings or data") as e:
+    train.train(config, log=logs.append)
+  assert all(f"config.{k}" in str(e.value) for k in changes if k != "data.root")  # root: by the data's hash
+  assert not any("loading" in line for line in logs)
+
+
+def test_changed_shot_files_are_refused(tiny_checkpoint, tmp_path):
+  """Same config, same paths, one shot image edited: the data's fingerprint refuses the old run."""
+  root = _image_folder(tmp_path / "images", {"cat": 5, "dog": 5})
+  config = tiny_train_config(tiny_checkpoint, tmp_path / "run", **{"data.source": "folder", "data.root": str(root)})
+
+  class Recorded(Exception):
+    pass
+
+  def record_and_stop(signature):  # what train() records, without loading the models
+    run_record.record(tmp_path / "run", signature)
+    raise Recorded
+
+  with pytest.raises(Recorded):
+    train.prepare(config, log=lambda _: None, check_signature=record_and_stop)
+  run_record.check_resumable(  # the same config and data resume...
+      tmp_path / "run", json.loads((tmp_path / "run" / "run.json").read_text()))
+  for path in sorted((root / "dog").glob("*.png")):  # ...and any edited shot is refused
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(path)
+  with pytest.raises(ConfigError, match=r"fingerprints\.data"):
+    train.train(config, log=lambda _: None)
+
+
+def test_resumable_changes_resume_and_extra_steps_extend_the_run(runs, tmp_path):
+  work = tmp_path / "moved"
+  shutil.copytree(runs["config8"].workdir, work)
+  config = runs["config8"].copy_and_resolve_references()
+  config.workdir, config.log_every, config.checkpoint_every = str(work), 4, 3
+  logs = []
+  train.train(config, log=logs.append)
+  assert any("already holds a finished run" in line for line in logs)
+  config.mcti_steps = 6
+  logs.clear()
+  steps = []
+  train.train(config, log=logs.append, on_step=steps.append)
+  assert any("resumed from the checkpoint at step 8/10" in line for line in logs) and steps == [9, 10]
+  config.mcti_steps = 5  # fewer steps than the checkpoint holds: not an extension
+  with pytest.raises(ConfigError, match="config.mcti_steps: 6 -> 5"):
+    train.train(config, log=lambda _: None)
+
+
+@pytest.mark.parametrize("field, value", [("ti_steps", -5), ("checkpoint_every", 0), ("log_every", 0),
+                                          ("lr", 0.0), ("data.n_shots", 0), ("model.dtype", "float64")])
+def test_bad_numbers_fail_before_anything_loads_or_is_written(tiny_checkpoint, tmp_path, field, value):
+  config = tiny_train_config(tiny_checkpoint, tmp_path / "run", **{field: value})
+  logs = []
+  with pytest.raises(ConfigError, match=re.escape(f"config.{field}={value!r} must be")):
+    train.train(config, log=logs.append)
+  assert logs == [] and not (tmp_path / "run").exists()
+
+
+def test_more_classes_than_the_data_has_are_refused(tiny_checkpoint, tmp_path):
+  config = tiny_train_config(tiny_checkpoint, tmp_path / "run", **{"data.num_classes": 11})
+  with pytest.raises(ConfigError, match="data.num_classes=11.*only 10 classes"):
+    train.train(config, log=lambda _: None)
+
+
+# ------------------------------------------------------------ what a crash leaves
+
+
+def test_a_crash_between_phases_leaves_no_partial_export_and_exports_are_readable(runs, tmp_path, monkeypatch):
+  """All phases are exported in one step; an export folder gets the umask's mode, not mkdtemp's 0700."""
+  import safetensors.numpy
+  work = tmp_path / "run"
+  shutil.copytree(runs["config8"].workdir, work)
+  shutil.rmtree(work / "export")
+  config = runs["config8"].copy_and_resolve_references()
+  config.workdir = str(work)
+  save_file = safetensors.numpy.save_file
+
+  def full_disk_at_mcti(tensors, path, **kw):
+    if "mcti" in Path(path).parts:
+      raise OSError(28, "No space left on device")
+    return save_file(tensors, path, **kw)
+
+  monkeypatch.setattr(safetensors.numpy, "save_file", full_disk_at_mcti)
+  with pytest.raises(OSError, match="No space"):
+    train.train(config, log=lambda _: None)
+  assert not (work / "export").exists()
+  monkeypatch.setattr(safetensors.numpy, "save_file", save_file)
+  old_mask = os.umask(0o022)
+  try:
+    result = train.train(config, log=lambda _: None)
+  finally:
+    os.umask(old_mask)
+  for phase in ("ti", "mcti"):
+    np.testing.assert_array_equal(_tokens(result, phase), _tokens(runs[8], phase))
+  for folder in (work / "export", work / "export" / "mcti" / "classes" / "0000"):
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 1 MiB file system of its own (a tmpfs), to be filled up; skipped where mounting isn't allowed."""
+  mount = tmp_path / "small_disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+    pytest.skip("filling a disk needs a tmpfs mount (root with CAP_SYS_ADMIN)")
+  yield mount
+  subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_the_run_at_the_failed_save_with_one_message(runs, tmp_path, small_disk, capfd):
+  config = runs["config8"].copy_and_resolve_references()
+  config.workdir = str(tmp_path / "run")
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "checkpoints").symlink_to(small_disk)
+  steps = []
+
+  def fill_the_disk_after_step_1(step):
+    steps.append(step)
+    if step == 1:
+      fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+      with contextlib.suppress(OSError):
+        while os.write(fd, bytes(65536)):
+          pass
+      os.close(fd)
+
+  with pytest.raises(MctiError, match=r"could not save the checkpoint of step 2 in .*checkpoints.*resumes") as e:
+    train.train(config, log=lambda _: None, on_step=fill_the_disk_after_step_1)
+  assert steps == [1] and "No space left on device" in str(e.value)
+  assert "Traceback" not in capfd.readouterr().err  # orbax's threads would print hundreds of lines
+
+
+# ------------------------------------------------------------ the command, as a person runs it
+
+
+def _mcti_train(*flags, **popen) -> subprocess.Popen:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,  # the programs the fixtures compiled
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+  env.pop("MCTI_DEBUG", None)
+  return subprocess.Popen([sys.executable, "-m", "mcti_jax.cli", "train", "--config", "configs/mcti.py:tiny", *flags],
+                          cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def _flags(config) -> list[str]:
+  fields = ("workdir", "data.cache_dir", "model.sd_path", "model.clip_path", "data.num_classes", "num_devices",
+            "ti_steps", "mcti_steps", "log_every", "checkpoint_every")
+  return [f"--config.{f}={run_record.config_value(config, f)}" for f in fields]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config.data.num_classes=11"], "data.num_classes=11, but digits"),
+    (["--config.data.source=folder", "--config.data.root=/no/such/folder"], "/no/such/folder"),
+    (["--config.checkpoint_every=0"], "config.checkpoint_every=0 must be an integer >= 1"),
+])
+def test_bad_input_fails_before_the_models_load_in_one_line(tmp_path, flags, message):
+  proc = _mcti_train(f"--config.workdir={tmp_path / 'run'}", *flags)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 1 and "loading" not in out, (out, err)
+  assert err.startswith("mcti train: error: ") and message in err and len(err.splitlines()) == 1, err
+  assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_run_resumes_to_the_same_tokens(runs, tmp_path):
+  config = runs["config8"].copy_and_resolve_references()
+  config.workdir, config.mcti_steps, config.checkpoint_every = str(tmp_path / "stopped"), 30, 100
+  proc = _mcti_train(*_flags(config))
+  lines = []
+  for line in proc.stdout:  # the step is compiled before the progress bar starts, and says so
+    lines.append(line)
+    if line.startswith("compiled the mcti step"):
+      break
+  metrics = tmp_path / "stopped" / "metrics.jsonl"
+  deadline = time.time() + 60
+  while time.time() < deadline and not (metrics.is_file() and metrics.read_text()):  # it has taken steps
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert any(line.startswith("compiling the ti step ...") for line in lines), lines
+  assert proc.returncode == 128 + signal.SIGTERM, err
+  stopped_at = int(re.search(r"stopped at step (\d+)/34; the checkpoint is saved", err.splitlines()[-1])[1])
+  assert "Traceback" not in err and "SIGTERM: stopping after this step" in out + err
+
+  steps = []
+  resumed = train.train(config, log=lambda _: None, on_step=steps.append)
+  assert steps == list(range(stopped_at + 1, 35))
+  config.workdir = str(tmp_path / "uninterrupted")
+  uninterrupted = train.train(config, log=lambda _: None)
+  for phase in ("ti", "mcti"):
+    np.testing.assert_array_equal(_tokens(resumed, phase), _tokens(uninterrupted, phase))
 
 
 # ------------------------------------------------------------ K classes at once = K one-class runs

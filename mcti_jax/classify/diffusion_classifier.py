@@ -379,7 +379,7 @@ def settings_key(cfg: DiCConfig, schedule, contexts, extra: dict[str, Any] | Non
   """A hash of everything that changes an image's result, apart from the image itself.
 
   `extra` should name the model weights and the image pipeline, e.g.
-  {"unet": train.fingerprint(sd_path), "resolution": 512}: the UNet's weights
+  {"unet": runs.fingerprint(sd_path), "resolution": 512}: the UNet's weights
   are not hashed here (gigabytes).
   """
   h = hashlib.sha256()

@@ -2,7 +2,7 @@
 
 Follows diffusers' textual_inversion example: take the centered square crop
 (side = the shorter side), resize it to the model resolution (bicubic by
-default), keep uint8 RGB. Cropping first and resizing the square is the same
+default), keep uint8 RGB (16-bit files keep their high byte). Cropping first and resizing the square is the same
 as resizing the shorter side and then cropping, without rounding the aspect
 ratio. Conversion to the VAE range [-1, 1] and horizontal flips are separate
 functions so the cache can hold uint8 shots and both orientations.
@@ -33,23 +33,65 @@ def is_image_file(name: str) -> bool:
   return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
-  """Any PIL image or uint8/bool array (grey, grey+1, RGB, RGBA) -> uint8 [H, W, 3].
+# PIL modes whose convert("RGB") is right: 8 bits per sample (1-bit, palette and premultiplied alpha included).
+EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "HSV")
+# 16 bits per sample; PIL's convert("RGB") clips these at 255, so almost every pixel came out white.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_SAVE_AS = "save it as an 8-bit or 16-bit PNG (RGB or greyscale)"
+
+
+def _from_16_bit(samples: np.ndarray) -> np.ndarray:
+  """16-bit samples -> 8 bits by keeping the high byte (value >> 8).
+
+  That is what PIL does with 16-bit RGB, RGBA and grey+alpha PNGs, and what
+  skimage's img_as_ubyte does, so a greyscale 16-bit PNG reads like its RGB
+  twin; it differs from round(value * 255 / 65535) by at most 1.
+  """
+  return (samples.astype(np.uint32) >> 8).astype(np.uint8)
+
+
+def _pil_to_array(image: Image.Image, what: str) -> np.ndarray:
+  """A PIL image -> a uint8 array, or a DataError for pixels with no fixed 8-bit meaning."""
+  mode = image.mode
+  if mode in EIGHT_BIT_MODES:
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+  if mode in SIXTEEN_BIT_MODES:
+    return _from_16_bit(np.asarray(image))
+  if mode == "I" and image.format != "TIFF":
+    # PIL returns 16-bit PGMs (and, in older versions, 16-bit PNGs) as 32-bit ints holding 0..65535. A TIFF
+    # stores 16-bit samples as I;16, so its "I" is real 32-bit data, refused below.
+    samples = np.asarray(image)
+    if samples.size == 0 or (samples.min() >= 0 and samples.max() <= 65535):
+      return _from_16_bit(samples)
+    raise DataError(f"{what} holds 32-bit integer pixels ({samples.min()}..{samples.max()}), not 0..65535, "
+                    f"so they have no fixed 8-bit meaning; {_SAVE_AS}")
+  kind = {"I": "32-bit integer pixels", "F": "32-bit float pixels"}.get(mode, "pixels")
+  raise DataError(f"{what} holds {kind} (PIL mode {mode!r}), which have no fixed 8-bit RGB meaning; {_SAVE_AS}")
+
+
+def to_rgb(image: Image.Image | np.ndarray, what: str = "an image") -> np.ndarray:
+  """Any PIL image, or a uint8/uint16/bool array (grey, grey+1, RGB, RGBA) -> uint8 [H, W, 3].
 
   Alpha is dropped, not composited, as PIL's convert("RGB") does in the
-  diffusers scripts.
+  diffusers scripts. 16-bit pixels keep their high byte (see _from_16_bit);
+  float and 32-bit pixels are refused, since their range is unknown. `what`
+  names the image (its file) in errors.
   """
   if isinstance(image, Image.Image):
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    image = _pil_to_array(image, what)
   image = np.asarray(image)
   if image.dtype == bool:
     image = image.astype(np.uint8) * 255
+  if image.dtype == np.uint16:
+    image = _from_16_bit(image)
   if image.dtype != np.uint8:
-    raise DataError(f"expected a uint8 image array, got dtype {image.dtype}; convert it to uint8 (0..255) first")
+    raise DataError(f"{what}: expected a uint8 or uint16 image array, got dtype {image.dtype}; "
+                    f"convert it to uint8 (0..255) first")
   if image.ndim == 2:
     image = image[..., None]
   if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-    raise DataError(f"expected an image array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got shape {image.shape}")
+    raise DataError(f"{what}: expected an image array [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], "
+                    f"got shape {image.shape}")
   if image.shape[-1] == 1:
     return np.repeat(image, 3, axis=-1)
   return np.ascontiguousarray(image[..., :3])
@@ -59,7 +101,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
   """Decode an image file to uint8 RGB [H, W, 3], applying its EXIF orientation."""
   try:
     with Image.open(path) as img:
-      return to_rgb(ImageOps.exif_transpose(img))
+      ImageOps.exif_transpose(img, in_place=True)  # in place: a copy would lose img.format
+      return to_rgb(img, what=f"image file {path}")
+  except DataError:
+    raise  # already names the file and the fix
   except FileNotFoundError as e:
     raise DataError(f"image file {path} does not exist") from e
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -70,7 +115,9 @@ def decode_image_bytes(data: bytes, what: str) -> np.ndarray:
   """Decode encoded image bytes (PNG, JPEG, ...) to uint8 RGB; `what` names the record in errors."""
   try:
     with Image.open(io.BytesIO(data)) as img:
-      return to_rgb(img)
+      return to_rgb(img, what=f"the image of {what}")
+  except DataError:
+    raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise DataError(f"cannot decode the image of {what}: {e}") from e
 

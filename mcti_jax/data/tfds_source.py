@@ -82,7 +82,7 @@ def from_tfds(name: str, split: str, data_dir: str | os.PathLike | None, image_k
   def decode(args):
     index, value = args
     if isinstance(value, np.ndarray):  # a dataset that stores raw pixels
-      return preprocess.to_rgb(value)
+      return preprocess.to_rgb(value, what=f"the image of {name}/{split}[{index}]")
     return preprocess.decode_image_bytes(value, f"{name}/{split}[{index}]")
 
   def read(indices):

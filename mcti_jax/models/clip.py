@@ -21,11 +21,17 @@ i.e. at the largest id, which is EOS only as long as no added token (id > EOS)
 is in the prompt; otherwise it pools at the first `input_ids == eos_token_id`.
 We take the rule as an argument: `pooling="eos"` (default) pools at the first
 real EOS, `pooling="argmax"` reproduces the legacy rule (as the official MC-TI
-code, run on SD1.x, gets it). The real EOS id is the `eos_token_id` argument if
-given, else `config.eos_token_id`, except that the legacy value 2 means
-`vocab_size - 1`, where the CLIP vocabulary keeps <|endoftext|> (49407). Note
-that this is the vocab_size of the config as loaded; placeholder tokens do not
-resize our embedding table (their vectors come in through `inputs_embeds`).
+code, run on SD1.x, gets it). The real EOS id cannot be read off a legacy
+config: `vocab_size - 1` is <|endoftext|> only until the vocabulary is resized
+for added tokens, as diffusers' textual_inversion.py does when it saves a
+pipeline (the config keeps eos_token_id 2, <|endoftext|> keeps its id). So the
+text transformer holds the id it pools at (`eos_token_id`, a static attribute):
+the checkpoint's tokenizer's EOS when the loader is given it (pipeline.py's
+loaders always do; it wins over the config, as it is what made the ids), else a
+non-legacy `config.eos_token_id`, else none, and `pooling="eos"` then raises
+asking for the tokenizer. An `eos_token_id` argument to a call overrides it.
+Placeholder tokens do not resize our embedding table (their vectors come in
+through `inputs_embeds`).
 """
 
 from __future__ import annotations
@@ -91,11 +97,6 @@ class CLIPTextConfig:
 
   def to_hf(self, architecture: str = "CLIPTextModel") -> dict[str, Any]:
     return {**dataclasses.asdict(self), "architectures": [architecture], "model_type": "clip_text_model"}
-
-  @property
-  def real_eos_token_id(self) -> int:
-    """The id of <|endoftext|>: `eos_token_id`, or vocab_size - 1 for the legacy value 2."""
-    return self.vocab_size - 1 if self.eos_token_id == LEGACY_EOS_TOKEN_ID else self.eos_token_id
 
   @property
   def transformers_pooling(self) -> str:
@@ -236,11 +237,28 @@ class CLIPTextEmbeddings(nnx.Module):
     self.position_embedding = nnx.Embed(config.max_position_embeddings, config.hidden_size, **kw)
 
 
-class CLIPTextTransformer(nnx.Module):
-  """The causal text transformer; pooled output = final-normed hidden state at EOS."""
+def pooling_eos_token_id(config: CLIPTextConfig, tokenizer_eos_token_id: int | None = None) -> int | None:
+  """The id `pooling="eos"` looks for: the tokenizer's EOS, else a non-legacy config's, else None (unknown).
 
-  def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  The tokenizer wins over the config because it made the ids; a legacy config's
+  2 says nothing (see the module docstring).
+  """
+  if tokenizer_eos_token_id is not None:
+    return int(tokenizer_eos_token_id)
+  return None if config.eos_token_id == LEGACY_EOS_TOKEN_ID else config.eos_token_id
+
+
+class CLIPTextTransformer(nnx.Module):
+  """The causal text transformer; pooled output = final-normed hidden state at EOS.
+
+  `eos_token_id` is the tokenizer's id of <|endoftext|>; it is kept as a static
+  int (part of the graphdef, so it survives nnx.split/merge, Frozen and jit).
+  """
+
+  def __init__(self, config: CLIPTextConfig, *, eos_token_id: int | None = None, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.config = config
+    self.eos_token_id = pooling_eos_token_id(config, eos_token_id)
     self.dtype = dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embeddings = CLIPTextEmbeddings(config, **kw)
@@ -278,7 +296,14 @@ class CLIPTextTransformer(nnx.Module):
     if pooling == "argmax":
       index = jnp.argmax(input_ids, axis=-1)  # first position of the largest id
     else:
-      eos = self.config.real_eos_token_id if eos_token_id is None else eos_token_id
+      eos = self.eos_token_id if eos_token_id is None else eos_token_id
+      if eos is None:
+        raise hf_io.CheckpointError(
+            "pooling='eos' needs the id of <|endoftext|>, but this text encoder's config has the legacy "
+            f"eos_token_id={LEGACY_EOS_TOKEN_ID}, which is not it (and vocab_size - 1 is not it either once the "
+            "vocabulary was resized for added tokens). Load the model with its tokenizer "
+            "(pipeline.load_stable_diffusion or pipeline.load_clip), or pass eos_token_id=tokenizer.eos_token_id "
+            "to clip.text_from_pretrained / clip.from_pretrained / the model's constructor.")
       index = jnp.argmax(input_ids == eos, axis=-1)  # first EOS (0 if there is none, as transformers)
     pooled = jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
     return x, pooled
@@ -287,10 +312,11 @@ class CLIPTextTransformer(nnx.Module):
 class CLIPTextModel(nnx.Module):
   """An SD `text_encoder/`: transformers' CLIPTextModel, or ...WithProjection with `with_projection=True`."""
 
-  def __init__(self, config: CLIPTextConfig, *, with_projection: bool = False, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, config: CLIPTextConfig, *, with_projection: bool = False, eos_token_id: int | None = None,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.config = config
-    self.text_model = CLIPTextTransformer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.text_model = CLIPTextTransformer(config, eos_token_id=eos_token_id, dtype=dtype, param_dtype=param_dtype,
+                                          rngs=rngs)
     self.text_projection = (nnx.Linear(config.hidden_size, config.projection_dim, use_bias=False, dtype=dtype,
                                        param_dtype=param_dtype, rngs=rngs) if with_projection else None)
 
@@ -375,11 +401,12 @@ class CLIPVisionModel(nnx.Module):
 class CLIPModel(nnx.Module):
   """Both towers and their projections into the shared embedding space."""
 
-  def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, config: CLIPConfig, *, eos_token_id: int | None = None, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.config = config
     text, vision = config.text_config, config.vision_config
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.text_model = CLIPTextTransformer(text, **kw)
+    self.text_model = CLIPTextTransformer(text, eos_token_id=eos_token_id, **kw)
     self.vision_model = CLIPVisionTransformer(vision, **kw)
     self.visual_projection = nnx.Linear(vision.hidden_size, config.projection_dim, use_bias=False, **kw)
     self.text_projection = nnx.Linear(text.hidden_size, config.projection_dim, use_bias=False, **kw)
@@ -475,7 +502,7 @@ _TOWERS = {
 }
 
 
-def _tower_from_pretrained(tower: str, path_or_hub_id, subfolder, dtype, param_dtype):
+def _tower_from_pretrained(tower: str, path_or_hub_id, subfolder, dtype, param_dtype, **model_kw):
   index, config_cls, model_cls, with_projection_name, prefix, roots = _TOWERS[tower]
   folder, d, source = _read(path_or_hub_id, subfolder)
   kind = _kind(d, source)
@@ -488,15 +515,19 @@ def _tower_from_pretrained(tower: str, path_or_hub_id, subfolder, dtype, param_d
     raise hf_io.CheckpointError(f"{source} describes a CLIP {kind} model; it has no {tower} tower")
 
   def build():
-    return model_cls(config, with_projection=with_projection, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    return model_cls(config, with_projection=with_projection, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
+                     **model_kw)
 
   return hf_io.load_model(build, folder, WEIGHTS_NAME, renames=_add_prefix(prefix, roots), param_dtype=param_dtype)
 
 
-def text_from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, *, dtype=jnp.float32,
-                         param_dtype=jnp.float32) -> CLIPTextModel:
-  """The text tower from an SD `text_encoder/` folder or (with its projection) from a full CLIP folder."""
-  return _tower_from_pretrained("text", path_or_hub_id, subfolder, dtype, param_dtype)
+def text_from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, *,
+                         eos_token_id: int | None = None, dtype=jnp.float32, param_dtype=jnp.float32) -> CLIPTextModel:
+  """The text tower from an SD `text_encoder/` folder or (with its projection) from a full CLIP folder.
+
+  Pass the checkpoint tokenizer's `eos_token_id`: a legacy config (eos_token_id 2) does not say it (module docstring).
+  """
+  return _tower_from_pretrained("text", path_or_hub_id, subfolder, dtype, param_dtype, eos_token_id=eos_token_id)
 
 
 def vision_from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, *, dtype=jnp.float32,
@@ -505,18 +536,22 @@ def vision_from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | N
   return _tower_from_pretrained("vision", path_or_hub_id, subfolder, dtype, param_dtype)
 
 
-def from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, *, dtype=jnp.float32,
+def from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, *,
+                    eos_token_id: int | None = None, dtype=jnp.float32,
                     param_dtype=jnp.float32) -> CLIPModel | CLIPTextModel | CLIPVisionModel:
-  """Whatever the folder holds: a full CLIP folder -> CLIPModel, an SD text_encoder/ -> CLIPTextModel, ..."""
+  """Whatever the folder holds: a full CLIP folder -> CLIPModel, an SD text_encoder/ -> CLIPTextModel, ...
+
+  `eos_token_id` (the tokenizer's) is for the text tower, as in `text_from_pretrained`.
+  """
   folder, d, source = _read(path_or_hub_id, subfolder)
   kind = _kind(d, source)
   if kind == "text":
-    return text_from_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
+    return text_from_pretrained(folder, eos_token_id=eos_token_id, dtype=dtype, param_dtype=param_dtype)
   if kind == "vision":
     return vision_from_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
   config = CLIPConfig.from_hf(d, source)
   def build():
-    return CLIPModel(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    return CLIPModel(config, eos_token_id=eos_token_id, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
   return hf_io.load_model(build, folder, WEIGHTS_NAME, param_dtype=param_dtype)
 
 

@@ -73,14 +73,18 @@ def resolve_folder(path_or_hub_id: str | os.PathLike, subfolder: str | None = No
     repo_id = str(path_or_hub_id)
     looks_like_hub_id = repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~"))
     if not looks_like_hub_id:
-      raise CheckpointError(f"checkpoint folder {path} does not exist. Pass a local folder or a Hugging Face hub id such as "
-                            "'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
+      raise CheckpointError(f"checkpoint folder {path} does not exist. Pass a local folder or a Hugging Face hub id "
+                            "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
     try:
       from huggingface_hub import snapshot_download
       path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
     except Exception as e:  # no network, unknown repo, gated repo...
-      raise CheckpointError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-                            "Download it elsewhere and pass the local folder.") from e
+      # One line of the hub's error: its chain through httpx is ~100 lines that say only this.
+      summary = next((line.strip() for line in str(e).splitlines() if line.strip()), "").rstrip(".")
+      raise CheckpointError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
+                            f"{summary}). Pass a local folder instead: download it where the hub is reachable "
+                            f"(`hf download {repo_id} --local-dir DIR`; only *.json, *.txt and *.safetensors are read) "
+                            "and pass DIR.") from None
   if subfolder:
     path = path / subfolder
   if not path.is_dir():
@@ -134,19 +138,24 @@ def _load_any_dtype(file: Path, load_file) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in load_flax(file).items()}
 
 
-def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | dict | Mapping[str, np.ndarray]]) -> None:
+def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | dict | Mapping[str, np.ndarray]], *,
+                 replace: bool = False) -> None:
   """Write files into `folder` so that a crash never leaves a half-written file.
 
   All files are staged in a temporary sibling folder first; only when every
   one is complete are they moved into place (a new folder appears in one
   rename). A value is bytes (written as is), `tensors(...)` (safetensors) or
-  any JSON-able dict. Existing files not named here are kept.
+  any JSON-able dict. Existing files not named here are kept, unless
+  `replace`: then the staged folder takes the old one's place whole (a crash
+  leaves the old folder, or for an instant none, never a mix). Folders get
+  the permissions the umask gives, as any other new folder.
   """
   from safetensors.numpy import save_file
 
   folder = Path(folder)
   folder.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+  os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: others on a shared machine could not read it
   try:
     for name, content in files.items():
       target = tmp / name
@@ -158,6 +167,12 @@ def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | dict | M
         save_file(arrays, str(target), metadata={"format": "pt"})
       else:
         target.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    if replace and folder.exists():
+      old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+      folder.rename(old / folder.name)
+      tmp.rename(folder)
+      shutil.rmtree(old, ignore_errors=True)
+      return
     if not folder.exists():
       tmp.rename(folder)
       return
@@ -166,6 +181,12 @@ def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | dict | M
       os.replace(tmp / name, folder / name)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def tensors(state_dict: Mapping[str, np.ndarray]) -> dict:

@@ -49,7 +49,10 @@ def dtype_of(name: str):
 
 def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *, dtype: str = "float32",
                           param_dtype: str = "float32", remat: bool = False) -> StableDiffusion:
-  """Load every part of a diffusers pipeline folder (model_index.json + subfolders)."""
+  """Load every part of a diffusers pipeline folder (model_index.json + subfolders).
+
+  The text encoder pools at the tokenizer's EOS id (see the "Pooling trap" in clip.py).
+  """
   folder = hf_io.resolve_folder(path_or_hub_id)
   index = hf_io.read_config(folder, "model_index.json")
   missing = [p for p in SD_PARTS if p not in index or not (folder / p).is_dir()]
@@ -57,23 +60,29 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *, dtype: str = "fl
     raise hf_io.CheckpointError(f"{folder} is not a complete Stable Diffusion folder: missing {missing}. "
                                 f"Expected model_index.json and the subfolders {list(SD_PARTS)}.")
   kw = dict(dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype))
+  tok = tokenizer.load_tokenizer(folder, "tokenizer")
   return StableDiffusion(
       unet=unet.from_pretrained(folder, "unet", remat=remat, **kw),
       vae=vae.from_pretrained(folder, "vae", **kw),
-      text_encoder=clip.text_from_pretrained(folder, "text_encoder", **kw),
+      text_encoder=clip.text_from_pretrained(folder, "text_encoder", eos_token_id=tok.eos_token_id, **kw),
       schedule=schedule.from_pretrained(folder, "scheduler"),
-      tokenizer=tokenizer.load_tokenizer(folder, "tokenizer"),
+      tokenizer=tok,
       source=str(path_or_hub_id),
   )
 
 
 def load_clip(path_or_hub_id: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32"):
-  """A full transformers CLIP folder: (CLIPModel with both towers and projections, its tokenizer)."""
-  model = clip.from_pretrained(path_or_hub_id, dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype))
+  """A full transformers CLIP folder: (CLIPModel with both towers and projections, its tokenizer).
+
+  The text tower pools at the tokenizer's EOS id (see the "Pooling trap" in clip.py).
+  """
+  tok = tokenizer.load_tokenizer(path_or_hub_id)
+  model = clip.from_pretrained(path_or_hub_id, eos_token_id=tok.eos_token_id, dtype=dtype_of(dtype),
+                               param_dtype=dtype_of(param_dtype))
   if not isinstance(model, clip.CLIPModel):
     raise hf_io.CheckpointError(f"{path_or_hub_id} holds only one CLIP tower; MC-TI needs a full CLIP folder "
                                 "(both towers and projections, e.g. openai/clip-vit-large-patch14).")
-  return model, tokenizer.load_tokenizer(path_or_hub_id)
+  return model, tok
 
 
 def save_stable_diffusion(sd: StableDiffusion, folder: str | os.PathLike, *, save_tokenizer: bool = True) -> None:
