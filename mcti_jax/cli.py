@@ -140,17 +140,19 @@ def parse_config(argv: list[str], help_config: str | None = None):
   return values.config
 
 
+# Each command parses its flags and imports what it runs, then returns the work itself (see main).
+
+
 def _train(argv):
   config = parse_config(argv, help_config="configs/mcti.py")
   from mcti_jax import train
-  train.train(config)
+  return lambda: train.train(config)
 
 
 def _eval(argv):
   config = parse_config(argv, help_config="configs/eval.py")
   from mcti_jax import evaluate
-  out = evaluate.run(config)
-  print(out["table"].read_text())
+  return lambda: print(evaluate.run(config)["table"].read_text())
 
 
 def with_default_config(argv: list[str], default: str) -> list[str]:
@@ -163,17 +165,17 @@ def with_default_config(argv: list[str], default: str) -> list[str]:
 def _demo(argv):
   config = parse_config(with_default_config(argv, "configs/demo.py"))
   from mcti_jax import demo
-  demo.run(config)
+  return lambda: demo.run(config)
 
 
 def _generate(argv):
   from mcti_jax import generate
-  generate.generate_main(argv)
+  return lambda: generate.generate_main(argv)
 
 
 def _pretrain_tiny(argv):
   from mcti_jax import pretrain_tiny
-  pretrain_tiny.pretrain_main(argv[1:])
+  return lambda: pretrain_tiny.pretrain_main(argv[1:])
 
 
 def _interrupt(e: BaseException) -> KeyboardInterrupt | None:
@@ -198,35 +200,19 @@ def _report(prog: str, message: str, e: BaseException) -> None:
 
 
 @contextlib.contextmanager
-def _remember_sigint(sigints: list):
-  """Ctrl-C raises KeyboardInterrupt as usual, and is noted in `sigints` in case C code swallows it.
-
-  One raised inside a gc or weakref callback (jax runs one on every collection) would only be printed as
-  "Exception ignored in ..." and the run would go on: it is sent again instead, to land in ordinary code.
-  """
-  def handle(signum, frame):
-    sigints.append(signum)
-    raise KeyboardInterrupt
-
-  def unraisable(u):
-    if not isinstance(u.exc_value, KeyboardInterrupt):
-      return previous_hook(u)
-    again = threading.Timer(0.01, signal.raise_signal, (signal.SIGINT,))
-    again.daemon = True
-    again.start()
-
-  own = (threading.current_thread() is threading.main_thread()
-         and signal.getsignal(signal.SIGINT) is signal.default_int_handler)  # not where SIGINT is ignored (nohup)
-  if not own:
-    yield
+def _held_sigint():
+  """Ctrl-C is noted, not raised, while the block runs: a KeyboardInterrupt inside jaxlib's import aborts the
+  process (nanobind's terminate) or is swallowed by C code. main raises it once the block is done."""
+  held = []
+  if threading.current_thread() is not threading.main_thread() or \
+      signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # not where SIGINT is ignored (nohup)
+    yield held
     return
-  previous, previous_hook = signal.signal(signal.SIGINT, handle), sys.unraisablehook
-  sys.unraisablehook = unraisable
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
   try:
-    yield
+    yield held
   finally:
     signal.signal(signal.SIGINT, previous)
-    sys.unraisablehook = previous_hook
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,15 +225,14 @@ def main(argv: list[str] | None = None) -> None:
     raise SystemExit(f"mcti: unknown command {command!r}\n\n{_usage()}")
   prog = f"mcti {command}"
   handlers = {"train": _train, "eval": _eval, "generate": _generate, "demo": _demo, "pretrain-tiny": _pretrain_tiny}
-  sigints = []
   try:
-    with _remember_sigint(sigints):
-      import numpy  # noqa: F401 - here, not from jaxlib's C code, which prints a Ctrl-C's traceback itself
-      handlers[command]([prog, *argv[2:]])
+    with _held_sigint() as held:
+      work = handlers[command]([prog, *argv[2:]])
+    if held:
+      raise KeyboardInterrupt
+    work()
   except (Exception, KeyboardInterrupt) as e:
-    if (stop := _interrupt(e) or (KeyboardInterrupt() if sigints else None)) is not None:
-      # Ctrl-C, or what it left (C code such as numpy's import swallows it and fails); the trainer's own stop
-      # (stopping.Stopped) says where it saved.
+    if (stop := _interrupt(e)) is not None:  # Ctrl-C; the trainer's own stop (stopping.Stopped) says where it saved
       _report(prog, str(stop) or "interrupted", e)
       raise SystemExit(128 + getattr(stop, "signum", signal.SIGINT)) from None
     if not isinstance(e, MctiError):

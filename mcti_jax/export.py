@@ -56,8 +56,10 @@ def export_tokens(folder: str | Path, tokens: np.ndarray, class_tokens: ClassTok
 def export_phases(folder: str | Path, phases: dict[str, np.ndarray], class_tokens: ClassTokens,
                   class_names: list[str], info: dict[str, Any] | None = None) -> dict[str, Path]:
   """<folder>/<phase>/ for every phase, replacing the whole of `folder` in one step."""
-  files = {f"{phase}/{name}": content for phase, tokens in phases.items()
-           for name, content in token_files(tokens, class_tokens, class_names, {**(info or {}), "phase": phase}).items()}
+  files = {}
+  for phase, tokens in phases.items():
+    one = token_files(tokens, class_tokens, class_names, {**(info or {}), "phase": phase})
+    files.update({f"{phase}/{name}": content for name, content in one.items()})
   hf_io.write_folder(folder, files, replace=True)
   return {phase: Path(folder) / phase for phase in phases}
 

@@ -145,11 +145,11 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   def sharded(local_rows: np.ndarray) -> jax.Array:
     return parallel.shard_by_class(parallel.pad_rows(local_rows, len(local)), mesh, num_padded)
 
-  digests = runs.shot_digests(shots.class_names, shots.shot_ids, shots.shots)
-  signature = runs.signature(
-      config, num_classes=num_classes, data=runs.data_fingerprint(np.asarray(replicate(sharded(digests)))[:num_classes]),
-      sd=runs.weights_fingerprint(config.model.sd_path),
-      clip=runs.weights_fingerprint(config.model.clip_path) if needs_clip else None)
+  local_digests = runs.shot_digests(shots.class_names, shots.shot_ids, shots.shots)
+  digests = np.asarray(replicate(sharded(local_digests)))[:num_classes]  # gathered: every process's classes
+  signature = runs.signature(config, num_classes=num_classes, data=runs.data_fingerprint(digests),
+                             sd=runs.weights_fingerprint(config.model.sd_path),
+                             clip=runs.weights_fingerprint(config.model.clip_path) if needs_clip else None)
   if check_signature is not None:
     check_signature(signature)
 
@@ -198,11 +198,13 @@ def _class_names(config, labeled: D.LabeledImages, num_classes: int) -> list[str
 def _check_same_token_space(sd, clip_model, clip_tokenizer) -> None:
   sd_width, clip_width = sd.text_width, clip_model.config.text_config.hidden_size
   if sd_width != clip_width:
-    raise ValueError(f"MC-TI splices each class token into both the SD text encoder ({sd_width}-wide) and the CLIP "
-                     f"text tower ({clip_width}-wide); they must share one token space (SD 1.x with CLIP ViT-L/14).")
+    raise hf_io.CheckpointError(
+        f"MC-TI splices each class token into both the SD text encoder ({sd_width}-wide) and the CLIP text tower "
+        f"({clip_width}-wide); they must share one token space (SD 1.x with CLIP ViT-L/14).")
   if len(clip_tokenizer) != len(sd.tokenizer):
-    raise ValueError(f"the SD tokenizer ({len(sd.tokenizer)} tokens) and the CLIP tokenizer ({len(clip_tokenizer)}) "
-                     "differ; MC-TI needs the same vocabulary for both text towers.")
+    raise hf_io.CheckpointError(
+        f"the SD tokenizer ({len(sd.tokenizer)} tokens) and the CLIP tokenizer ({len(clip_tokenizer)}) differ; "
+        "MC-TI needs the same vocabulary for both text towers.")
 
 
 def _initial_tokens(config, sd, num_classes: int) -> np.ndarray:
@@ -242,6 +244,8 @@ def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] |
     setup = prepare(config, log, check_signature=lambda sig: runs.check_resumable(workdir, sig))
     if _is_main_process():
       runs.record(workdir, setup.signature)
+    if stop.requested is not None:  # while the models loaded
+      raise stop.stopped("stopped before training; nothing to save. Run the same command again to start.")
     return _run(setup, workdir, stop, on_step, log)
 
 
