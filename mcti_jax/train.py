@@ -153,14 +153,15 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   if check_signature is not None:
     check_signature(signature)
 
-  for path in [config.model.sd_path] + ([config.model.clip_path] if needs_clip else []):
-    hf_io.resolve_folder(path)  # a wrong path fails here, before any model loads
+  # Both found (or downloaded) before either loads: a wrong CLIP path must not wait for Stable Diffusion.
+  sd_folder = hf_io.resolve_folder(config.model.sd_path)
+  clip_folder = hf_io.resolve_folder(config.model.clip_path) if needs_clip else None
   log(f"loading Stable Diffusion from {config.model.sd_path}")
-  sd = pipeline.load_stable_diffusion(config.model.sd_path, dtype=config.model.dtype, remat=config.model.remat)
+  sd = pipeline.load_stable_diffusion(sd_folder, dtype=config.model.dtype, remat=config.model.remat)
   clip_model = None
   if needs_clip:
     log(f"loading CLIP from {config.model.clip_path}")
-    clip_model, clip_tokenizer = pipeline.load_clip(config.model.clip_path, dtype=config.model.dtype)
+    clip_model, clip_tokenizer = pipeline.load_clip(clip_folder, dtype=config.model.dtype)
     _check_same_token_space(sd, clip_model, clip_tokenizer)
 
   cache_key = {"sd": runs.fingerprint(config.model.sd_path),
