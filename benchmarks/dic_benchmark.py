@@ -1,4 +1,4 @@
-"""Speed of the Diffusion Classifier (`mcti_jax.classify.diffusion_classifier`) against the public DiC code's way.
+"""Speed of the Diffusion Classifier (`mcti_jax.classify.dic`) against the public DiC code's way.
 
   python benchmarks/dic_benchmark.py                       # tiny random UNet, CPU, seconds
   python benchmarks/dic_benchmark.py --full --dtype bfloat16 --preset pets --classes 37 --batch_size 64   # GPU
@@ -30,7 +30,7 @@ import numpy as np
 
 import common
 from mcti_jax import parallel
-from mcti_jax.classify import diffusion_classifier as dic
+from mcti_jax.classify import dic
 from mcti_jax.models import schedule
 from mcti_jax.models.frozen import freeze
 

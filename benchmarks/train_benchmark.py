@@ -38,10 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from mcti_jax import parallel
+from mcti_jax import methods, parallel
 from mcti_jax.models import schedule as schedule_lib
 from mcti_jax.models.frozen import freeze
-from mcti_jax.train_step import Backbone, ShotData, StepConfig, TrainState, make_optimizer, train_step
+from mcti_jax.train_step import (Backbone, ShotData, StepConfig, TrainState, frozen_settings, make_optimizer,
+                                 train_step)
 
 LR, WEIGHT_DECAY, SCALE, NUM_TEMPLATES = 5e-4, 1e-2, 10.0, 27
 
@@ -96,8 +97,10 @@ def build_jax(args, mesh, inputs):
                      key=jax.random.PRNGKey(0))
   shardings = jax.tree.map(lambda x: by_class if x.ndim and x.shape[0] == num_padded else replicated, state)
   state = jax.device_put(state, shardings)
-  cfg = StepConfig(first_placeholder_id=inputs["first_placeholder_id"], num_vectors=args.num_vectors,
-                   num_train_timesteps=1000, beta=1.0 if args.mcti else 0.0, scale=SCALE, pooling="eos",
+  method = methods.get("mcti" if args.mcti else "ti")
+  settings = dict(alpha=1.0, beta=1.0, scale=SCALE) if args.mcti else {}
+  cfg = StepConfig(method=method, settings=frozen_settings(settings), first_placeholder_id=inputs["first_placeholder_id"],
+                   num_vectors=args.num_vectors, num_train_timesteps=1000, pooling="eos",
                    batch_per_class=args.batch_per_class)
   step = jax.jit(functools.partial(train_step, cfg=cfg, optimizer=optimizer, mesh=mesh), donate_argnums=(0,),
                  out_shardings=(shardings, replicated))

@@ -21,12 +21,12 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
   c = eval_config.get_config("tiny")
   c.workdir = "runs/demo"
   c.seeds = (1, 2, 3)  # shot seeds: each takes other shots of the held-out digits
-  c.methods = ("ti", "mcti", "clip_feat", "clip_zeroshot", "dic_fewshot")
+  eval_config.only(c, "ti", "mcti", "clip_feat", "clip_zeroshot", "dic_fewshot")
   c.generation = ml_collections.ConfigDict(dict(num_images=8, guidance=2.0, steps=50, seed=0))
   if arg == "quick":
     c.workdir = "runs/demo_quick"
     c.seeds = (1,)
-    c.train.ti_steps, c.train.mcti_steps = 4, 4
+    c.train.phase.ti.steps, c.train.phase.mcti.steps = 4, 4
     c.generation.num_images, c.generation.steps = 2, 3
   elif arg != "full":
     raise ValueError(f"unknown demo variant {arg!r}; use one of {', '.join(PRESET_NAMES)}")

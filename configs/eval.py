@@ -1,10 +1,11 @@
-"""Evaluation: N-shot settings x methods x seeds, as in MC-TI Table 1 and Fig. 4-5.
+"""Evaluation: N-shot settings x evaluators x seeds, as in MC-TI Table 1 and Fig. 4-5.
 
   mcti eval --config configs/eval.py:pets --config.train.data.data_dir=~/tensorflow_datasets
   mcti eval --config configs/eval.py:tiny      # the embedded tiny model; CPU, minutes
 
 `train` is the training config of configs/mcti.py with the same preset; each
-(N, seed) trains into <workdir>/<N>shot/seed<seed> (resumable) and is scored.
+(N, seed) trains into <workdir>/<N>shot/seed<seed> (resumable) and is scored
+by every evaluator in `evals` (mcti_jax/evaluators/<type>.py), one row each.
 """
 
 import os
@@ -16,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mcti  # noqa: E402  (configs/mcti.py, the training config)
 
 PRESET_NAMES = mcti.PRESET_NAMES
+DIC_PRESETS = ("pets", "flowers", "food", "aircraft", "imagenet")  # the DiC paper's; others use pets'
 
 
 def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
@@ -24,20 +26,30 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.workdir = f"runs/eval_{arg}"
   c.n_shots = (1, 2, 4, 8, 16)
   c.seeds = (1, 2, 3)
-  c.methods = ("ti", "mcti", "mcti_coop", "clip_feat", "clip_zeroshot", "dic_zeroshot", "dic_fewshot")
-  c.template = "T1"  # T1 "a photo of a S", T2 "a photo of the nice S", T3 "a cropped photo of the S", or a '{}' string
-  c.ensemble = False  # average the text features of T1, T2 and T3
-  c.zeroshot_template = "a photo of a {}"
   c.class_groups = ml_collections.ConfigDict()  # name -> class indices, reported separately (e.g. known/unknown)
-  c.coop = ml_collections.ConfigDict(dict(num_context=16, steps=200, lr=2e-3, logit_scale=100.0, seed=0))
-  # The Diffusion Classifier (methods dic_zeroshot / dic_fewshot): stages of the DiC paper's preset, on a subset.
-  c.dic = ml_collections.ConfigDict(dict(preset=arg if arg in ("pets", "flowers", "food", "aircraft", "imagenet")
-                                         else "pets", error="", max_images=200, tokens="mcti",
-                                         template="a photo of a {}"))
+  names = "a photo of the digit {}" if arg == "tiny" else "a photo of a {}"  # zero-shot prompts of the class names
+  dic = dict(type="dic", preset=arg if arg in DIC_PRESETS + ("tiny",) else "pets", error="",
+             max_images=100 if arg == "tiny" else 200)
+  # One row per evaluator; rows run and are shown in this order. T1 = "a photo of a S" (see classify/clip_head.py).
+  c.evals = ml_collections.ConfigDict()
+  c.evals.ti = dict(type="clip_tokens", label="TI", phase="ti", template="T1", ensemble=False)
+  c.evals.mcti = dict(type="clip_tokens", label="MC-TI", phase="mcti", template="T1", ensemble=False, save_head=True)
+  c.evals.mcti_coop = dict(type="coop", label="MC-TI + CoOp", phase="mcti", num_context=16, steps=200, lr=2e-3,
+                           logit_scale=100.0, seed=0)
+  c.evals.clip_feat = dict(type="clip_features", label="CLIP-feat")
+  c.evals.clip_zeroshot = dict(type="clip_zeroshot", label="CLIP zero-shot (names)", template=names)
+  c.evals.dic_zeroshot = dict(dic, label="DiC zero-shot (names)", tokens="", template=names)
+  c.evals.dic_fewshot = dict(dic, label="DiC few-shot (tokens)", tokens="mcti", template="a photo of a {}")
   if arg == "tiny":
     c.n_shots = (5,)
-    c.zeroshot_template = "a photo of the digit {}"
     c.class_groups.known = (0, 1, 2, 3, 4)
     c.class_groups.unknown = (5, 6, 7, 8, 9)
-    c.dic.preset, c.dic.max_images = "tiny", 100
   return c
+
+
+def only(c: ml_collections.ConfigDict, *names: str) -> None:
+  """Keep just these evaluators, in this order."""
+  kept = {name: c.evals[name].to_dict() for name in names}
+  c.evals = ml_collections.ConfigDict()
+  for name, entry in kept.items():
+    c.evals[name] = entry

@@ -15,24 +15,43 @@ import os
 import ml_collections
 
 import mcti_jax
+from mcti_jax import methods
 
 # The embedded tiny checkpoint (`mcti pretrain-tiny` writes it), found wherever the package is installed.
 TINY_ASSETS = os.path.join(os.path.dirname(mcti_jax.__file__), "assets", "tiny")
 
-# Dataset presets: tensorflow-datasets name, split names, initializer word.
-# The initializer words follow the MC-TI paper's per-dataset choice of a coarse word.
+# Dataset presets: tensorflow-datasets name (or an image folder), split names, initializer word, and the
+# dataset's prompt template (`data.template`, GCPL's per-dataset prompt). The initializer words follow the MC-TI
+# paper's per-dataset choice of a coarse word. The templates of cars, tissue, skin_lesion, fractal and corn_seed are
+# GCPL's Table 1; the others follow CoOp's per-dataset prompts.
 PRESETS = {
-    "pets": dict(name="oxford_iiit_pet", train_split="train", test_split="test", init_word="pet"),
-    "flowers": dict(name="oxford_flowers102", train_split="train", test_split="test", init_word="flower"),
-    "cars": dict(name="cars196", train_split="train", test_split="test", init_word="car"),
-    "food": dict(name="food101", train_split="train", test_split="validation", init_word="food"),
-    "aircraft": dict(name="fgvc_aircraft", train_split="train", test_split="test", init_word="aircraft"),
-    "dtd": dict(name="dtd", train_split="train", test_split="test", init_word="texture"),
-    "eurosat": dict(name="eurosat/rgb", train_split="train[:80%]", test_split="train[80%:]", init_word="satellite"),
-    "caltech101": dict(name="caltech101", train_split="train", test_split="test", init_word="object"),
-    "sun397": dict(name="sun397", train_split="train", test_split="test", init_word="scene"),
-    "imagenet": dict(name="imagenet2012", train_split="train", test_split="validation", init_word="object"),
-    "celeba": dict(name="celeb_a", train_split="train", test_split="test", init_word="person"),
+    "pets": dict(name="oxford_iiit_pet", train_split="train", test_split="test", init_word="pet",
+                 template="a photo of {}, a type of pet."),
+    "flowers": dict(name="oxford_flowers102", train_split="train", test_split="test", init_word="flower",
+                    template="a photo of {}, a type of flower."),
+    "cars": dict(name="cars196", train_split="train", test_split="test", init_word="car",
+                 template="A photo of {}, a type of car."),
+    "food": dict(name="food101", train_split="train", test_split="validation", init_word="food",
+                 template="a photo of {}, a type of food."),
+    "aircraft": dict(name="fgvc_aircraft", train_split="train", test_split="test", init_word="aircraft",
+                     template="a photo of {}, a type of aircraft."),
+    "dtd": dict(name="dtd", train_split="train", test_split="test", init_word="texture", template="{} texture."),
+    "eurosat": dict(name="eurosat/rgb", train_split="train[:80%]", test_split="train[80%:]", init_word="satellite",
+                    template="a centered satellite photo of {}."),
+    "caltech101": dict(name="caltech101", train_split="train", test_split="test", init_word="object",
+                       template="a photo of a {}."),
+    "sun397": dict(name="sun397", train_split="train", test_split="test", init_word="scene",
+                   template="a photo of a {}."),
+    "imagenet": dict(name="imagenet2012", train_split="train", test_split="validation", init_word="object",
+                     template="a photo of a {}."),
+    "celeba": dict(name="celeb_a", train_split="train", test_split="test", init_word="person",
+                   template="a photo of {}, a person."),
+    "tissue": dict(name="colorectal_histology", train_split="train[:80%]", test_split="train[80%:]",
+                   init_word="tissue", template="{} tissue."),
+    # GCPL's other datasets have no tfds build: one folder per class (--config.data.root=...).
+    "skin_lesion": dict(source="folder", init_word="lesion", template="{} skin lesion."),
+    "fractal": dict(source="folder", init_word="fractal", template="{} fractal."),
+    "corn_seed": dict(source="folder", init_word="seed", template="A photo of {} corn seed."),
 }
 PRESET_NAMES = (*PRESETS, "folder", "tiny")  # what may follow ':'; `mcti train --help` lists them
 
@@ -64,6 +83,7 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.data.flip = True  # also encode mirrored shots and pick one at random
   c.data.num_classes = ml_collections.config_dict.placeholder(int)  # the first K classes only
   c.data.class_names = ml_collections.config_dict.placeholder(tuple)  # names for reports and zero-shot prompts
+  c.data.template = "a photo of a {}"  # the dataset's prompt, for phases with templates="dataset" (GCPL)
   c.data.cache_dir = "runs/cache"
 
   c.tokens = ml_collections.ConfigDict()
@@ -73,13 +93,12 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.tokens.init_texts = ml_collections.config_dict.placeholder(tuple)  # per-class text when init="texts"
   c.templates = "ti"  # "ti" = the TI template list, or one template like "a photo of a {}"
 
-  c.ti_steps = 3000
-  c.mcti_steps = 100
-  c.alpha = 1.0  # weight of the noise MSE
-  c.beta = 1.0  # weight of the regulariser in the MC-TI phase (not given in the paper; tune it)
-  c.scale = 10.0  # s in softmax(s * cos)
-  c.lr = 5e-4
-  c.weight_decay = 1e-2
+  # The phases, in order (mcti_jax/phases.py); each phase's settings: the trainer's, then its method's
+  # (mcti_jax/methods/<method>.py). Override one with --config.phase.mcti.beta=0.5.
+  c.phases = ("ti", "mcti")
+  c.phase = ml_collections.ConfigDict()
+  c.phase.ti = methods.phase("ti", steps=3000, lr=5e-4)  # the TI warm-up
+  c.phase.mcti = methods.phase("mcti", steps=100, lr=5e-4, alpha=1.0, beta=1.0, scale=10.0)
   c.batch_per_class = 1
   c.grad_accum = 1
 
@@ -89,8 +108,10 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
 
   if arg in PRESETS:
     p = PRESETS[arg]
-    c.data.name, c.data.train_split, c.data.test_split = p["name"], p["train_split"], p["test_split"]
-    c.tokens.init_word = p["init_word"]
+    c.data.source = p.get("source", "tfds")
+    c.data.name = p.get("name", "")
+    c.data.train_split, c.data.test_split = p.get("train_split", "train"), p.get("test_split", "test")
+    c.tokens.init_word, c.data.template = p["init_word"], p["template"]
   elif arg == "folder":
     c.data.source = "folder"
   elif arg == "tiny":
@@ -111,8 +132,8 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.data.class_names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
   c.data.cache_dir = "runs/cache"
   c.tokens.init_word = "digit"
-  c.ti_steps = 2000
-  c.mcti_steps = 600
+  c.data.template = "a photo of the digit {}"  # a phrasing of the tiny models' captions
+  c.phase.ti.steps, c.phase.mcti.steps = 2000, 600
   # Measured on the demo's shots and seeds (1, 2, 3); lr and mcti_steps on the previous checkpoint (4x4 CLIP
   # patches), beta on the current one (2x2):
   # - lr: the tiny text tower's 32-wide embeddings sit ~0.1 apart per dimension (SD's 768-wide ones ~0.015),
@@ -126,6 +147,6 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   #   as 5s. MC-TI % on 0-4 / 5-9: beta 0.005 94.6 / 39.3, 0.0075 92.5 / 43.8, 0.01 89.5 / 46.1,
   #   0.015 86.5 / 52.0, 0.03 84.1 / 53.2 (CLIP-feat 93.0 / 46.3).
   # On fresh shot seeds 4, 5, 6 this preset gives TI 97 / 7, MC-TI 91 +- 3 / 46 +- 8, CLIP-feat 95 / 45.
-  c.lr = 2e-3
-  c.beta = 0.0075
+  c.phase.ti.lr = c.phase.mcti.lr = 2e-3
+  c.phase.mcti.beta = 0.0075
   c.checkpoint_every = 100

@@ -1,7 +1,8 @@
 """The `mcti` command.
 
   mcti train --config configs/mcti.py:pets --config.data.data_dir=~/tensorflow_datasets
-  mcti train --config configs/mcti.py:tiny --config.ti_steps=50
+  mcti train --config configs/mcti.py:tiny --config.phase.ti.steps=50
+  mcti train --config configs/gcpl.py:cars,comple --config.phase.comple.lam=1e-3
   mcti eval --config configs/eval.py:pets --config.train.data.data_dir=~/tensorflow_datasets
 
 Every config field can be overridden with --config.<field>=<value>; an
@@ -73,6 +74,13 @@ def _config_arg(args: list[str]) -> tuple[str | None, list[str]]:
   return None, args
 
 
+# Training fields that moved into the phases (issue 13): where an old command's flag now goes.
+MOVED = {"ti_steps": "phase.ti.steps", "mcti_steps": "phase.mcti.steps", "alpha": "phase.mcti.alpha",
+         "beta": "phase.mcti.beta", "scale": "phase.mcti.scale", "lr": "phase.<name>.lr",
+         "weight_decay": "phase.<name>.weight_decay", "methods": "evals", "template": "evals.<name>.template",
+         "coop": "evals.mcti_coop", "dic": "evals.dic_fewshot / evals.dic_zeroshot"}
+
+
 def _check_fields(config, spec: str, command: str, args: list[str]) -> None:
   """Refuse --config.<field> for a field the config lacks, naming the config, the field and the flag."""
   from ml_collections import ConfigDict
@@ -81,7 +89,9 @@ def _check_fields(config, spec: str, command: str, args: list[str]) -> None:
       node = config
       for key in m[1].split("."):
         if not isinstance(node, ConfigDict) or key not in node:
-          raise ConfigError(f"{spec} has no field {m[1]!r} ({arg}); `{command} --help` lists the fields.")
+          moved = MOVED.get(m[1].removeprefix("train."))
+          hint = f" It moved: use --config.{'train.' if m[1].startswith('train.') else ''}{moved}." if moved else ""
+          raise ConfigError(f"{spec} has no field {m[1]!r} ({arg}); `{command} --help` lists the fields.{hint}")
         node = node[key]
 
 
@@ -174,8 +184,19 @@ def _generate(argv):
 
 
 def _pretrain_tiny(argv):
-  from mcti_jax import pretrain_tiny
-  return lambda: pretrain_tiny.pretrain_main(argv[1:])
+  from mcti_jax.tiny import main
+  return lambda: main.pretrain_main(argv[1:])
+
+
+def _persistent_compilation_cache() -> None:
+  """Keep compiled programs on disk (~/.cache/mcti_jax/jit, or $JAX_COMPILATION_CACHE_DIR): a resumed run, the
+  next seed of an evaluation and the next demo skip the compiles (minutes for SD). Programs are keyed by their
+  full HLO, the jaxlib version and the device, so a stale entry is never used."""
+  import jax
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "mcti_jax", "jit"))
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _interrupt(e: BaseException) -> KeyboardInterrupt | None:
@@ -228,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
   try:
     with _held_sigint() as held:
       work = handlers[command]([prog, *argv[2:]])
+      _persistent_compilation_cache()
     if held:
       raise KeyboardInterrupt
     work()

@@ -77,7 +77,7 @@ def run(config, log: Callable[[str], None] = print) -> dict:
 
 
 def generation_report(config, workdir: Path, log) -> dict:
-  from mcti_jax import conditioning, generate
+  from mcti_jax import clip_similarity, conditioning, generate
   from mcti_jax.models import pipeline
   seed = config.seeds[0]
   run_dir = workdir / f"{config.n_shots[0]}shot" / f"seed{seed}"
@@ -94,7 +94,7 @@ def generation_report(config, workdir: Path, log) -> dict:
     k = images.shape[0]
     generate.save_grid(images.reshape(-1, *images.shape[2:]), workdir / f"generated_{phase}.png", rows=k)
     shots = _shots(config, seed)
-    similarity = generate.clip_image_similarity(clip_model, images, shots)
+    similarity = clip_similarity.clip_image_similarity(clip_model, images, shots)
     out[phase] = {**judge_generation(judge, images, k), "clip_image_similarity": np.asarray(similarity).tolist()}
     log(f"   {phase}: judged as intended: known {100 * out[phase]['known']:.0f}%, "
         f"unknown {100 * out[phase]['unknown']:.0f}%")
@@ -102,8 +102,7 @@ def generation_report(config, workdir: Path, log) -> dict:
 
 
 def _shots(config, seed: int) -> np.ndarray:
-  from mcti_jax import train
-  labeled = train.load_labeled(config.train.data, "train")
+  labeled = D.load_labeled(config.train.data, "train")
   few = D.sample_few_shot(labeled, config.n_shots[0], seed, resolution=config.train.data.resolution)
   return few.shots
 
@@ -113,11 +112,11 @@ def _pct(mean_std) -> str:
   return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
-def summary_table(results: dict, n_shots: int) -> str:
-  """Methods x (all, known, unknown), from results.json's rows."""
+def summary_table(results: dict, labels: dict[str, str], n_shots: int) -> str:
+  """Rows x (all, known, unknown), from results.json's rows; `labels` names and orders the rows."""
   cells = evaluate.summary(results)
   lines = ["| method | all (10-way) | known 0-4 | unknown 5-9 |", "|---|---|---|---|"]
-  for method, name in evaluate.METHOD_NAMES.items():
+  for method, name in labels.items():
     if (method, n_shots, "top1") in cells:
       row = [_pct(cells[(method, n_shots, m)]) for m in ("top1", "top1_known", "top1_unknown")]
       lines.append(f"| {name} | " + " | ".join(row) + " |")
@@ -132,7 +131,7 @@ def write_report(config, workdir: Path, results: dict) -> Path:
       "# mcti-jax demo: MC-TI on digits the models know by name (0-4) and never met (5-9)", "",
       f"Top-1 accuracy (%) on the held-out digits not used as shots, 10-way, {n} shots per class, mean ± std over "
       f"shot seeds {seeds}. Every number is a mean of rows of results.json.", "",
-      summary_table(evaluate.requested(results, config), n), "",
+      summary_table(evaluate.requested(results, config), evaluate.labels_of(config), n), "",
       "## Generation", "",
       f"8 images per class from \"a photo of a <cls-k>\" (DDIM {gen['steps']} steps, guidance {gen['guidance']}), "
       f"tokens of shot seed {gen['shot_seed']}. Judged by an independent classifier ({gen['judge']}; "

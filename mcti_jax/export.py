@@ -54,11 +54,16 @@ def export_tokens(folder: str | Path, tokens: np.ndarray, class_tokens: ClassTok
 
 
 def export_phases(folder: str | Path, phases: dict[str, np.ndarray], class_tokens: ClassTokens,
-                  class_names: list[str], info: dict[str, Any] | None = None) -> dict[str, Path]:
-  """<folder>/<phase>/ for every phase, replacing the whole of `folder` in one step."""
+                  class_names: list[str], info: dict[str, Any] | None = None,
+                  phase_info: dict[str, dict[str, Any]] | None = None) -> dict[str, Path]:
+  """<folder>/<phase>/ for every phase, replacing the whole of `folder` in one step.
+
+  `info` goes into every manifest, `phase_info[phase]` (its method, templates) into that phase's.
+  """
   files = {}
   for phase, tokens in phases.items():
-    one = token_files(tokens, class_tokens, class_names, {**(info or {}), "phase": phase})
+    one = token_files(tokens, class_tokens, class_names,
+                      {**(info or {}), **(phase_info or {}).get(phase, {}), "phase": phase})
     files.update({f"{phase}/{name}": content for name, content in one.items()})
   hf_io.write_folder(folder, files, replace=True)
   return {phase: Path(folder) / phase for phase in phases}

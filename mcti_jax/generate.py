@@ -1,19 +1,14 @@
-"""Images from prompts (with learned class tokens): DDIM + classifier-free guidance.
+"""Images from prompts (with learned class tokens), on a mesh; PNGs; the `mcti generate` command.
 
   sd = pipeline.load_stable_diffusion("stable-diffusion-v1-5/stable-diffusion-v1-5")
   learned = LearnedTokens.from_export("runs/pets/export/mcti", sd.tokenizer, sd.text_width)
   images = generate(sd, ["a photo of a <cls-3> on the beach"], learned=learned, num_images_per_prompt=8)
 
-Sampling follows diffusers' `StableDiffusionPipeline` with a `DDIMScheduler`
-(eta = 0): the same timesteps, the same update, the same guidance
-(uncond + g * (cond - uncond), with "" as the unconditional prompt, and only
-when g > 1), so the same initial latents give the same images. The whole loop
-and the VAE decode are one jitted program, run with the images split over the
-devices of a mesh. Image i starts from the noise of `fold_in(key(seed), i)`,
-so results don't depend on the device count or the batch size.
-
-Also here: the `mcti generate` command (`generate_main`) and MC-TI's
-generation metric (`clip_image_similarity`).
+The sampler itself (DDIM + classifier-free guidance, as diffusers) is the pure
+core in `sampling.py`. Here it runs with the VAE decode as one jitted program,
+the images split over the devices of a mesh. Image i starts from the noise of
+`fold_in(key(seed), i)`, so results don't depend on the device count or the
+batch size. MC-TI's generation metric is in `clip_similarity.py`.
 """
 
 from __future__ import annotations
@@ -29,100 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from mcti_jax import conditioning, parallel
+from mcti_jax import conditioning, parallel, sampling
 from mcti_jax import tokens as tok
 from mcti_jax.conditioning import LearnedTokens
-from mcti_jax.models import clip as clip_lib
 from mcti_jax.models import hf_io
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import Frozen, freeze
-from mcti_jax.models.schedule import NoiseSchedule, SchedulerConfig
 
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 CLASS_PROMPT = "a photo of a {}"  # MC-TI's generation metric prompt
 
 
-# ------------------------------------------------------------------ DDIM
-
-
-def ddim_timesteps(config: SchedulerConfig, num_steps: int) -> np.ndarray:
-  """The descending int32 timesteps [num_steps] of diffusers' `DDIMScheduler.set_timesteps`."""
-  n = config.num_train_timesteps
-  if not 1 <= num_steps <= n:
-    raise ValueError(f"steps must be in 1..{n} (the schedule's num_train_timesteps), not {num_steps}")
-  if config.timestep_spacing == "leading":  # SD's: multiples of n // steps, shifted by steps_offset
-    t = np.arange(num_steps)[::-1] * (n // num_steps) + config.steps_offset
-  elif config.timestep_spacing == "trailing":
-    t = np.round(np.arange(n, 0, -n / num_steps)) - 1
-  elif config.timestep_spacing == "linspace":
-    t = np.linspace(0, n - 1, num_steps).round()[::-1]
-  else:
-    raise hf_io.unsupported("scheduler_config.json", "timestep_spacing", config.timestep_spacing,
-                            " / ".join(TIMESTEP_SPACINGS))
-  return np.asarray(t, np.int32)
-
-
-def check_sampler(config: SchedulerConfig) -> None:
-  """Refuse the scheduler options that DDIM here does not implement."""
-  if config.thresholding:
-    raise hf_io.unsupported("scheduler_config.json", "thresholding", True, "false (pixel-space models only)")
-  if config.timestep_spacing not in TIMESTEP_SPACINGS:
-    raise hf_io.unsupported("scheduler_config.json", "timestep_spacing", config.timestep_spacing,
-                            " / ".join(TIMESTEP_SPACINGS))
-
-
-def ddim_step(schedule: NoiseSchedule, model_output: jax.Array, timestep, sample: jax.Array,
-              num_steps: int) -> jax.Array:
-  """x_t -> x_{t - n // num_steps}, deterministic DDIM (diffusers' `DDIMScheduler.step` with eta = 0).
-
-  The step before the first train timestep lands on `final_alpha_cumprod`
-  (1, or abar_0 when the config's `set_alpha_to_one` is false).
-  """
-  config = schedule.config
-  prev = timestep - config.num_train_timesteps // num_steps
-  abar_prev = jnp.where(prev >= 0, schedule.alphas_cumprod[jnp.maximum(prev, 0)], schedule.final_alpha_cumprod)
-  x0, eps = schedule.predict_x0_and_eps(model_output, sample, timestep)
-  if config.clip_sample:
-    x0 = jnp.clip(x0, -config.clip_sample_range, config.clip_sample_range)
-  abar_prev = abar_prev.astype(sample.dtype)
-  return jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1 - abar_prev) * eps
-
-
-def guide(uncond: jax.Array, cond: jax.Array, guidance) -> jax.Array:
-  """Classifier-free guidance: uncond + g * (cond - uncond)."""
-  return uncond + guidance * (cond - uncond)
-
-
-def denoise(unet, schedule: NoiseSchedule, latents: jax.Array, context: jax.Array, uncond_context: jax.Array,
-            timesteps: jax.Array, guidance, *, use_cfg: bool) -> jax.Array:
-  """Run DDIM over `timesteps` from `latents` [B, h, w, c] (pure; jit it).
-
-  context [B, S, D] conditions each image; uncond_context [1, S, D] is the
-  encoded "" prompt. Without CFG (use_cfg=False) only the conditional
-  prediction is used, as diffusers does for guidance <= 1.
-  """
-  num_steps = timesteps.shape[0]
-  batch = latents.shape[0]
-  if use_cfg:
-    uncond = jnp.broadcast_to(uncond_context, (batch, *uncond_context.shape[1:])).astype(context.dtype)
-    both = jnp.concatenate([uncond, context])
-
-  def step(i, x):
-    t = timesteps[i]
-    if use_cfg:
-      out = unet(jnp.concatenate([x, x]), t, both).astype(jnp.float32)
-      pred = guide(out[:batch], out[batch:], guidance)
-    else:
-      pred = unet(x, t, context).astype(jnp.float32)
-    return ddim_step(schedule, pred, t, x, num_steps)
-
-  return jax.lax.fori_loop(0, num_steps, step, latents.astype(jnp.float32))
-
-
-def initial_latents(seed, indices: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
-  """N(0, 1) latents [len(indices), *shape]; image i draws from fold_in(key(seed), i)."""
-  key = jax.random.key(seed)
-  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32))(indices)
+# ------------------------------------------------------------------ images on a mesh
 
 
 def decode(vae, latents: jax.Array) -> jax.Array:
@@ -141,8 +53,9 @@ def _sampler(mesh, use_cfg: bool, latent_shape: tuple[int, int, int]):
   """One jitted program: noise -> DDIM -> decode, the images split over the mesh."""
 
   def local(unet: Frozen, vae: Frozen, schedule, timesteps, context, uncond_context, indices, seed, guidance):
-    latents = initial_latents(seed, indices, latent_shape)
-    latents = denoise(unet.module, schedule, latents, context, uncond_context, timesteps, guidance, use_cfg=use_cfg)
+    latents = sampling.initial_latents(seed, indices, latent_shape)
+    latents = sampling.denoise(unet.module, schedule, latents, context, uncond_context, timesteps, guidance,
+                               use_cfg=use_cfg)
     return decode(vae.module, latents)
 
   axis = parallel.CLASS_AXIS  # the mesh's one axis; here it splits images
@@ -182,10 +95,10 @@ def generate(sd, prompts: list[str], *, learned: LearnedTokens | None = None, nu
     raise ValueError("need at least one prompt and num_images_per_prompt >= 1")
   if output_type not in ("uint8", "float"):
     raise ValueError(f"output_type must be 'uint8' or 'float', not {output_type!r}")
-  check_sampler(sd.schedule.config)
+  sampling.check_sampler(sd.schedule.config)
   mesh = mesh or parallel.make_mesh()
   shape = latent_shape(sd, height, width)
-  timesteps = jnp.asarray(ddim_timesteps(sd.schedule.config, steps))
+  timesteps = jnp.asarray(sampling.ddim_timesteps(sd.schedule.config, steps))
 
   text = freeze(sd.text_encoder)
   contexts = conditioning.encode_prompts(text, sd.tokenizer, list(prompts), learned)[0]
@@ -258,48 +171,6 @@ def save_grid(images: np.ndarray, path: str | Path, rows: int) -> Path:
   path = Path(path)
   hf_io.write_folder(path.parent, {path.name: _png(image_grid(images, rows))})
   return path
-
-
-# ------------------------------------------------------------------ generation metric
-
-
-@jax.jit
-def _normalized_image_features(clip_model: Frozen, images):
-  model = clip_model.module
-  features = model.get_image_features(clip_lib.preprocess(images, model.config.vision_config.image_size))
-  features = features.astype(jnp.float32)
-  return features / jnp.linalg.norm(features, axis=-1, keepdims=True)
-
-
-def image_features(clip_model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-  """Unit-norm CLIP image features [B, P] of uint8 images [B, H, W, 3], in fixed-size batches (one compile)."""
-  frozen = clip_model if isinstance(clip_model, Frozen) else freeze(clip_model)
-  images = np.asarray(images)
-  batch = min(batch_size, len(images))
-  out = []
-  for start in range(0, len(images), batch):
-    part = images[start:start + batch]
-    padded = np.concatenate([part, np.repeat(part[:1], batch - len(part), axis=0)])
-    out.append(np.asarray(_normalized_image_features(frozen, padded))[:len(part)])
-  return np.concatenate(out)
-
-
-def clip_image_similarity(clip_model, generated: np.ndarray, shots: np.ndarray, batch_size: int = 64) -> np.ndarray:
-  """MC-TI's generation metric (Table 2): per class, the mean CLIP image-image cosine.
-
-  generated [K, G, H, W, 3] and shots [K, N, H', W', 3] (uint8) -> [K]: for
-  class k, the mean over all G x N pairs of cos(f(generated[k, g]), f(shots[k, n])).
-  Report the values per class and their mean.
-  """
-  generated, shots = np.asarray(generated), np.asarray(shots)
-  if generated.ndim != 5 or shots.ndim != 5 or generated.shape[0] != shots.shape[0]:
-    raise ValueError(f"need generated [K, G, H, W, 3] and shots [K, N, H, W, 3] with the same K, got "
-                     f"{generated.shape} and {shots.shape}")
-  frozen = freeze(clip_model)
-  k, g, n = generated.shape[0], generated.shape[1], shots.shape[1]
-  gen = image_features(frozen, generated.reshape(-1, *generated.shape[2:]), batch_size).reshape(k, g, -1)
-  ref = image_features(frozen, shots.reshape(-1, *shots.shape[2:]), batch_size).reshape(k, n, -1)
-  return np.einsum("kgp,knp->k", gen.astype(np.float64), ref.astype(np.float64)) / (g * n)
 
 
 # ------------------------------------------------------------------ the command

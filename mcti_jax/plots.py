@@ -13,23 +13,30 @@ def _pyplot():
   return plt
 
 
-def loss_curves(metrics_path: str | Path, out_png: str | Path, ti_steps: int | None = None) -> Path:
-  """MSE, regulariser and its train accuracy against the step, the TI -> MC-TI switch marked."""
+METRIC_TITLES = {"mse": "noise MSE", "reg": "MC-TI regulariser (CE)", "reg_acc": "train accuracy of the regulariser",
+                 "neg": "CoMPLe negative term (clipped)", "neg_raw": "CoMPLe negative term (unclipped)",
+                 "neg_clipped": "fraction of clipped pairs"}
+
+
+def loss_curves(metrics_path: str | Path, out_png: str | Path, boundaries: list[int] = ()) -> Path:
+  """One panel per logged metric against the step, a line per phase, the phase switches marked."""
   rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+  keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("step", "phase", "elapsed_s")))
+  phase_names = list(dict.fromkeys(r["phase"] for r in rows))
   plt = _pyplot()
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-  panels = (("mse", "noise MSE"), ("reg", "MC-TI regulariser (CE)"), ("reg_acc", "train accuracy of the regulariser"))
-  for ax, (key, title) in zip(axes, panels):
-    for phase, color in (("ti", "tab:blue"), ("mcti", "tab:red")):
-      pts = [(r["step"], r[key]) for r in rows if r["phase"] == phase]
-      if pts and not (key != "mse" and phase == "ti"):
-        ax.plot(*zip(*pts), color=color, label=phase.upper().replace("MCTI", "MC-TI"))
-    if ti_steps and rows and rows[-1]["step"] > ti_steps:
-      ax.axvline(ti_steps, color="grey", linestyle=":", linewidth=1)
-    ax.set_title(title)
+  fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4.4 * max(len(keys), 1), 3.4), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    for i, phase in enumerate(phase_names):
+      pts = [(r["step"], r[key]) for r in rows if r["phase"] == phase and key in r]
+      if pts:
+        ax.plot(*zip(*pts), color=f"C{i}", label=phase)
+    for b in boundaries:
+      if rows and rows[-1]["step"] > b:
+        ax.axvline(b, color="grey", linestyle=":", linewidth=1)
+    ax.set_title(METRIC_TITLES.get(key, key))
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  axes[0].legend()
+  axes[0][0].legend()
   return _save(fig, plt, out_png)
 
 

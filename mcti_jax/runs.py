@@ -25,7 +25,7 @@ from mcti_jax.errors import ConfigError
 # gradient checkpointing (the same arithmetic), and input paths whose contents are hashed instead.
 RESUMABLE = ("workdir", "data.cache_dir", "log_every", "checkpoint_every", "num_devices", "model.remat",
              "model.sd_path", "model.clip_path", "data.root", "data.data_dir", "data.split_file")
-SIGNATURE_VERSION = 2
+SIGNATURE_VERSION = 3  # 3: config.phases (issue 13)
 
 
 def fingerprint(path: str | Path) -> str:
@@ -101,10 +101,19 @@ def signature(config, *, num_classes: int, data: str, sd: str, clip: str | None)
           "num_classes": num_classes, "fingerprints": {"data": data, "sd": sd, "clip": clip}}
 
 
+def _phase_steps(sig: dict[str, Any]) -> list[int]:
+  c = sig["config"]
+  return [c["phase"][name]["steps"] for name in c["phases"]]
+
+
 def extends(old: dict[str, Any], new: dict[str, Any]) -> bool:
-  """Whether `new` only adds steps at the end of `old`: more MC-TI steps, or more TI steps with no MC-TI."""
-  (a_ti, a_mc), (b_ti, b_mc) = ((s["config"]["ti_steps"], s["config"]["mcti_steps"]) for s in (old, new))
-  return (a_ti == b_ti and a_mc <= b_mc) or (a_mc == b_mc == 0 and a_ti <= b_ti)
+  """Whether `new` only adds steps at the end of `old`: more steps in old's last training phase (the one after
+  which every phase has 0 steps), the same phases before it."""
+  if old["config"]["phases"] != new["config"]["phases"]:
+    return False
+  a, b = _phase_steps(old), _phase_steps(new)
+  last = max((i for i, n in enumerate(a) if n), default=0)
+  return a[:last] == b[:last] and a[last] <= b[last] and not any(a[last + 1:]) and not any(b[last + 1:])
 
 
 def check_resumable(workdir: Path, new: dict[str, Any]) -> None:
@@ -114,11 +123,13 @@ def check_resumable(workdir: Path, new: dict[str, Any]) -> None:
     return
   old = json.loads(path.read_text())
   if old.get("version") != SIGNATURE_VERSION:
-    raise ConfigError(f"{workdir} holds a run made by an older mcti-jax, whose run.json does not record every "
-                      f"setting and the data. Use a new --config.workdir, or delete {workdir} to start over.")
+    raise ConfigError(f"{workdir} holds a run made by another version of mcti-jax (run.json version "
+                      f"{old.get('version', 1)}; this one writes {SIGNATURE_VERSION}, with training phases in "
+                      f"config.phases) that it cannot resume. Use a new --config.workdir, or delete {workdir} to "
+                      "start over; its exported tokens (export/) still load.")
   ignore = tuple(f"config.{k}" for k in RESUMABLE)
   if extends(old, new):
-    ignore += ("config.ti_steps", "config.mcti_steps")
+    ignore += tuple(f"config.phase.{name}.steps" for name in new["config"]["phases"])
   detail = settings_changes(old, new, ignore=ignore)
   if detail:
     raise ConfigError(f"{workdir} holds a run made with other settings or data ({detail}). Use a new "

@@ -106,6 +106,11 @@ def ids_for_class(ids, class_tokens_first_id: int, num_vectors: int, k):
   return jnp.where(is_placeholder, ids + k * num_vectors, ids)
 
 
+def token_table(text_module):
+  """The token embedding table [vocab, D] of a CLIP text tower (SD's text encoder or CLIP's)."""
+  return text_module.text_model.embeddings.token_embedding.embedding[...]
+
+
 def splice(embedding_table, ids, placeholder_ids, vectors):
   """Token embeddings of `ids` [..., L] with each placeholder id replaced by its learned vector.
 

@@ -1,12 +1,13 @@
-"""The trainer: few shots -> cached encodings -> one compiled step for all K classes -> export.
+"""The trainer: few shots -> cached encodings -> one compiled step per phase for all K classes -> export.
 
   result = train(config)   # config from configs/mcti.py
 
-Steps [0, ti_steps) are the TI warm-up (noise MSE only); steps [ti_steps,
-ti_steps + mcti_steps) add the MC-TI regulariser, with a fresh AdamW state.
-The randomness of step s for class k is fold_in(fold_in(key, s), k), so a
-resumed run, a run on another device count, and a one-class run all see the
-same samples as an uninterrupted K-class run.
+The run is `config.phases` in order (phases.py); each phase trains with its
+method's loss (methods/<name>.py), a fresh AdamW state, and exports its tokens
+to export/<phase>/. The trainer knows no method: what a phase needs (CLIP,
+say) comes from its method module. The randomness of step s for class k is
+fold_in(fold_in(key, s), k), so a resumed run, a run on another device count,
+and a one-class run all see the same samples as an uninterrupted K-class run.
 
 Everything that can be wrong with the input (config values, data, paths,
 class counts, a workdir holding another run) is checked before the models
@@ -31,8 +32,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from mcti_jax import config_checks, export, parallel, plots, runs
+from mcti_jax import config_checks, export, parallel, phases, plots, runs
 from mcti_jax import data as D
 from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax import tokens as tok
@@ -40,38 +43,11 @@ from mcti_jax.models import clip as clip_lib
 from mcti_jax.models import hf_io, pipeline
 from mcti_jax.models.frozen import freeze
 from mcti_jax.stopping import StopOnSignal
-from mcti_jax.train_step import Backbone, ShotData, StepConfig, TrainState, make_optimizer, train_step
+from mcti_jax.train_step import (Backbone, ShotData, StepConfig, TrainState, frozen_settings, make_optimizer,
+                                 train_step)
 
 
 # ------------------------------------------------------------------ data
-
-
-def load_labeled(data_cfg: ml_collections.ConfigDict, split: str) -> D.LabeledImages:
-  """The labelled images of a split ('train' or 'test') of the configured source."""
-  source = data_cfg.source
-  if source == "folder":
-    if not data_cfg.root:
-      raise D.DataError("data.source='folder' needs --config.data.root=/path/with/one/subfolder/per/class")
-    return D.from_folder(data_cfg.root)
-  if source == "split_file":
-    if not data_cfg.split_file:
-      raise D.DataError("data.source='split_file' needs --config.data.split_file=split.json")
-    return D.from_split_file(data_cfg.split_file, split, data_cfg.root)
-  if source == "tfds":
-    name_of_split = data_cfg.train_split if split == "train" else data_cfg.test_split
-    return D.from_tfds(data_cfg.name, split=name_of_split, data_dir=data_cfg.data_dir)
-  if source == "digits":
-    return D.from_digits("heldout")  # shots and test images both come from the held-out half
-  raise D.DataError(f"unknown data.source {source!r}; use folder, split_file, tfds or digits")
-
-
-def num_classes_of(labeled: D.LabeledImages, data_cfg) -> int:
-  """K: all the source's classes, or the first data.num_classes of them."""
-  k = len(labeled.class_names)
-  if data_cfg.num_classes and data_cfg.num_classes > k:
-    raise ConfigError(f"data.num_classes={data_cfg.num_classes}, but {labeled.source} has only {k} classes; "
-                      "lower it or leave it unset for all of them")
-  return data_cfg.num_classes or k
 
 
 def make_encoder(sd: pipeline.StableDiffusion, clip_model: clip_lib.CLIPModel | None) -> Callable:
@@ -84,9 +60,7 @@ def make_encoder(sd: pipeline.StableDiffusion, clip_model: clip_lib.CLIPModel | 
     mean, logvar = vae.module.encode(D.to_model_range(images))
     out = {"latent_mean": mean, "latent_logvar": logvar}
     if clip_frozen is not None:
-      model = clip_frozen.module
-      pixels = clip_lib.preprocess(images, model.config.vision_config.image_size)
-      out["image_features"] = model.get_image_features(pixels)
+      out["image_features"] = clip_lib.image_features(clip_frozen.module, images)
     return out
 
   return lambda images: jax.device_get(encode(images))
@@ -104,7 +78,7 @@ class Setup:
   clip: clip_lib.CLIPModel | None
   class_names: list[str]
   class_tokens: tok.ClassTokens
-  template_ids: np.ndarray
+  template_ids: dict[str, np.ndarray]  # per phase: [T, L] prompt ids of its templates
   shots: D.FewShot
   data: ShotData
   init_tokens: jax.Array  # [Kp, V, D], class-sharded
@@ -128,10 +102,10 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   """
   config_checks.check_train_config(config)
   mesh = parallel.make_mesh(config.num_devices)
-  needs_clip = config.mcti_steps > 0
+  needs_clip = "clip" in phases.needs(config)
 
-  labeled = load_labeled(config.data, "train")
-  num_classes = num_classes_of(labeled, config.data)
+  labeled = D.load_labeled(config.data, "train")
+  num_classes = D.num_classes_of(labeled, config.data)
   class_names = _class_names(config, labeled, num_classes)
   num_padded = parallel.padded_num_classes(num_classes, mesh)
   local = parallel.local_classes(mesh, num_padded)
@@ -178,11 +152,18 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
                   valid=jax.device_put(np.arange(num_padded) < num_classes, parallel.replicated(mesh)))
 
   class_tokens = tok.add_class_tokens(sd.tokenizer, num_classes, config.tokens.num_vectors)
-  template_ids = tok.template_ids(sd.tokenizer, tok.templates(config.templates), class_tokens)
+  template_ids = {p.name: tok.template_ids(sd.tokenizer, templates_of(config, p), class_tokens)
+                  for p in phases.plan(config)}
   init = _initial_tokens(config, sd, num_classes)
   init_tokens = parallel.shard_by_class(parallel.pad_rows(init, num_padded)[local], mesh, num_padded)
   return Setup(config, mesh, sd, clip_model, class_names, class_tokens, template_ids, shots, data, init_tokens,
                signature)
+
+
+def templates_of(config, phase: phases.Phase) -> tuple[str, ...]:
+  """A phase's prompt templates: its own, else config.templates; "dataset" is the preset's data.template."""
+  spec = phase.settings.templates or config.templates
+  return tok.templates(config.data.template if spec == "dataset" else spec)
 
 
 def _class_names(config, labeled: D.LabeledImages, num_classes: int) -> list[str]:
@@ -200,12 +181,12 @@ def _check_same_token_space(sd, clip_model, clip_tokenizer) -> None:
   sd_width, clip_width = sd.text_width, clip_model.config.text_config.hidden_size
   if sd_width != clip_width:
     raise hf_io.CheckpointError(
-        f"MC-TI splices each class token into both the SD text encoder ({sd_width}-wide) and the CLIP text tower "
-        f"({clip_width}-wide); they must share one token space (SD 1.x with CLIP ViT-L/14).")
+        f"a method that uses CLIP splices each class token into both the SD text encoder ({sd_width}-wide) and the "
+        f"CLIP text tower ({clip_width}-wide); they must share one token space (SD 1.x with CLIP ViT-L/14).")
   if len(clip_tokenizer) != len(sd.tokenizer):
     raise hf_io.CheckpointError(
         f"the SD tokenizer ({len(sd.tokenizer)} tokens) and the CLIP tokenizer ({len(clip_tokenizer)}) differ; "
-        "MC-TI needs the same vocabulary for both text towers.")
+        "a method that uses CLIP needs the same vocabulary for both text towers.")
 
 
 def _initial_tokens(config, sd, num_classes: int) -> np.ndarray:
@@ -223,22 +204,49 @@ def _initial_tokens(config, sd, num_classes: int) -> np.ndarray:
 def make_backbone(setup: Setup) -> Backbone:
   sd = setup.sd
   return Backbone(text_encoder=freeze(sd.text_encoder), unet=freeze(sd.unet), schedule=sd.schedule,
-                  clip=freeze(setup.clip) if setup.clip is not None else None, scaling_factor=sd.scaling_factor)
+                  clip=freeze(setup.clip) if setup.clip is not None else None, scaling_factor=sd.scaling_factor,
+                  shift_factor=sd.vae.config.shift_factor)
 
 
-def step_config(setup: Setup, phase: str) -> StepConfig:
+def step_config(setup: Setup, phase: phases.Phase) -> StepConfig:
   c = setup.config
-  return StepConfig(first_placeholder_id=int(setup.class_tokens.ids[0, 0]), num_vectors=c.tokens.num_vectors,
-                    num_train_timesteps=int(setup.sd.schedule.num_train_timesteps), alpha=c.alpha,
-                    beta=c.beta if phase == "mcti" else 0.0, scale=c.scale, pooling=c.model.pooling,
+  return StepConfig(method=phase.method, settings=frozen_settings(phase.method_settings),
+                    first_placeholder_id=int(setup.class_tokens.ids[0, 0]), num_vectors=c.tokens.num_vectors,
+                    num_train_timesteps=int(setup.sd.schedule.num_train_timesteps), pooling=c.model.pooling,
                     batch_per_class=c.batch_per_class, grad_accum=c.grad_accum)
+
+
+def step_offset(phase: phases.Phase) -> jax.Array:
+  """Where a phase's draws count from: a branch (init="initial") draws as the run's first phase."""
+  return jnp.int32(phase.start if phase.settings.init == "initial" else 0)
 
 
 # ------------------------------------------------------------------ the loop
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+  """What a finished run hands to evaluation: its tokens and what they were learned from.
+
+  tokens[phase] [K, V, D] are also in exports[phase] (export/<phase>/); shot_features [K, N, P] are the CLIP
+  image features of the (unflipped) shots where a method needed CLIP, else None.
+  """
+  workdir: Path
+  class_names: tuple[str, ...]
+  tokens: dict[str, np.ndarray]
+  exports: dict[str, Path]
+  shots: D.FewShot
+  shot_features: np.ndarray | None
+  metrics: Path
+  plot: Path
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+
 def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          log: Callable[[str], None] = print) -> TrainResult:
   """Train (or resume, or find finished) the run in config.workdir; export its tokens."""
   workdir = Path(config.workdir)
   with StopOnSignal(log) as stop:
@@ -250,23 +258,26 @@ def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] |
     return _run(setup, workdir, stop, on_step, log)
 
 
-def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> dict[str, Any]:
+def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> TrainResult:
   config = setup.config
-  optimizer = make_optimizer(config.lr, config.weight_decay)
-  total = config.ti_steps + config.mcti_steps
+  plan = phases.plan(config)
+  total = plan[-1].end
+  optimizers = {p.name: make_optimizer(p.settings.lr, p.settings.weight_decay) for p in plan}
 
   tokens = setup.init_tokens.copy()  # the step donates its state; keep the initial tokens intact
-  state = TrainState(step=jnp.zeros((), jnp.int32), tokens=tokens, opt_state=optimizer.init(tokens),
+  state = TrainState(step=jnp.zeros((), jnp.int32), tokens=tokens, opt_state=optimizers[plan[0].name].init(tokens),
                      key=jax.random.PRNGKey(config.seed))
   state_shardings = _state_shardings(state, setup)
   state = jax.device_put(state, state_shardings)
-  tokens_ti = jnp.zeros_like(tokens)
+  # Each phase's final tokens, by its index in config.phases: [P, Kp, V, D], class-sharded.
+  ended = jax.device_put(jnp.zeros((len(config.phases), *tokens.shape), tokens.dtype),
+                         NamedSharding(setup.mesh, P(None, parallel.CLASS_AXIS)))
   checkpoint_dir = (workdir / "checkpoints").absolute()
   manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   start = manager.latest_step() or 0
   if start:
-    restored = manager.restore(start, args=ocp.args.StandardRestore({"state": state, "tokens_ti": tokens_ti}))
-    state, tokens_ti = restored["state"], restored["tokens_ti"]
+    restored = manager.restore(start, args=ocp.args.StandardRestore({"state": state, "phase_tokens": ended}))
+    state, ended = restored["state"], restored["phase_tokens"]
     log(f"resumed from the checkpoint at step {start}/{total}" if start < total else
         f"{workdir} already holds a finished run ({total} steps); not training again")
   metrics_path = workdir / "metrics.jsonl"
@@ -274,20 +285,21 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> dict[
     _truncate_metrics(metrics_path, start)
 
   # Placed on the mesh once; left on one device they would be copied to every device at each step.
-  backbone, template_ids = jax.device_put((make_backbone(setup), jnp.asarray(setup.template_ids)),
-                                         parallel.replicated(setup.mesh))
+  backbone, template_ids = jax.device_put(
+      (make_backbone(setup), {name: jnp.asarray(ids) for name, ids in setup.template_ids.items()}),
+      parallel.replicated(setup.mesh))
 
-  def at_phase_boundary(state, tokens_ti, step: int):
-    if step == config.ti_steps:  # the warm-up is done: keep its tokens, restart AdamW
-      fresh = jax.device_put(optimizer.init(state.tokens), state_shardings.opt_state)
-      return state.replace(opt_state=fresh), state.tokens.copy()
-    return state, tokens_ti
+  def begin(state: TrainState, phase: phases.Phase) -> TrainState:
+    """A fresh AdamW state at the phase's lr, on the previous phase's tokens or on the initial ones."""
+    tokens = setup.init_tokens.copy() if phase.settings.init == "initial" else state.tokens
+    fresh = jax.device_put(optimizers[phase.name].init(tokens), state_shardings.opt_state)
+    return state.replace(tokens=tokens, opt_state=fresh)
 
-  def save(step: int, state: TrainState, tokens_ti) -> None:
+  def save(step: int, state: TrainState, ended) -> None:
     """Synchronous, so that a failed save (a full disk) stops the run at once, with one message."""
     with _quiet_absl():
       try:
-        manager.save(step, args=ocp.args.StandardSave({"state": state, "tokens_ti": tokens_ti}))
+        manager.save(step, args=ocp.args.StandardSave({"state": state, "phase_tokens": ended}))
         manager.wait_until_finished()
       except Exception as e:  # orbax wraps OS errors in its own types
         with contextlib.suppress(Exception):
@@ -298,17 +310,22 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> dict[
                         f"from the last saved checkpoint (step {manager.latest_step() or 0}).") from e
 
   if start == 0:
-    state, tokens_ti = at_phase_boundary(state, tokens_ti, 0)
-  phase_of = lambda s: "ti" if s < config.ti_steps else "mcti"  # noqa: E731
-  steps = {}
-  for phase in dict.fromkeys(phase_of(s) for s in (start, max(start, config.ti_steps)) if s < total):
-    log(f"compiling the {phase} step ...")  # 1-2 minutes for SD on a GPU; the progress bar starts after it
-    t = time.time()
+    state = begin(state, plan[0])
+  steps, offsets, compiled = {}, {}, {}
+  for phase in (p for p in plan if p.end > start):
+    offsets[phase.name] = jax.device_put(step_offset(phase), parallel.replicated(setup.mesh))
     cfg = step_config(setup, phase)
-    steps[phase] = jax.jit(functools.partial(train_step, cfg=cfg, optimizer=optimizer, mesh=setup.mesh),
-                           donate_argnums=(0,), out_shardings=(state_shardings, parallel.replicated(setup.mesh))
-                           ).lower(state, setup.data, backbone, template_ids).compile()
-    log(f"compiled the {phase} step in {time.time() - t:.0f} s")
+    # Phases that differ only in where their draws start share one program.
+    key = (cfg, phase.settings.lr, phase.settings.weight_decay, setup.template_ids[phase.name].tobytes())
+    if key not in compiled:
+      log(f"compiling the {phase.name} step ({phase.settings.method}) ...")  # minutes for SD on a GPU
+      t = time.time()
+      compiled[key] = jax.jit(
+          functools.partial(train_step, cfg=cfg, optimizer=optimizers[phase.name], mesh=setup.mesh),
+          donate_argnums=(0,), out_shardings=(state_shardings, parallel.replicated(setup.mesh))
+      ).lower(state, setup.data, backbone, template_ids[phase.name], offsets[phase.name]).compile()
+      log(f"compiled the {phase.name} step in {time.time() - t:.0f} s")
+    steps[phase.name] = compiled[key]
   if stop.requested is not None and start < total:
     raise stop.stopped(f"stopped before step {start + 1}/{total}; nothing new to save. Run the same command "
                        "again to resume.")
@@ -318,19 +335,23 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> dict[
              disable=start >= total or not _is_main_process())
   pending, t0 = [], time.time()
   for s in range(start, total):
-    phase = phase_of(s)
-    state, metrics = steps[phase](state, setup.data, backbone, template_ids)
+    index = next(i for i, p in enumerate(plan) if p.start <= s < p.end)
+    phase = plan[index]
+    state, metrics = steps[phase.name](state, setup.data, backbone, template_ids[phase.name], offsets[phase.name])
     pending.append(metrics)
     done = s + 1
-    state, tokens_ti = at_phase_boundary(state, tokens_ti, done)
-    if done % config.log_every == 0 or done == total or done == config.ti_steps:
+    if done == phase.end:  # keep its tokens; the next phase starts afresh
+      ended = ended.at[phase.index].set(state.tokens)
+      if index + 1 < len(plan):
+        state = begin(state, plan[index + 1])
+    if done % config.log_every == 0 or done == phase.end:
       if _is_main_process():
-        row = _log_metrics(metrics_path, pending, done, phase, time.time() - t0)
-        bar.set_postfix(phase=phase, mse=f"{row['mse']:.4f}", reg=f"{row['reg']:.3f}", acc=f"{row['reg_acc']:.2f}")
+        row = _log_metrics(metrics_path, pending, done, phase.name, time.time() - t0)
+        bar.set_postfix(phase=phase.name, **{k: f"{v:.4g}" for k, v in row.items() if k in metrics})
       pending = []
     stopping = stop.requested is not None and done < total
-    if done % config.checkpoint_every == 0 or done == total or done == config.ti_steps or stopping:
-      save(done, state, tokens_ti)
+    if done % config.checkpoint_every == 0 or done == phase.end or stopping:
+      save(done, state, ended)
     bar.update(1)
     if on_step is not None:
       on_step(done)
@@ -339,7 +360,7 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> dict[
       raise stop.stopped(f"stopped at step {done}/{total}; the checkpoint is saved in {checkpoint_dir}. "
                          "Run the same command again to resume.")
   bar.close()
-  return _finish(setup, workdir, state.tokens, tokens_ti, metrics_path, log)
+  return _finish(setup, workdir, plan, ended, metrics_path, log)
 
 
 @contextlib.contextmanager
@@ -378,20 +399,26 @@ def _log_metrics(path: Path, pending: list[dict], step: int, phase: str, elapsed
   return row
 
 
-def _finish(setup: Setup, workdir: Path, tokens, tokens_ti, metrics_path: Path, log) -> dict[str, Any]:
+def _finish(setup: Setup, workdir: Path, plan: list[phases.Phase], ended, metrics_path: Path, log) -> TrainResult:
   c = setup.config
   gather = jax.jit(lambda x: x, out_shardings=parallel.replicated(setup.mesh))
+  ended = np.asarray(gather(ended))  # a collective: all processes
+  tokens = {p.name: ended[p.index] for p in plan}
   info = {"base_model": str(c.model.sd_path), "clip_model": str(c.model.clip_path), "pooling": c.model.pooling,
-          "templates": c.templates, "shots": setup.shots.manifest()}
+          "shots": setup.shots.manifest()}
+  phase_info = {p.name: {"method": p.settings.method, "templates": list(templates_of(c, p))} for p in plan}
   plot = workdir / "loss.png"
-  phases = {"ti": tokens_ti if c.mcti_steps else tokens, **({"mcti": tokens} if c.mcti_steps else {})}
-  phases = {phase: np.asarray(gather(value)) for phase, value in phases.items()}  # a collective: all processes
-  exports = {phase: workdir / "export" / phase for phase in phases}
+  exports = {name: workdir / "export" / name for name in tokens}
   if _is_main_process():
-    export.export_phases(workdir / "export", phases, setup.class_tokens, setup.class_names, info)
-    plots.loss_curves(metrics_path, plot, ti_steps=c.ti_steps)
+    export.export_phases(workdir / "export", tokens, setup.class_tokens, setup.class_names, info, phase_info)
+    plots.loss_curves(metrics_path, plot, boundaries=[p.end for p in plan[:-1]])
     log(f"tokens exported to {', '.join(str(p) for p in exports.values())}; loss curves in {plot}")
-  return {"exports": exports, "metrics": metrics_path, "plot": plot, "setup": setup}
+  features = None
+  if setup.clip is not None:  # a collective too
+    features = np.asarray(gather(setup.data.image_features))[: setup.num_classes, :, 0]
+  return TrainResult(workdir=workdir, class_names=tuple(setup.class_names),
+                     tokens={name: value[: setup.num_classes] for name, value in tokens.items()}, exports=exports,
+                     shots=setup.shots, shot_features=features, metrics=metrics_path, plot=plot)
 
 
 def _is_main_process() -> bool:

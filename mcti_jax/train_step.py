@@ -1,21 +1,26 @@
-"""One compiled step that trains the tokens of all K classes.
+"""One compiled step that trains the tokens of all K classes with one method.
 
 For every class k (vmapped; the class axis sharded over the mesh by
 `shard_map`) and every item of its per-class batch: sample a shot, a flip, a
 timestep, noise and a template from `fold_in(step_key, k)`; splice the
-class's vectors into the prompt; run the frozen text encoder and UNet; take
-the noise-prediction MSE (TI). In the MC-TI phase also take the projected
-CLIP text feature of the same prompt and the cached CLIP image features of
-one random shot of every class, and the cross-entropy of s*cos with target k.
+class's vectors into the prompt; run the frozen text encoder and UNet. That
+sampled `Item` goes to the method's `item_terms` (methods/<name>.py), which
+returns its loss terms (noise MSE, a regulariser, ...); the method's `loss`
+makes class k's loss from their means over its batch.
 
-The loss is a SUM over classes, so the gradient of class k's vectors is its
-own loss's gradient, whatever K is; AdamW is elementwise, so classes never
-interact: training K classes together equals K one-class runs.
+The step's loss is a SUM over classes. For a per-class method the gradient
+of class k's vectors is then its own loss's gradient, whatever K is; AdamW is
+elementwise, so classes never interact: K classes together equal K one-class
+runs. A cross-class method (`cross_class = True`) also sees every class's
+items of the step (their training targets, gathered over the mesh) through
+`cross_terms`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from types import ModuleType
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,19 +29,20 @@ from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from mcti_jax import tokens as tok
-from mcti_jax.methods import mcti, ti
+from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import Frozen
 from mcti_jax.parallel import CLASS_AXIS
 
 
 @struct.dataclass
 class Backbone:
-  """The frozen models one step needs. `clip` (text tower + projection) only for MC-TI."""
+  """The frozen models one step needs. `clip` (text tower + projection) only for methods that need it."""
   text_encoder: Frozen
   unet: Frozen
   schedule: object  # models.schedule.NoiseSchedule, a pytree of arrays
   clip: Frozen | None
-  scaling_factor: float = struct.field(pytree_node=False)
+  scaling_factor: float = struct.field(pytree_node=False)  # the VAE's: latents = (sample - shift) * scaling
+  shift_factor: float | None = struct.field(pytree_node=False, default=None)
 
 
 @struct.dataclass
@@ -46,7 +52,7 @@ class ShotData:
   latent_mean/latent_logvar [Kp, N, F, h, w, c] and class_ids [Kp] are
   sharded on the class axis; image_features [K', N, F, P] and valid [K'] cover
   every class (K' is the padded class count of the whole problem), because
-  the regulariser of one class looks at shots of all of them.
+  a method may look at shots of all of them.
   """
   class_ids: jax.Array
   latent_mean: jax.Array
@@ -63,18 +69,58 @@ class TrainState:
   key: jax.Array
 
 
+@struct.dataclass
+class Item:
+  """One sampled training item of class k: its prompt, its noised shot, and the UNet's prediction."""
+  k: jax.Array  # the class
+  vectors: jax.Array  # [V, D] class k's tokens
+  ids: jax.Array  # [L] the prompt's token ids
+  placeholder_ids: jax.Array  # [V] the ids that `vectors` replace
+  prediction: jax.Array  # the UNet output
+  target: jax.Array  # what it should be (noise or v)
+  keys: jax.Array  # [2] keys left for the method's own draws
+
+
+@struct.dataclass
+class Context:
+  """What a method's `item_terms` may look at besides the item."""
+  backbone: Backbone
+  image_features: jax.Array  # [K', N, F, P] CLIP image features of every class's shots
+  valid: jax.Array  # [K'] False on padded classes
+  pooling: str = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class Everyone:
+  """Every class's items of the step, gathered over the mesh (cross-class methods)."""
+  target: jax.Array  # [K', B, ...]
+  class_ids: jax.Array  # [K']
+  valid: jax.Array  # [K']
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static settings of a compiled step (a change recompiles)."""
+  method: ModuleType  # methods/<name>.py
+  settings: tuple[tuple[str, Any], ...]  # the method's settings (methods.phase), compiled in
   first_placeholder_id: int
   num_vectors: int
   num_train_timesteps: int
-  alpha: float = 1.0
-  beta: float = 0.0  # 0 in the TI warm-up phase; the regulariser is then not even traced
-  scale: float = 10.0
   pooling: str = "eos"
   batch_per_class: int = 1
   grad_accum: int = 1
+
+
+class Settings:
+  """What a method reads as `cfg`: its phase's settings as attributes, compiled into the step."""
+
+  def __init__(self, settings: tuple[tuple[str, Any], ...]):
+    self.__dict__.update(settings)
+
+
+def frozen_settings(settings: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+  """A method's settings as StepConfig holds them (hashable)."""
+  return tuple(sorted(settings.items()))
 
 
 def make_optimizer(lr: float, weight_decay: float = 1e-2) -> optax.GradientTransformation:
@@ -82,82 +128,85 @@ def make_optimizer(lr: float, weight_decay: float = 1e-2) -> optax.GradientTrans
   return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
 
 
-def _text_table(text_module):
-  return text_module.text_model.embeddings.token_embedding.embedding[...]
-
-
-def class_objective(vectors, k, key, backbone: Backbone, latent_mean, latent_logvar, image_features_all,
-                    valid, template_ids, cfg: StepConfig):
-  """(mse, reg, correct) of class k averaged over its per-class batch."""
+def sample_item(key, k, vectors, backbone: Backbone, latent_mean, latent_logvar, template_ids,
+                cfg: StepConfig) -> Item:
+  """Draw one (shot, flip, t, noise, template) of class k and run the frozen text encoder and UNet on it."""
   num_shots, num_flips = latent_mean.shape[:2]
   placeholder_ids = cfg.first_placeholder_id + k * cfg.num_vectors + jnp.arange(cfg.num_vectors)
   text_encoder, unet = backbone.text_encoder.module, backbone.unet.module
+  keys = jax.random.split(key, 8)
+  shot = jax.random.randint(keys[0], (), 0, num_shots)
+  flip = jax.random.randint(keys[1], (), 0, num_flips)
+  mean, logvar = latent_mean[shot, flip], latent_logvar[shot, flip]
+  x0 = vae_lib.moments_to_latents(mean, logvar, backbone, keys[2])
+  t = jax.random.randint(keys[3], (), 0, cfg.num_train_timesteps)
+  noise = jax.random.normal(keys[4], x0.shape)
+  x_t = backbone.schedule.add_noise(x0, noise, t)
+  target = backbone.schedule.training_target(x0, noise, t)
+  template = jax.random.randint(keys[5], (), 0, template_ids.shape[0])
+  ids = tok.ids_for_class(template_ids[template], cfg.first_placeholder_id, cfg.num_vectors, k)
+  embeds = tok.splice(tok.token_table(text_encoder), ids, placeholder_ids, vectors)
+  hidden, _ = text_encoder(ids[None], inputs_embeds=embeds[None], pooling=cfg.pooling)
+  prediction = unet(x_t[None], t[None], hidden)[0]
+  return Item(k=k, vectors=vectors, ids=ids, placeholder_ids=placeholder_ids, prediction=prediction, target=target,
+              keys=keys[6:8])
+
+
+def class_objective(vectors, k, key, backbone: Backbone, latent_mean, latent_logvar, image_features_all, valid,
+                    template_ids, settings: Settings, cfg: StepConfig):
+  """Class k's terms averaged over its per-class batch, and the batch's items (for cross-class methods)."""
+  ctx = Context(backbone=backbone, image_features=image_features_all, valid=valid, pooling=cfg.pooling)
 
   def one_item(key):
-    keys = jax.random.split(key, 8)
-    shot = jax.random.randint(keys[0], (), 0, num_shots)
-    flip = jax.random.randint(keys[1], (), 0, num_flips)
-    mean, logvar = latent_mean[shot, flip], latent_logvar[shot, flip]
-    x0 = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(keys[2], mean.shape)) * backbone.scaling_factor
-    t = jax.random.randint(keys[3], (), 0, cfg.num_train_timesteps)
-    noise = jax.random.normal(keys[4], x0.shape)
-    x_t = backbone.schedule.add_noise(x0, noise, t)
-    target = backbone.schedule.training_target(x0, noise, t)
-    template = jax.random.randint(keys[5], (), 0, template_ids.shape[0])
-    ids = tok.ids_for_class(template_ids[template], cfg.first_placeholder_id, cfg.num_vectors, k)
+    item = sample_item(key, k, vectors, backbone, latent_mean, latent_logvar, template_ids, cfg)
+    return cfg.method.item_terms(item, ctx, settings), item
 
-    embeds = tok.splice(_text_table(text_encoder), ids, placeholder_ids, vectors)
-    hidden, _ = text_encoder(ids[None], inputs_embeds=embeds[None], pooling=cfg.pooling)
-    prediction = unet(x_t[None], t[None], hidden)[0]
-    mse = ti.noise_loss(prediction, target)
-    if cfg.beta == 0:
-      return mse, jnp.zeros(()), jnp.zeros(())
-
-    clip = backbone.clip.module
-    clip_embeds = tok.splice(_text_table(clip), ids, placeholder_ids, vectors)
-    text_feature = clip.get_text_features(ids[None], inputs_embeds=clip_embeds[None], pooling=cfg.pooling)[0]
-    # One shot (and flip) of every class j, drawn from fold_in(key, j): the draw of a real class does
-    # not depend on how many padded classes follow it.
-    num_all, shots_each, flips_each = image_features_all.shape[:3]
-    draw = lambda key, n: jax.vmap(lambda j: jax.random.randint(jax.random.fold_in(key, j), (), 0, n))(  # noqa: E731
-        jnp.arange(num_all))
-    image_features = image_features_all[jnp.arange(num_all), draw(keys[6], shots_each), draw(keys[7], flips_each)]
-    reg, correct = mcti.reg_loss(text_feature, image_features, k, valid, cfg.scale)
-    return mse, reg, correct
-
-  mse, reg, correct = jax.vmap(one_item)(jax.random.split(key, cfg.batch_per_class))
-  return mse.mean(), reg.mean(), correct.mean()
+  terms, items = jax.vmap(one_item)(jax.random.split(key, cfg.batch_per_class))
+  return {name: value.mean() for name, value in terms.items()}, items
 
 
 def _shard_grads(tokens, class_ids, latent_mean, latent_logvar, step_key, backbone, image_features, valid_all,
                  template_ids, cfg: StepConfig):
   """Gradients for the classes of one shard, and metric sums over all shards."""
+  settings = Settings(cfg.settings)
   valid = valid_all[class_ids]
   masked_sum = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731  (padded classes may hold inf)
+  method = cfg.method
 
   def loss_fn(tokens, micro_key):
     keys = jax.vmap(lambda k: jax.random.fold_in(micro_key, k))(class_ids)
-    per_class = jax.vmap(class_objective, in_axes=(0, 0, 0, None, 0, 0, None, None, None, None))
-    mse, reg, correct = per_class(tokens, class_ids, keys, backbone, latent_mean, latent_logvar, image_features,
-                                  valid_all, template_ids, cfg)
-    loss = masked_sum(cfg.alpha * mse + cfg.beta * reg)
-    return loss, jnp.stack([masked_sum(mse), masked_sum(reg), masked_sum(correct)])
+    per_class = jax.vmap(class_objective, in_axes=(0, 0, 0, None, 0, 0, None, None, None, None, None))
+    terms, items = per_class(tokens, class_ids, keys, backbone, latent_mean, latent_logvar, image_features,
+                             valid_all, template_ids, settings, cfg)
+    if method.cross_class:
+      gather = lambda x: jax.lax.all_gather(x, CLASS_AXIS, tiled=True)  # noqa: E731
+      all_ids = gather(class_ids)
+      everyone = Everyone(target=gather(jax.lax.stop_gradient(items.target)), class_ids=all_ids,
+                          valid=valid_all[all_ids])
+      cross = jax.vmap(method.cross_terms, in_axes=(0, 0, None, None))(items, class_ids, everyone, settings)
+      terms = {**terms, **cross}
+    loss = masked_sum(jax.vmap(lambda t: method.loss(t, settings))(terms))
+    return loss, {name: masked_sum(value) for name, value in terms.items()}
 
   def micro_step(grads_and_sums, micro):
     grads, sums = grads_and_sums
     (_, micro_sums), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(tokens, jax.random.fold_in(step_key, micro))
-    return (grads + micro_grads, sums + micro_sums), None
+    return (grads + micro_grads, jax.tree.map(jnp.add, sums, micro_sums)), None
 
-  init = (jnp.zeros_like(tokens), jnp.zeros((3,), jnp.float32))
+  names = jax.eval_shape(lambda: loss_fn(tokens, step_key)[1]).keys()
+  init = (jnp.zeros_like(tokens), {name: jnp.zeros((), jnp.float32) for name in names})
   (grads, sums), _ = jax.lax.scan(micro_step, init, jnp.arange(cfg.grad_accum))
-  sums = jax.lax.psum(sums, CLASS_AXIS) / cfg.grad_accum
+  sums = jax.tree.map(lambda s: jax.lax.psum(s, CLASS_AXIS) / cfg.grad_accum, sums)
   return grads / cfg.grad_accum, sums
 
 
-def train_step(state: TrainState, data: ShotData, backbone: Backbone, template_ids, *, cfg: StepConfig,
-               optimizer: optax.GradientTransformation, mesh) -> tuple[TrainState, dict]:
-  """One AdamW step on every class's tokens. Jit it with the mesh's shardings (see trainer)."""
-  step_key = jax.random.fold_in(state.key, state.step)
+def train_step(state: TrainState, data: ShotData, backbone: Backbone, template_ids, step_offset=0, *,
+               cfg: StepConfig, optimizer: optax.GradientTransformation, mesh) -> tuple[TrainState, dict]:
+  """One AdamW step on every class's tokens. Jit it with the mesh's shardings (see trainer).
+
+  The step's draws use `state.step - step_offset` (traced): a branch (init="initial") draws as a run's first phase.
+  """
+  step_key = jax.random.fold_in(state.key, state.step - step_offset)
   shard_grads = jax.shard_map(
       lambda *a: _shard_grads(*a, cfg=cfg), mesh=mesh,
       in_specs=(P(CLASS_AXIS), P(CLASS_AXIS), P(CLASS_AXIS), P(CLASS_AXIS), P(), P(), P(), P(), P()),
@@ -167,5 +216,5 @@ def train_step(state: TrainState, data: ShotData, backbone: Backbone, template_i
   updates, opt_state = optimizer.update(grads, state.opt_state, state.tokens)
   tokens = optax.apply_updates(state.tokens, updates)
   num_valid = jnp.maximum(jnp.sum(data.valid[data.class_ids]), 1)
-  metrics = {"mse": sums[0] / num_valid, "reg": sums[1] / num_valid, "reg_acc": sums[2] / num_valid}
+  metrics = {name: total / num_valid for name, total in sums.items()}
   return state.replace(step=state.step + 1, tokens=tokens, opt_state=opt_state), metrics

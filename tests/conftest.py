@@ -57,7 +57,7 @@ def tiny_train_config(checkpoint: Path, workdir: Path, **overrides):
   c = mcti.get_config("tiny")
   c.model.sd_path, c.model.clip_path = str(checkpoint / "sd"), str(checkpoint / "clip")
   c.workdir, c.data.cache_dir = str(workdir), str(workdir.parent / "cache")
-  c.ti_steps, c.mcti_steps, c.log_every, c.checkpoint_every = 4, 4, 2, 2
+  c.phase.ti.steps, c.phase.mcti.steps, c.log_every, c.checkpoint_every = 4, 4, 2, 2
   for key, value in overrides.items():
     target = c
     *parents, leaf = key.split(".")

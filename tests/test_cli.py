@@ -42,7 +42,9 @@ def test_help_lists_fields_and_presets_without_a_config(command, config, field, 
 @pytest.mark.parametrize("override, message", [
     ("--config.bogus=1", "configs/mcti.py:tiny has no field 'bogus' (--config.bogus=1); `mcti train --help` lists"),
     ("--config.data.bogus=1", "configs/mcti.py:tiny has no field 'data.bogus' (--config.data.bogus=1)"),
-    ("--config.ti_steps=abc", "--config.ti_steps=abc: invalid literal for int()"),
+    ("--config.phase.ti.steps=abc", "--config.phase.ti.steps=abc: invalid literal for int()"),
+    ("--config.ti_steps=5", "has no field 'ti_steps' (--config.ti_steps=5); `mcti train --help` lists the fields. "
+                            "It moved: use --config.phase.ti.steps."),
 ])
 def test_a_bad_override_is_one_line_naming_the_config(override, message):
   proc = mcti("train", "--config", "configs/mcti.py:tiny", override)

@@ -21,12 +21,12 @@ def quick_demo(tiny_checkpoint, tmp_path_factory):
   config.workdir, config.train.data.cache_dir = str(workdir), str(workdir / "cache")
   config.train.model.sd_path = str(tiny_checkpoint / "sd")
   config.train.model.clip_path = str(tiny_checkpoint / "clip")
-  config.dic.max_images = 10
-  return demo.run(config, log=lambda _: None), workdir
+  config.evals.dic_fewshot.max_images = 10
+  return demo.run(config, log=lambda _: None), workdir, config
 
 
 def test_demo_writes_its_report_and_files(quick_demo):
-  _, workdir = quick_demo
+  _, workdir, _ = quick_demo
   for name in ("report.md", "results.json", "generated_mcti.png", "generated_ti.png", "accuracy_vs_shots.png",
                "token_pca.png", "5shot/seed1/export/mcti/tokens.safetensors", "5shot/seed1/loss.png"):
     assert (workdir / name).is_file(), name
@@ -36,11 +36,11 @@ def test_demo_writes_its_report_and_files(quick_demo):
 
 
 def test_demo_numbers_are_those_of_results_json(quick_demo):
-  _, workdir = quick_demo
+  _, workdir, config = quick_demo
   results = json.loads((workdir / "results.json").read_text())
   report = (workdir / "report.md").read_text()
   table = re.search(r"\| method \| all \(10-way\).*?\n\n", report, re.S).group(0).strip().splitlines()[2:]
-  method_of = {v: k for k, v in evaluate.METHOD_NAMES.items()}
+  method_of = {v: k for k, v in evaluate.labels_of(config).items()}
   assert len(table) == 5
   for line in table:
     name, *cells = [c.strip() for c in line.strip("|").split("|")]

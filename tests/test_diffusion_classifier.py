@@ -11,7 +11,7 @@ from flax import nnx
 
 from conftest import max_abs_diff
 from mcti_jax import parallel
-from mcti_jax.classify import diffusion_classifier as dic
+from mcti_jax.classify import dic
 from mcti_jax.models import init, schedule as schedule_lib, tiny, unet as unet_lib
 from mcti_jax.models.frozen import freeze
 

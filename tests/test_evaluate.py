@@ -79,7 +79,8 @@ def test_report_shows_only_the_requested_grid_and_keeps_the_token_pca(tmp_path):
   """Rerun with seeds (1,) in a workdir that holds seeds 1 and 2: the report is on seed 1, and every cell being done
   (no PCA features computed now) keeps the earlier token_pca.png in results.md."""
   config = importlib.import_module("eval").get_config("tiny")
-  config.n_shots, config.seeds, config.methods = (1,), (1, 2), ("ti", "mcti")
+  config.n_shots, config.seeds = (1,), (1, 2)
+  importlib.import_module("eval").only(config, "ti", "mcti")
   top1 = {("ti", 1, 1): 0.339, ("ti", 1, 2): 0.259, ("mcti", 1, 1): 0.5, ("mcti", 1, 2): 0.3, ("ti", 2, 1): 0.9}
   rows = [{"method": m, "n_shots": n, "seed": s, "top1": v, "top1_known": v - 0.1, "top1_unknown": 0.25}
           for (m, n, s), v in top1.items()]
@@ -105,11 +106,11 @@ def test_report_shows_only_the_requested_grid_and_keeps_the_token_pca(tmp_path):
 def tiny_eval(tiny_checkpoint, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("eval")
   config = importlib.import_module("eval").get_config("tiny")
-  config.train = tiny_train_config(tiny_checkpoint, workdir / "unused", ti_steps=2, mcti_steps=2)
+  config.train = tiny_train_config(tiny_checkpoint, workdir / "unused", **{"phase.ti.steps": 2, "phase.mcti.steps": 2})
   config.workdir = str(workdir)
   config.n_shots, config.seeds = (1,), (1, 2)
-  config.coop.steps = 3
-  config.dic.max_images = 6
+  config.evals.mcti_coop.steps = 3
+  config.evals.dic_zeroshot.max_images = config.evals.dic_fewshot.max_images = 6
   return evaluate.run(config, log=lambda _: None), workdir, config
 
 
@@ -119,8 +120,8 @@ def test_eval_writes_every_artefact(tiny_eval):
   for name in artefacts:
     assert (workdir / name).is_file(), name
   rows = json.loads((workdir / "results.json").read_text())["rows"]
-  assert sorted((r["method"], r["seed"]) for r in rows) == sorted((m, s) for m in config.methods for s in (1, 2))
-  head = workdir / "heads" / "1shot_seed2"
+  assert sorted((r["method"], r["seed"]) for r in rows) == sorted((m, s) for m in config.evals for s in (1, 2))
+  head = workdir / "heads" / "mcti" / "1shot_seed2"
   names = json.loads((head / "classes.json").read_text())["class_names"]
   assert (head / "linear_head.safetensors").is_file() and names[3] == "three"
 
@@ -129,7 +130,7 @@ def test_every_table_number_comes_from_results_json(tiny_eval):
   _, workdir, config = tiny_eval
   rows = json.loads((workdir / "results.json").read_text())["rows"]
   md = (workdir / "results.md").read_text()
-  method_of = {v: k for k, v in evaluate.METHOD_NAMES.items()}
+  method_of = {v: k for k, v in evaluate.labels_of(config).items()}
   checked = 0
   for metric, table in re.findall(r"^## .*\[(\w+)\]\n\n((?:\|.*\n?)+)", md, re.M):
     lines = table.strip().splitlines()
@@ -140,14 +141,19 @@ def test_every_table_number_comes_from_results_json(tiny_eval):
         values = [r[metric] for r in rows if r["method"] == method_of[cells[0]] and r["n_shots"] == n]
         assert len(values) == 2 and cell == f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
         checked += 1
-  assert checked == 3 * len(config.methods)  # all, known, unknown
+  assert checked == 3 * len(config.evals)  # all, known, unknown
 
 
 def test_resumed_eval_does_not_redo_rows(tiny_eval, monkeypatch):
   _, workdir, config = tiny_eval
   before = json.loads((workdir / "results.json").read_text())["rows"]
   calls = []
-  monkeypatch.setitem(evaluate.METHODS, "ti", lambda ctx: calls.append(1))
+
+  class Recorder:
+    def run(self, cell, name):
+      calls.append(name)
+
+  monkeypatch.setattr(evaluate.evaluators, "make", lambda name, entry: Recorder())
   evaluate.run(config, log=lambda _: None)
   assert calls == [] and json.loads((workdir / "results.json").read_text())["rows"] == before
 
@@ -157,13 +163,20 @@ def test_results_made_with_other_settings_or_weights_are_not_reused(tiny_eval, t
   _, workdir, config = tiny_eval
   results = json.loads((workdir / "results.json").read_text())
   grown = copy.deepcopy(config)
-  grown.seeds, grown.methods = (1, 2, 3), ("ti",)
+  grown.seeds = (1, 2, 3)
+  importlib.import_module("eval").only(grown, "ti")
+  grown.evals.gcpl = dict(type="clip_tokens", phase="gcpl")  # a new evaluator, no rows yet
   evaluate._check_rows_reusable(results, workdir / "results.json", evaluate._made_with(grown))  # no error
 
   changed = copy.deepcopy(config)
-  changed.train.beta = config.train.beta / 2
-  expected = f"settings.train.beta: {config.train.beta!r} -> {changed.train.beta!r}"
+  changed.train.phase.mcti.beta = config.train.phase.mcti.beta / 2
+  expected = f"settings.train.phase.mcti.beta: {config.train.phase.mcti.beta!r} -> {changed.train.phase.mcti.beta!r}"
   with pytest.raises(ValueError, match=re.escape(expected)):
+    evaluate.run(changed, log=lambda _: None)
+
+  changed = copy.deepcopy(config)  # an evaluator's own settings: its rows hold other numbers
+  changed.evals.mcti.template = "T2"
+  with pytest.raises(ValueError, match=re.escape("settings.evals.mcti.template: 'T1' -> 'T2'")):
     evaluate.run(changed, log=lambda _: None)
 
   retrained = tmp_path / "ckpt"
@@ -200,8 +213,8 @@ def test_a_split_with_no_test_images_left_is_a_clear_error(tiny_checkpoint, tmp_
     for i in range(2):
       Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
   config = importlib.import_module("eval").get_config("tiny")
-  config.train = tiny_train_config(tiny_checkpoint, tmp_path / "run", ti_steps=1, mcti_steps=0,
-                                   **{"data.source": "folder", "data.root": str(tmp_path / "images"),
+  config.train = tiny_train_config(tiny_checkpoint, tmp_path / "run",
+                                   **{"phase.ti.steps": 1, "phase.mcti.steps": 0, "data.source": "folder", "data.root": str(tmp_path / "images"),
                                       "data.n_shots": 2, "data.class_names": None})
   setup = train.prepare(config.train, log=lambda _: None)
   with pytest.raises(ValueError, match="holds no images of the 2 trained classes"):

@@ -1,4 +1,4 @@
-"""DDIM + classifier-free guidance against diffusers, sharded generation, the command, the metric.
+"""DDIM + classifier-free guidance against diffusers, its gradient, sharded generation, the command, the metric.
 
 Every full-generation test uses the same shapes (2 prompts x 3 images, 4 steps,
 guidance 3 -> 8-image chunks on 8 devices), so they share one compiled program.
@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 from conftest import max_abs_diff
+from mcti_jax import clip_similarity as CS
 from mcti_jax import export, parallel
 from mcti_jax import generate as G
+from mcti_jax import sampling as S
 from mcti_jax import tokens as tok
 from mcti_jax.conditioning import LearnedTokens, encode_prompts
 from mcti_jax.models import pipeline
@@ -66,12 +68,12 @@ def _export(folder, num_classes, num_vectors, width, seed=0):
 def test_timesteps_equal_diffusers(name, steps):
   theirs = _diffusers_ddim(SCHEDULES[name])
   theirs.set_timesteps(steps)
-  np.testing.assert_array_equal(G.ddim_timesteps(SCHEDULES[name], steps), theirs.timesteps.numpy())
+  np.testing.assert_array_equal(S.ddim_timesteps(SCHEDULES[name], steps), theirs.timesteps.numpy())
 
 
 def test_timesteps_refuse_too_many_steps():
   with pytest.raises(ValueError, match="1..1000"):
-    G.ddim_timesteps(SD_SCHEDULE, 1001)
+    S.ddim_timesteps(SD_SCHEDULE, 1001)
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
@@ -80,10 +82,10 @@ def test_every_ddim_step_equals_diffusers(name):
   theirs = _diffusers_ddim(config)
   theirs.set_timesteps(steps)
   schedule = NoiseSchedule.from_config(config)
-  step = jax.jit(G.ddim_step, static_argnames="num_steps")
+  step = jax.jit(S.ddim_step, static_argnames="num_steps")
   rng = np.random.default_rng(0)
   worst = 0.0
-  for t in G.ddim_timesteps(config, steps):
+  for t in S.ddim_timesteps(config, steps):
     output, sample = (rng.normal(size=(2, 4, 4, 3)).astype(np.float32) for _ in range(2))
     want = theirs.step(torch.from_numpy(output), int(t), torch.from_numpy(sample), eta=0.0).prev_sample.numpy()
     got = step(schedule, jnp.asarray(output), jnp.int32(t), jnp.asarray(sample), num_steps=steps)
@@ -106,7 +108,7 @@ def one_step(sd):
   text = freeze(sd.text_encoder)
   context = encode_prompts(text, sd.tokenizer, PROMPTS)[0]
   uncond = encode_prompts(text, sd.tokenizer, [""])[0]
-  latents = G.initial_latents(0, jnp.arange(2), G.latent_shape(sd))
+  latents = S.initial_latents(0, jnp.arange(2), G.latent_shape(sd))
   unet, t = freeze(sd.unet), 981
   predict = jax.jit(lambda unet, c: unet.module(latents, t, c))
   eps_c = np.asarray(predict(unet, context), np.float64)
@@ -114,7 +116,7 @@ def one_step(sd):
   return dict(unet=unet, context=context, uncond=uncond, latents=latents, t=t, eps_c=eps_c, eps_u=eps_u)
 
 
-_denoise = jax.jit(lambda unet, schedule, *a, use_cfg: G.denoise(unet.module, schedule, *a, use_cfg=use_cfg),
+_denoise = jax.jit(lambda unet, schedule, *a, use_cfg: S.denoise(unet.module, schedule, *a, use_cfg=use_cfg),
                    static_argnames="use_cfg")
 
 
@@ -144,6 +146,57 @@ def test_guidance_one_equals_the_conditional_prediction_alone(sd, one_step):
   assert max_abs_diff(_run(sd, s, 1.0, use_cfg=False), cond_only) <= 1e-4
   assert max_abs_diff(_run(sd, s, 1.0, use_cfg=True), cond_only) <= 1e-4
   assert max_abs_diff(_run(sd, s, 0.0, use_cfg=True), cond_only) > 1e-2  # g=0 is the "" prompt: tellable apart
+
+
+def test_gradient_through_the_sampler_equals_finite_differences(sd, one_step):
+  """jax.grad of 2 guided DDIM steps of the UNet w.r.t. the conditioning, along a random direction, vs a central
+  difference (one compiled program serves both)."""
+  s = one_step
+  noise, context = s["latents"][:1], s["context"][:1]
+  rng = np.random.default_rng(0)
+  weights = jnp.asarray(rng.normal(size=noise.shape), jnp.float32)
+  direction = jnp.asarray(rng.normal(size=context.shape), jnp.float32)
+
+  @jax.jit
+  @jax.value_and_grad
+  def objective(c, unet):
+    return jnp.sum(weights * S.sample(unet, sd.schedule, noise, c, s["uncond"], 3.0, 2))
+
+  _, grad = objective(context, s["unet"])
+  eps = 1e-2
+  plus, minus = (objective(context + e * direction, s["unet"])[0] for e in (eps, -eps))
+  want = (float(plus) - float(minus)) / (2 * eps)
+  got = float(jnp.vdot(grad, direction))
+  assert abs(got - want) <= 1e-2 * abs(want), (got, want)
+  assert abs(want) > 1e-3  # the conditioning matters
+
+
+def test_grad_last_step_only_differentiates_the_last_step_alone(sd):
+  """Same values; the gradient is that of the last step from the (constant) latents before it. A toy denoiser."""
+  def toy(x, t, c):  # any callable (x [B, h, w, c], t, context [B, S, D]) -> prediction serves as the UNet
+    return jnp.tanh(x + c.mean(axis=(1, 2))[:, None, None, None] * (1 + t / 1000))
+
+  schedule, g = sd.schedule, 3.0
+  timesteps = jnp.asarray(S.ddim_timesteps(schedule.config, 3))
+  rng = np.random.default_rng(0)
+  noise, weights = (jnp.asarray(rng.normal(size=(2, 4, 4, 3)), jnp.float32) for _ in range(2))
+  context, uncond = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32), jnp.zeros((1, 5, 6), jnp.float32)
+
+  def step(x, t, c):  # one guided DDIM step of a 3-step schedule, by hand
+    out = toy(jnp.concatenate([x, x]), t, jnp.concatenate([jnp.broadcast_to(uncond, c.shape), c]))
+    return S.ddim_step(schedule, S.guide(out[:2], out[2:], g), t, x, 3)
+
+  def objective(c, last_only):
+    x = S.denoise(toy, schedule, noise, c, uncond, timesteps, g, use_cfg=True, grad_last_step_only=last_only)
+    return jnp.sum(weights * x)
+
+  before_last = jax.jit(lambda c: step(step(noise, timesteps[0], c), timesteps[1], c))(context)
+  want = jax.jit(jax.grad(lambda c: jnp.sum(weights * step(before_last, timesteps[2], c))))(context)
+  value_and_grad = jax.jit(jax.value_and_grad(objective), static_argnums=1)
+  (last_only, grad_last), (full, grad_full) = value_and_grad(context, True), value_and_grad(context, False)
+  np.testing.assert_allclose(last_only, full, rtol=1e-6)
+  np.testing.assert_allclose(grad_last, want, rtol=1e-5, atol=1e-7)
+  assert max_abs_diff(grad_full, want) > 1e-3 * float(jnp.abs(want).max())
 
 
 # ------------------------------------------------------------------ full generation
@@ -193,7 +246,7 @@ def test_generate_equals_diffusers_pipeline_with_learned_tokens(tiny_checkpoint,
       folder, scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"), safety_checker=None)
   for c in export.load_tokens(tokens)[1]["classes"]:
     pipe.load_textual_inversion(str(tokens / c["file"]))
-  latents = G.initial_latents(5, jnp.arange(2 * N), G.latent_shape(ours_sd))
+  latents = S.initial_latents(5, jnp.arange(2 * N), G.latent_shape(ours_sd))
   with torch.no_grad():
     theirs = pipe(prompts, num_images_per_prompt=N, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                   latents=torch.from_numpy(np.asarray(latents).transpose(0, 3, 1, 2).copy()),
@@ -289,7 +342,7 @@ def test_clip_image_similarity_equals_numpy_cosines(tiny_checkpoint):
   rng = np.random.default_rng(0)
   generated = rng.integers(0, 256, (3, 2, 16, 16, 3), dtype=np.uint8)
   shots = rng.integers(0, 256, (3, 4, 20, 24, 3), dtype=np.uint8)  # another size: resized by CLIP's preprocessing
-  got = G.clip_image_similarity(model, generated, shots, batch_size=5)
+  got = CS.clip_image_similarity(model, generated, shots, batch_size=5)
 
   theirs = CLIPModel.from_pretrained(str(tiny_checkpoint / "clip"))
 
@@ -310,4 +363,4 @@ def test_clip_image_similarity_equals_numpy_cosines(tiny_checkpoint):
 def test_clip_image_similarity_refuses_mismatched_classes(tiny_checkpoint):
   model, _ = pipeline.load_clip(tiny_checkpoint / "clip")
   with pytest.raises(ValueError, match="same K"):
-    G.clip_image_similarity(model, np.zeros((2, 1, 16, 16, 3), np.uint8), np.zeros((3, 1, 16, 16, 3), np.uint8))
+    CS.clip_image_similarity(model, np.zeros((2, 1, 16, 16, 3), np.uint8), np.zeros((3, 1, 16, 16, 3), np.uint8))

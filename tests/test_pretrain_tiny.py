@@ -8,27 +8,31 @@ import numpy as np
 import pytest
 
 from mcti_jax import data as D
-from mcti_jax import pretrain_tiny as P
+from mcti_jax.tiny import DEFAULT_OUT
+from mcti_jax.tiny import captions as C
+from mcti_jax.tiny import data as TD
+from mcti_jax.tiny import main
+from mcti_jax.tiny import pretrain as P
 from mcti_jax.models import pipeline
 
-COMMITTED = P.DEFAULT_OUT
-KNOWN_NAMES = {P.NAMES[d] for d in P.KNOWN_DIGITS}
-UNKNOWN_NAMES = set(P.NAMES) - KNOWN_NAMES
+COMMITTED = DEFAULT_OUT
+KNOWN_NAMES = {C.NAMES[d] for d in C.KNOWN_DIGITS}
+UNKNOWN_NAMES = set(C.NAMES) - KNOWN_NAMES
 
 
 def test_pretraining_sees_only_the_pretraining_half_of_known_digits():
-  images, labels = P.pretraining_data()
+  images, labels = TD.pretraining_data()
   all_images, all_labels = D.digits_images()
   split = D.digits_split(all_labels)
-  assert set(np.unique(labels).tolist()) == set(P.KNOWN_DIGITS)
+  assert set(np.unique(labels).tolist()) == set(C.KNOWN_DIGITS)
   assert len(images) == int(np.sum(all_labels[split["pretrain"]] < 5))
   heldout = {img.tobytes() for img in all_images[split["heldout"]]}
   unknown = {img.tobytes() for img in all_images[all_labels >= 5]}
   assert not any(img.tobytes() in heldout | unknown for img in images)
-  for d in P.KNOWN_DIGITS:
-    words = {w for caption in P.captions_of(d) for w in caption.split()}
-    assert P.NAMES[d] in words and not words & UNKNOWN_NAMES
-  assert "a photo of the digit three" in P.captions_of(3)
+  for d in C.KNOWN_DIGITS:
+    words = {w for caption in C.captions_of(d) for w in caption.split()}
+    assert C.NAMES[d] in words and not words & UNKNOWN_NAMES
+  assert "a photo of the digit three" in C.captions_of(3)
 
 
 def test_short_caption_rows_give_the_same_pooled_text_features():
@@ -38,36 +42,36 @@ def test_short_caption_rows_give_the_same_pooled_text_features():
   from mcti_jax.models import tokenizer as tokenizer_lib
   clip_model, tokenizer = tiny.build(0).clip, tiny.load_tiny_tokenizer()
   levels = np.array([0, 2, 0, 2, 0])  # every attribute mentioned: the longest captions
-  texts = [P.attribute_caption(t, 3, levels, np.ones(5, bool)) for t in P.caption_templates()[:8]]
-  short = tokenizer_lib.encode(tokenizer, texts, max_length=P.CLIP_TEXT_LENGTH)
+  texts = [C.attribute_caption(t, 3, levels, np.ones(5, bool)) for t in C.caption_templates()[:8]]
+  short = tokenizer_lib.encode(tokenizer, texts, max_length=C.CLIP_TEXT_LENGTH)
   full = tokenizer_lib.encode(tokenizer, texts)
-  np.testing.assert_array_equal(full[:, :P.CLIP_TEXT_LENGTH], short)
-  assert np.all(full[:, P.CLIP_TEXT_LENGTH - 2:] == tokenizer.eos_token_id)
+  np.testing.assert_array_equal(full[:, :C.CLIP_TEXT_LENGTH], short)
+  assert np.all(full[:, C.CLIP_TEXT_LENGTH - 2:] == tokenizer.eos_token_id)
   np.testing.assert_allclose(clip_model.get_text_features(jnp.asarray(short)),
                              clip_model.get_text_features(jnp.asarray(full)), atol=1e-5)
 
 
 def test_attribute_captions():
   levels = np.array([2, 0, 1, 1, 2])
-  caption = P.attribute_caption("a photo of the {}", 4, levels, np.array([True, True, True, False, True]))
+  caption = C.attribute_caption("a photo of the {}", 4, levels, np.array([True, True, True, False, True]))
   assert caption == "a photo of the four bold narrow leaning left"
-  images, _ = P.pretraining_data()
-  measures = P.shape_measures(images)
+  images, _ = TD.pretraining_data()
+  measures = C.shape_measures(images)
   # Shifting an image (the CLIP phase's augmentation) changes none of its measures.
   canvas = np.zeros((len(images), 20, 20, 3), np.uint8)
   a, b = canvas.copy(), canvas.copy()
   a[:, :16, :16], b[:, 3:19, 2:18] = images, images
-  np.testing.assert_allclose(P.shape_measures(a), measures, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(P.shape_measures(b), measures, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(C.shape_measures(a), measures, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(C.shape_measures(b), measures, rtol=1e-6, atol=1e-6)
   # Terciles: about a third of the images in each level of each attribute.
-  counts = np.stack([np.bincount(col, minlength=3) for col in P.attribute_levels(measures, measures).T])
+  counts = np.stack([np.bincount(col, minlength=3) for col in C.attribute_levels(measures, measures).T])
   assert np.all(np.abs(counts - len(images) / 3) < 0.02 * len(images))
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("pretrain") / "tiny"
-  assert P.pretrain_main(["--quick", "--out", str(out), "--seed", "1", "--no-progress"]) == 0
+  assert main.pretrain_main(["--quick", "--out", str(out), "--seed", "1", "--no-progress"]) == 0
   return out
 
 
@@ -96,7 +100,7 @@ def test_quick_checkpoint_loads_with_our_loaders_and_in_torch(quick_run):
 
   torch_clip = CLIPModel.from_pretrained(str(quick_run / "clip")).eval()
   pipe = StableDiffusionPipeline.from_pretrained(str(quick_run / "sd"), safety_checker=None)
-  ids = torch.tensor(np.asarray(P.caption_ids(sd.tokenizer, (2,))[0, :3]), dtype=torch.long)
+  ids = torch.tensor(np.asarray(C.caption_ids(sd.tokenizer, (2,))[0, :3]), dtype=torch.long)
   with torch.no_grad():
     theirs = torch_clip.get_text_features(input_ids=ids)
     theirs = getattr(theirs, "pooler_output", theirs).numpy()
@@ -169,7 +173,7 @@ def test_committed_clip_knows_digits_0_to_4_by_name_and_not_5_to_9():
   x = images[pick].astype(np.float32) / 255.0
   mean, std = np.asarray((0.48145466, 0.4578275, 0.40821073)), np.asarray((0.26862954, 0.26130258, 0.27577711))
   pixels = torch.tensor(((x - mean) / std).transpose(0, 3, 1, 2), dtype=torch.float32)
-  text = tokenizer([f"a photo of the digit {name}" for name in P.NAMES], padding="max_length", max_length=77,
+  text = tokenizer([f"a photo of the digit {name}" for name in C.NAMES], padding="max_length", max_length=77,
                    return_tensors="pt")
   with torch.no_grad():
     logits = model(input_ids=text.input_ids, pixel_values=pixels).logits_per_image.numpy()

@@ -21,14 +21,14 @@ from PIL import Image
 
 from conftest import ROOT, tiny_train_config
 from mcti_jax import data as D
-from mcti_jax import export, pretrain_tiny, train
+from mcti_jax import export, phases, tiny, train
 from mcti_jax import runs as run_record  # `runs` is the fixture below
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax.methods import mcti
 from mcti_jax.models import pipeline
 from mcti_jax.models.frozen import freeze
-from mcti_jax.train_step import ShotData, TrainState, class_objective, make_optimizer, train_step
+from mcti_jax.train_step import Settings, ShotData, TrainState, class_objective, make_optimizer, train_step
 
 
 # ------------------------------------------------------------ the regulariser
@@ -57,27 +57,39 @@ def runs(tiny_checkpoint, tmp_path_factory):
   for devices in (8, 1):
     config = tiny_train_config(tiny_checkpoint, base / f"d{devices}", num_devices=devices,
                                **{"data.num_classes": 5})
-    out[devices] = train.train(config, log=lambda _: None)
+    out[devices], out[f"setup{devices}"] = train_keeping_setup(config)
     out[f"config{devices}"] = config
   return out
 
 
+def train_keeping_setup(config, **kwargs):
+  """train.train(config), and the Setup it prepared (models, shot data) for tests to look into."""
+  seen, prepare = [], train.prepare
+  train.prepare = lambda *a, **k: seen.append(prepare(*a, **k)) or seen[-1]
+  try:
+    result = train.train(config, log=lambda _: None, **kwargs)
+  finally:
+    train.prepare = prepare
+  return result, seen[0]
+
+
 def _tokens(result, phase):
-  return export.load_tokens(result["exports"][phase])[0]
+  return export.load_tokens(result.exports[phase])[0]
 
 
 def test_eight_devices_equal_one_device_with_padding(runs):
-  assert runs[8]["setup"].num_padded == 8 and runs[1]["setup"].num_padded == 5
+  assert runs["setup8"].num_padded == 8 and runs["setup1"].num_padded == 5
   for phase in ("ti", "mcti"):
     a, b = _tokens(runs[8], phase), _tokens(runs[1], phase)
     assert a.shape == (5, 1, 32)
     np.testing.assert_allclose(a, b, atol=2e-6, rtol=0)
-  init = np.asarray(runs[1]["setup"].init_tokens)
+  init = np.asarray(runs["setup1"].init_tokens)
+  np.testing.assert_array_equal(runs[1].tokens["mcti"], _tokens(runs[1], "mcti"))  # the result holds the export
   assert np.abs(_tokens(runs[1], "mcti") - init).max() > 1e-4  # it trained at all
 
 
 def test_backbone_is_bit_identical_after_training(runs):
-  setup = runs[8]["setup"]
+  setup = runs["setup8"]
   fresh = pipeline.load_stable_diffusion(runs["config8"].model.sd_path)
   for trained, loaded in ((setup.sd.unet, fresh.unet), (setup.sd.text_encoder, fresh.text_encoder)):
     for a, b in zip(jax.tree.leaves(freeze(trained).params), jax.tree.leaves(freeze(loaded).params)):
@@ -115,14 +127,15 @@ def test_interrupted_run_resumes_to_the_same_tokens(runs, tmp_path):
 
 def test_changed_settings_are_refused_in_an_existing_workdir(runs):
   config = runs["config8"].copy_and_resolve_references()
-  old_lr, config.lr = config.lr, 1e-3
-  with pytest.raises(ConfigError, match=re.escape(f"other settings or data (config.lr: {old_lr} -> 0.001)")):
+  old_lr, config.phase.mcti.lr = config.phase.mcti.lr, 1e-3
+  with pytest.raises(ConfigError, match=re.escape(f"other settings or data (config.phase.mcti.lr: {old_lr} -> 0.001)")):
     train.train(config, log=lambda _: None)
 
 
 @pytest.mark.parametrize("changes", [
     {"data.resolution": 8}, {"data.flip": True}, {"tokens.init_word": "number"}, {"data.shot_seed": 7},
     {"templates": "a photo of a {}"}, {"model.pooling": "argmax"}, {"data.source": "folder"},
+    {"phase.mcti.beta": 0.5}, {"phases": ("ti",)},
 ])
 def test_every_setting_that_changes_the_result_is_checked_before_the_models_load(runs, tmp_path, changes):
   """The resume check fails closed: fields not listed as resumable are refused (some never were before)."""
@@ -130,7 +143,10 @@ def test_every_setting_that_changes_the_result_is_checked_before_the_models_load
   if changes.get("data.source") == "folder":
     changes["data.root"] = str(_image_folder(tmp_path / "images", {"a": 5, "b": 5, "c": 5, "d": 5, "e": 5}))
   for key, value in changes.items():
-    parent, leaf = (config, key) if "." not in key else (config[key.split(".")[0]], key.split(".")[1])
+    *parents, leaf = key.split(".")
+    parent = config
+    for name in parents:
+      parent = parent[name]
     parent[leaf] = value
   logs = []
   with pytest.raises(ConfigError, match="other settings or data") as e:
@@ -171,24 +187,36 @@ def test_resumable_changes_resume_and_extra_steps_extend_the_run(runs, tmp_path)
   logs = []
   train.train(config, log=logs.append)
   assert any("already holds a finished run" in line for line in logs)
-  config.mcti_steps = 6
+  config.phase.mcti.steps = 6
   logs.clear()
   steps = []
   train.train(config, log=logs.append, on_step=steps.append)
   assert any("resumed from the checkpoint at step 8/10" in line for line in logs) and steps == [9, 10]
-  config.mcti_steps = 5  # fewer steps than the checkpoint holds: not an extension
-  with pytest.raises(ConfigError, match="config.mcti_steps: 6 -> 5"):
+  config.phase.mcti.steps = 5  # fewer steps than the checkpoint holds: not an extension
+  with pytest.raises(ConfigError, match="config.phase.mcti.steps: 6 -> 5"):
     train.train(config, log=lambda _: None)
 
 
-@pytest.mark.parametrize("field, value", [("ti_steps", -5), ("checkpoint_every", 0), ("log_every", 0),
-                                          ("lr", 0.0), ("data.n_shots", 0), ("model.dtype", "float64")])
+@pytest.mark.parametrize("field, value", [("phase.ti.steps", -5), ("checkpoint_every", 0), ("log_every", 0),
+                                          ("phase.mcti.lr", 0.0), ("data.n_shots", 0), ("model.dtype", "float64"),
+                                          ("phase.mcti.beta", float("nan"))])
 def test_bad_numbers_fail_before_anything_loads_or_is_written(tiny_checkpoint, tmp_path, field, value):
   config = tiny_train_config(tiny_checkpoint, tmp_path / "run", **{field: value})
   logs = []
   with pytest.raises(ConfigError, match=re.escape(f"config.{field}={value!r} must be")):
     train.train(config, log=logs.append)
   assert logs == [] and not (tmp_path / "run").exists()
+
+
+def test_a_workdir_of_an_older_version_is_refused_clearly(tiny_checkpoint, tmp_path):
+  """run.json version 2 (before config.phases): not resumed, and the message says why and what to do."""
+  config = tiny_train_config(tiny_checkpoint, tmp_path / "run")
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "run.json").write_text(json.dumps({"version": 2, "config": {"ti_steps": 4, "mcti_steps": 4}}))
+  logs = []
+  with pytest.raises(ConfigError, match=r"run\.json version 2; this one writes 3.*Use a new --config\.workdir"):
+    train.train(config, log=logs.append)
+  assert not any("loading" in line for line in logs)
 
 
 def test_more_classes_than_the_data_has_are_refused(tiny_checkpoint, tmp_path):
@@ -278,7 +306,7 @@ def _mcti_train(*flags, **popen) -> subprocess.Popen:
 
 def _flags(config) -> list[str]:
   fields = ("workdir", "data.cache_dir", "model.sd_path", "model.clip_path", "data.num_classes", "num_devices",
-            "ti_steps", "mcti_steps", "log_every", "checkpoint_every")
+            "phase.ti.steps", "phase.mcti.steps", "log_every", "checkpoint_every")
   return [f"--config.{f}={run_record.config_value(config, f)}" for f in fields]
 
 
@@ -297,7 +325,7 @@ def test_bad_input_fails_before_the_models_load_in_one_line(tmp_path, flags, mes
 
 def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_run_resumes_to_the_same_tokens(runs, tmp_path):
   config = runs["config8"].copy_and_resolve_references()
-  config.workdir, config.mcti_steps, config.checkpoint_every = str(tmp_path / "stopped"), 16, 100
+  config.workdir, config.phase.mcti.steps, config.checkpoint_every = str(tmp_path / "stopped"), 16, 100
   proc = _mcti_train(*_flags(config))
   lines = []
   for line in proc.stdout:  # the step is compiled before the progress bar starts, and says so
@@ -310,7 +338,7 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_run_resumes_to_the_
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
-  assert any(line.startswith("compiling the ti step ...") for line in lines), lines
+  assert any(line.startswith("compiling the ti step (ti) ...") for line in lines), lines
   assert proc.returncode == 128 + signal.SIGTERM, err
   stopped_at = int(re.search(r"stopped at step (\d+)/20; the checkpoint is saved", err.splitlines()[-1])[1])
   assert "Traceback" not in err and "SIGTERM: stopping after this step" in out + err
@@ -331,9 +359,10 @@ def test_k_classes_in_one_step_equal_k_one_class_runs(tiny_checkpoint, tmp_path)
   config = tiny_train_config(tiny_checkpoint, tmp_path / "run", num_devices=1, batch_per_class=2,
                              **{"data.num_classes": 3})
   setup = train.prepare(config, log=lambda _: None)
-  backbone, template_ids = train.make_backbone(setup), jnp.asarray(setup.template_ids)
-  optimizer = make_optimizer(config.lr)
-  step = jax.jit(functools.partial(train_step, cfg=train.step_config(setup, "mcti"), optimizer=optimizer,
+  backbone, template_ids = train.make_backbone(setup), jnp.asarray(setup.template_ids["mcti"])
+  optimizer = make_optimizer(config.phase.mcti.lr)
+  mcti_phase = phases.plan(config)[1]
+  step = jax.jit(functools.partial(train_step, cfg=train.step_config(setup, mcti_phase), optimizer=optimizer,
                                    mesh=setup.mesh))
 
   def run(tokens, data):
@@ -357,12 +386,14 @@ def test_reg_gradient_reaches_the_tokens(tiny_checkpoint, tmp_path):
   config = tiny_train_config(tiny_checkpoint, tmp_path / "run", num_devices=1, **{"data.num_classes": 3})
   setup = train.prepare(config, log=lambda _: None)
   backbone, d = train.make_backbone(setup), setup.data
-  cfg = train.step_config(setup, "mcti")
+  mcti_phase = phases.plan(config)[1]
+  cfg = train.step_config(setup, mcti_phase)
+  settings = Settings(cfg.settings)
 
   def reg_of_class_1(vectors):
-    _, reg, _ = class_objective(vectors, 1, jax.random.PRNGKey(0), backbone, d.latent_mean[1], d.latent_logvar[1],
-                                d.image_features, d.valid, jnp.asarray(setup.template_ids), cfg)
-    return reg
+    terms, _ = class_objective(vectors, 1, jax.random.PRNGKey(0), backbone, d.latent_mean[1], d.latent_logvar[1],
+                               d.image_features, d.valid, jnp.asarray(setup.template_ids["mcti"]), settings, cfg)
+    return terms["reg"]
 
   grad = jax.jit(jax.grad(reg_of_class_1))(setup.init_tokens[1])  # one compiled program, not op by op
   assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 1e-6
@@ -383,12 +414,13 @@ def test_mcti_raises_the_train_accuracy_of_its_classifier(tmp_path):
   """
   accuracy = {}
   for beta in (0.0, 1.0):
-    config = tiny_train_config(pretrain_tiny.DEFAULT_OUT, tmp_path / f"beta{beta}", beta=beta, ti_steps=2,
-                               mcti_steps=60, lr=5e-3, log_every=10, checkpoint_every=100)
-    result = train.train(config, log=lambda _: None)
-    setup = result["setup"]
-    tokens, _ = export.load_tokens(result["exports"]["mcti"])
-    texts = clip_head.class_text_features(freeze(setup.clip), jnp.asarray(tokens), jnp.asarray(setup.template_ids),
+    config = tiny_train_config(tiny.DEFAULT_OUT, tmp_path / f"beta{beta}", log_every=10, checkpoint_every=100,
+                               **{"phase.mcti.beta": beta, "phase.ti.steps": 2, "phase.mcti.steps": 60,
+                                  "phase.ti.lr": 5e-3, "phase.mcti.lr": 5e-3})
+    result, setup = train_keeping_setup(config)
+    tokens = result.tokens["mcti"]
+    texts = clip_head.class_text_features(freeze(setup.clip), jnp.asarray(tokens),
+                                          jnp.asarray(setup.template_ids["mcti"]),
                                           first_id=int(setup.class_tokens.ids[0, 0]))
     shots = setup.data.image_features[:10, :, 0]  # [K, N, P], no flips in the tiny config
     accuracy[beta] = float(mcti.reg_train_accuracy(texts, shots))
@@ -402,16 +434,17 @@ def test_exported_tokens_load_in_diffusers_and_encode_equally(tiny_checkpoint, t
   import torch
   from diffusers import StableDiffusionPipeline
 
-  config = tiny_train_config(tiny_checkpoint, tmp_path / "run", ti_steps=2, mcti_steps=0,
-                             **{"tokens.num_vectors": 2, "data.num_classes": 4})
-  result = train.train(config, log=lambda _: None)
-  setup = result["setup"]
-  tokens, manifest = export.load_tokens(result["exports"]["ti"], expected_width=32)
+  config = tiny_train_config(tiny_checkpoint, tmp_path / "run",
+                             **{"tokens.num_vectors": 2, "data.num_classes": 4, "phase.ti.steps": 2,
+                                "phase.mcti.steps": 0})
+  result, setup = train_keeping_setup(config)
+  assert sorted(result.exports) == ["ti"]  # a phase of 0 steps is neither trained nor exported
+  tokens, manifest = export.load_tokens(result.exports["ti"], expected_width=32)
   assert [c["token"] for c in manifest["classes"]] == [f"<cls-{k}>" for k in range(4)]
 
   pipe = StableDiffusionPipeline.from_pretrained(str(tiny_checkpoint / "sd"), safety_checker=None)
   for c in manifest["classes"]:
-    pipe.load_textual_inversion(str(result["exports"]["ti"] / c["file"]))
+    pipe.load_textual_inversion(str(result.exports["ti"] / c["file"]))
   prompt = "a photo of a <cls-3> next to a <cls-1>"
   converted = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
   ids = pipe.tokenizer(converted, padding="max_length", max_length=77, return_tensors="pt").input_ids

@@ -176,6 +176,20 @@ def test_latent_helpers():
   assert nnx.eval_shape(lambda: vae.AutoencoderKL(TINY, rngs=nnx.Rngs(0))).scaling_factor == 0.18215
 
 
+def test_moments_to_latents_is_diffusers_and_bit_identical_to_the_old_trainer():
+  rng = np.random.default_rng(0)
+  mean, logvar = (jnp.asarray(rng.normal(size=(2, 3, 3, 4)), jnp.float32) for _ in range(2))
+  key = jax.random.key(1)
+  sd1 = vae.VAEConfig(scaling_factor=0.18215)  # shift_factor None, as SD 1.x
+  old = jax.jit(lambda m, lv, k: (m + jnp.exp(0.5 * lv) * jax.random.normal(k, m.shape)) * 0.18215)
+  new = jax.jit(lambda m, lv, k: vae.moments_to_latents(m, lv, sd1, k))
+  np.testing.assert_array_equal(new(mean, logvar, key), old(mean, logvar, key))
+  shifted = vae.VAEConfig(scaling_factor=0.5, shift_factor=0.1)
+  np.testing.assert_allclose(vae.moments_to_latents(mean, logvar, shifted), (mean - 0.1) * 0.5, rtol=1e-6)
+  draw = vae.sample_latent(mean, logvar, key)
+  np.testing.assert_allclose(vae.moments_to_latents(mean, logvar, shifted, key), (draw - 0.1) * 0.5, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------- errors
 
 

@@ -100,8 +100,7 @@ def image_features(clip: Frozen, labeled, resolution: int, mesh, batch_size: int
 
 def _encode_images(clip: Frozen, images):
   from mcti_jax.models import clip as clip_lib
-  model = clip.module
-  return model.get_image_features(clip_lib.preprocess(images, model.config.vision_config.image_size))
+  return clip_lib.image_features(clip.module, images)
 
 
 def save_linear_head(folder, text_features, class_names, info: dict | None = None):

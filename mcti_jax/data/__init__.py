@@ -1,6 +1,7 @@
 """Few-shot data: sources -> LabeledImages -> sampled FewShot -> cached encodings.
 
   labeled = from_folder("/data/pets")                  # or from_tfds / from_split_file / from_digits
+  labeled = load_labeled(config.data, "train")         # the source a config names
   few = sample_few_shot(labeled, n_shots=8, seed=0, resolution=512, with_remaining=True)
   feats = encode_cached(few, encode_fn, "cache/", key={"model": ..., "source": labeled.source})
   for images, labels, _ in few.remaining.batches(512, batch_size=32): ...
@@ -12,5 +13,5 @@ from mcti_jax.data.labeled import FewShot, LabeledImages, class_rng, sample_few_
 from mcti_jax.data.preprocess import (IMAGE_EXTENSIONS, INTERPOLATIONS, center_crop_resize, flip_horizontal,
                                       read_image, to_model_range, to_rgb)
 from mcti_jax.data.sources import (digits_images, digits_split, from_digits, from_file_lists, from_folder,
-                                   from_split_file)
+                                   from_split_file, load_labeled, num_classes_of)
 from mcti_jax.data.tfds_source import from_tfds

@@ -4,16 +4,16 @@ The frozen encoders (VAE latent moments, CLIP image features) see each shot
 once per run setup, not once per step. The cache file name is a hash of the
 caller's key (model id, source, resolution, preprocessing, ...), the flip
 setting, the shot identities and the shot pixels, so any change gives a new
-file and a stale file is never read. Files are written to a temporary name and
-renamed, so a crash leaves either the whole file or none.
+file and a stale file is never read. Files are staged and renamed into place
+(`hf_io.write_folder`), so a crash leaves either the whole file or none.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -73,19 +73,12 @@ def _load(path: str) -> dict[str, np.ndarray]:
     raise DataError(f"cache file {path} is unreadable ({e}); delete it to re-encode") from e
 
 
-def _save_atomic(path: str, arrays: Mapping[str, np.ndarray], meta: str) -> None:
-  folder = os.path.dirname(path)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays, **{_META: np.asarray(meta)})
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+def _save(path: str, arrays: Mapping[str, np.ndarray], meta: str) -> None:
+  """One .npz, written whole or not at all (`hf_io.write_folder`)."""
+  from mcti_jax.models import hf_io
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays, **{_META: np.asarray(meta)})
+  hf_io.write_folder(os.path.dirname(path), {os.path.basename(path): buffer.getvalue()})
 
 
 def encode_cached(few_shot: FewShot, encode_fn: EncodeFn, cache_dir: str | os.PathLike,
@@ -121,5 +114,5 @@ def encode_cached(few_shot: FewShot, encode_fn: EncodeFn, cache_dir: str | os.Pa
   os.makedirs(cache_dir, exist_ok=True)
   meta = json.dumps({"key": key, "flip": flip, "source": few_shot.source, "seed": few_shot.seed,
                      "classes": few_shot.class_names, "shots": few_shot.shot_ids})
-  _save_atomic(path, encoded, meta)
+  _save(path, encoded, meta)
   return encoded

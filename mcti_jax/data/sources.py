@@ -17,6 +17,7 @@ import numpy as np
 from mcti_jax.data import preprocess
 from mcti_jax.data.errors import DataError
 from mcti_jax.data.labeled import LabeledImages, threaded_reader
+from mcti_jax.errors import ConfigError
 
 # Split of sklearn digits into a "pretrain" and a "heldout" half, fixed once for all runs.
 DIGITS_SPLIT_SEED = 20240501
@@ -173,3 +174,32 @@ def from_digits(part: str = "all", digits: Sequence[int] = tuple(range(10))) -> 
       labels=np.asarray([remap[int(labels[i])] for i in positions], np.int32),
       read_fn=lambda items: [images[i] for i in items],
       source=f"digits:{part}:{''.join(map(str, digits))}")
+
+
+def load_labeled(data_cfg, split: str) -> LabeledImages:
+  """The labelled images of a split ('train' or 'test') of the configured source (config.data)."""
+  source = data_cfg.source
+  if source == "folder":
+    if not data_cfg.root:
+      raise DataError("data.source='folder' needs --config.data.root=/path/with/one/subfolder/per/class")
+    return from_folder(data_cfg.root)
+  if source == "split_file":
+    if not data_cfg.split_file:
+      raise DataError("data.source='split_file' needs --config.data.split_file=split.json")
+    return from_split_file(data_cfg.split_file, split, data_cfg.root)
+  if source == "tfds":
+    from mcti_jax.data.tfds_source import from_tfds
+    name_of_split = data_cfg.train_split if split == "train" else data_cfg.test_split
+    return from_tfds(data_cfg.name, split=name_of_split, data_dir=data_cfg.data_dir)
+  if source == "digits":
+    return from_digits("heldout")  # shots and test images both come from the held-out half
+  raise DataError(f"unknown data.source {source!r}; use folder, split_file, tfds or digits")
+
+
+def num_classes_of(labeled: LabeledImages, data_cfg) -> int:
+  """K: all the source's classes, or the first data.num_classes of them."""
+  k = len(labeled.class_names)
+  if data_cfg.num_classes and data_cfg.num_classes > k:
+    raise ConfigError(f"data.num_classes={data_cfg.num_classes}, but {labeled.source} has only {k} classes; "
+                    "lower it or leave it unset for all of them")
+  return data_cfg.num_classes or k

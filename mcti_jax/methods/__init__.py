@@ -1,1 +1,51 @@
-"""One module per method: its loss and nothing else. The trainer composes them."""
+"""One module per method: everything that is that method, in one file.
+
+A trainable method module defines:
+
+  defaults() -> ConfigDict   its phase settings: lr and the method's own knobs
+  needs: tuple[str, ...]     backbone parts beyond SD's text encoder and UNet ("clip")
+  cross_class: bool          whether its loss compares classes (then: cross_terms)
+  item_terms(item, ctx, cfg) -> dict[str, scalar]
+                             the terms of one sampled item of class k (see train_step.Item)
+  cross_terms(batch, k, everyone, cfg) -> dict[str, scalar]
+                             cross-class methods only: class k's batch against every class's items
+  loss(terms, cfg) -> scalar the loss of class k from the means of its terms over its batch
+
+The trainer runs `config.phases` in order, each with the settings in
+`config.phase.<name>` (made by `phase()` below), and names no method.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import ml_collections
+
+from mcti_jax.errors import ConfigError
+
+TRAINABLE = ("ti", "mcti", "gcpl", "comple")
+INITS = ("previous", "initial")  # a phase starts from the previous phase's tokens, or from the initial ones
+
+
+def get(name: str) -> ModuleType:
+  """The module of a trainable method."""
+  if name not in TRAINABLE:
+    raise ConfigError(f"unknown method {name!r}; trainable methods: {', '.join(TRAINABLE)}")
+  return importlib.import_module(f"mcti_jax.methods.{name}")
+
+
+def phase(method: str, **overrides) -> ml_collections.ConfigDict:
+  """The settings of one training phase: the trainer's fields, then the method's defaults, then `overrides`.
+
+  steps: how many steps; init: "previous" (go on from the tokens the previous phase ended with) or "initial"
+  (start again from the initial tokens: phases that compare settings side by side in one run); templates:
+  None (the config's `templates`) or a template spec (tokens.templates); weight_decay: AdamW's.
+  """
+  c = ml_collections.ConfigDict(dict(method=method, steps=0, init="previous", templates=None, weight_decay=1e-2))
+  c.update(get(method).defaults())
+  unknown = sorted(set(overrides) - set(c.keys()))
+  if unknown:
+    raise ConfigError(f"method {method!r} has no settings {unknown}; it has: {', '.join(sorted(c.keys()))}")
+  c.update(overrides)
+  return c

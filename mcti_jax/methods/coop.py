@@ -31,9 +31,14 @@ class CoOpConfig:
 
 
 def add_context_tokens(tokenizer, num_context: int) -> np.ndarray:
-  """Add "<ctx-0>".."<ctx-{M-1}>" to the tokenizer; their ids [M]."""
-  return np.asarray(tokenizer_lib.add_placeholder_tokens(tokenizer, [f"<ctx-{i}>" for i in range(num_context)]),
-                    np.int32)
+  """Add "<ctx-0>".."<ctx-{M-1}>" to the tokenizer (those it does not hold yet); their ids [M]."""
+  names = [f"<ctx-{i}>" for i in range(num_context)]
+  vocab = tokenizer.get_vocab()
+  missing = [n for n in names if n not in vocab]
+  if missing:
+    tokenizer_lib.add_placeholder_tokens(tokenizer, missing)
+    vocab = tokenizer.get_vocab()
+  return np.asarray([vocab[n] for n in names], np.int32)
 
 
 def context_template_ids(tokenizer, class_tokens: tok.ClassTokens, num_context: int) -> np.ndarray:

@@ -1,13 +1,33 @@
-"""MC-TI's discriminative regulariser.
+"""MC-TI: TI plus a discriminative regulariser over all classes (run after a TI warm-up phase).
 
-The CLIP text feature g_k of a prompt holding token k is scored against CLIP
-image features f_j of one shot of every class j by s*cos(g_k, f_j); the loss
-is the cross-entropy of those logits with target k. (The paper prints
-s*exp(cos); a softmax over s*cos is what is meant and what is used here.)
+The CLIP text feature g_k of the item's prompt (holding token k) is scored
+against CLIP image features f_j of one shot of every class j by s*cos(g_k, f_j);
+the regulariser is the cross-entropy of those logits with target k. The loss
+of class k is alpha * MSE + beta * CE. (The paper prints s*exp(cos); a softmax
+over s*cos is what is meant and what is used here.)
+
+The shots of every class are looked at, but only class k's tokens are in its
+loss: classes still train independently (a per-class method).
 """
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from mcti_jax import tokens as tok
+from mcti_jax.methods import ti
+
+needs = ("clip",)
+cross_class = False
+
+
+def defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      lr=5e-4,
+      alpha=1.0,  # weight of the noise MSE
+      beta=1.0,  # weight of the regulariser (not given in the paper; tune it)
+      scale=10.0,  # s in softmax(s * cos)
+  ))
 
 
 def cosine_logits(text_feature, image_features, scale):
@@ -27,6 +47,28 @@ def reg_loss(text_feature, image_features, target, valid, scale):
   ce = -jax.nn.log_softmax(logits)[target]
   correct = (jnp.argmax(logits) == target).astype(jnp.float32)
   return ce, correct
+
+
+def item_terms(item, ctx, cfg) -> dict:
+  """Noise MSE, and the regulariser's CE and hit of one item of class item.k."""
+  mse = ti.noise_loss(item.prediction, item.target)
+  clip = ctx.backbone.clip.module
+  clip_embeds = tok.splice(tok.token_table(clip), item.ids, item.placeholder_ids, item.vectors)
+  text_feature = clip.get_text_features(item.ids[None], inputs_embeds=clip_embeds[None], pooling=ctx.pooling)[0]
+  # One shot (and flip) of every class j, drawn from fold_in(key, j): the draw of a real class does not depend on
+  # how many padded classes follow it.
+  features = ctx.image_features  # [K', N, F, P]
+  num_all, shots_each, flips_each = features.shape[:3]
+  draw = lambda key, n: jax.vmap(lambda j: jax.random.randint(jax.random.fold_in(key, j), (), 0, n))(  # noqa: E731
+      jnp.arange(num_all))
+  shot_key, flip_key = item.keys
+  image_features = features[jnp.arange(num_all), draw(shot_key, shots_each), draw(flip_key, flips_each)]
+  reg, correct = reg_loss(text_feature, image_features, item.k, ctx.valid, cfg.scale)
+  return {"mse": mse, "reg": reg, "reg_acc": correct}
+
+
+def loss(terms, cfg):
+  return cfg.alpha * terms["mse"] + cfg.beta * terms["reg"]
 
 
 def reg_train_accuracy(text_features, image_features):

@@ -462,6 +462,16 @@ def preprocess(images: jax.Array | np.ndarray, image_size: int, *, mean=OPENAI_C
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+def image_features(model: CLIPModel | CLIPVisionModel, images: jax.Array | np.ndarray) -> jax.Array:
+  """Images NHWC (uint8, or floats in [0, 1]) -> projected CLIP image features [B, P], not normalised.
+
+  `preprocess` to the model's input size, then `get_image_features`: the one
+  way every caller encodes images (pure jnp; jit it with the model frozen).
+  """
+  config = getattr(model.config, "vision_config", model.config)
+  return model.get_image_features(preprocess(images, config.image_size))
+
+
 # --------------------------------------------------------------------- loading and saving
 
 _TEXT_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")

@@ -14,12 +14,13 @@ old checkpoints) is passed in as a `renames` function by the model's loader.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -138,25 +139,52 @@ def _load_any_dtype(file: Path, load_file) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in load_flax(file).items()}
 
 
-def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | dict | Mapping[str, np.ndarray]], *,
-                 replace: bool = False) -> None:
-  """Write files into `folder` so that a crash never leaves a half-written file.
+@contextlib.contextmanager
+def staged_folder(folder: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+  """Yield an empty temporary sibling of `folder` to write into; when the block ends normally, move it into place.
 
-  All files are staged in a temporary sibling folder first; only when every
-  one is complete are they moved into place (a new folder appears in one
-  rename). A value is bytes (written as is), `tensors(...)` (safetensors) or
-  any JSON-able dict. Existing files not named here are kept, unless
+  The one way this project writes files so that a crash never leaves a
+  half-written one. A new `folder` appears in one rename. Otherwise each
+  staged file replaces its namesake (others in `folder` are kept), unless
   `replace`: then the staged folder takes the old one's place whole (a crash
-  leaves the old folder, or for an instant none, never a mix). Folders get
-  the permissions the umask gives, as any other new folder.
+  leaves the old folder, or for an instant none, never a mix). If the block
+  raises, nothing moves and the staging folder is removed. Folders get the
+  permissions the umask gives, as any other new folder.
   """
-  from safetensors.numpy import save_file
-
   folder = Path(folder)
   folder.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
   os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: others on a shared machine could not read it
   try:
+    yield tmp
+    if replace and folder.exists():
+      old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+      folder.rename(old / folder.name)
+      tmp.rename(folder)
+      shutil.rmtree(old, ignore_errors=True)
+      return
+    if not folder.exists():
+      tmp.rename(folder)
+      return
+    for staged in sorted(p for p in tmp.rglob("*") if not p.is_dir()):
+      target = folder / staged.relative_to(tmp)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      os.replace(staged, target)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | dict | Mapping[str, np.ndarray]], *,
+                 replace: bool = False) -> None:
+  """Write files into `folder` so that a crash never leaves a half-written file (see `staged_folder`).
+
+  A value is bytes (written as is), `tensors(...)` (safetensors) or any
+  JSON-able dict. Existing files not named here are kept, unless `replace`:
+  then `folder` holds exactly these files afterwards.
+  """
+  from safetensors.numpy import save_file
+
+  with staged_folder(folder, replace=replace) as tmp:
     for name, content in files.items():
       target = tmp / name
       target.parent.mkdir(parents=True, exist_ok=True)
@@ -167,20 +195,6 @@ def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | dict | M
         save_file(arrays, str(target), metadata={"format": "pt"})
       else:
         target.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-    if replace and folder.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-      folder.rename(old / folder.name)
-      tmp.rename(folder)
-      shutil.rmtree(old, ignore_errors=True)
-      return
-    if not folder.exists():
-      tmp.rename(folder)
-      return
-    for name in files:
-      (folder / name).parent.mkdir(parents=True, exist_ok=True)
-      os.replace(tmp / name, folder / name)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:

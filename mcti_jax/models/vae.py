@@ -3,7 +3,8 @@
 Images are NHWC in [-1, 1]. `encode` gives the mean and log-variance of the
 latent Gaussian; `decode` maps latents back to images. Neither applies the
 config's `scaling_factor` (0.18215 for SD 1.x) or `shift_factor`: the UNet
-works on `scale_latents(z)`, and `unscale_latents` undoes it before `decode`.
+works on `encode_latents(vae, images, key)` (or `moments_to_latents` of cached
+moments), and `unscale_latents` undoes the scaling before `decode`.
 
 Attribute names mirror the torch modules (`encoder.down_blocks.0.resnets.1...`),
 so `hf_io` converts the weights generically. Old checkpoints that name the
@@ -325,13 +326,34 @@ class AutoencoderKL(nnx.Module):
 
 
 def sample_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
-  """A draw of the latent Gaussian: mean + exp(logvar / 2) * N(0, 1)."""
-  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+  """A draw of the latent Gaussian: mean + exp(logvar / 2) * N(0, 1) (diffusers' `latent_dist.sample()`)."""
+  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
 
 
 def scale_latents(latents: jax.Array, config: VAEConfig) -> jax.Array:
   """VAE latents -> the UNet's latent space: (z - shift_factor) * scaling_factor."""
-  return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
+  if config.shift_factor:  # None or 0 for SD 1.x: no subtraction at all (keeps old results bit for bit)
+    latents = latents - config.shift_factor
+  return latents * config.scaling_factor
+
+
+def moments_to_latents(mean: jax.Array, logvar: jax.Array, config: VAEConfig, key: jax.Array | None = None
+                       ) -> jax.Array:
+  """The UNet's x0 from the VAE's (mean, logvar): (sample - shift_factor) * scaling_factor, as diffusers.
+
+  sample is a draw of the latent Gaussian with `key`, or its mean without.
+  With shift_factor 0/None this is exactly
+  (mean + exp(0.5 * logvar) * normal(key, mean.shape)) * scaling_factor.
+  `config` is a VAEConfig (or anything with scaling_factor and shift_factor).
+  """
+  sample = mean if key is None else sample_latent(mean, logvar, key)
+  return scale_latents(sample, config)
+
+
+def encode_latents(vae: AutoencoderKL, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
+  """Images [B, H, W, C] in [-1, 1] -> the UNet's x0 [B, h, w, c]: `encode`, then `moments_to_latents`."""
+  mean, logvar = vae.encode(images)
+  return moments_to_latents(mean, logvar, vae.config, key)
 
 
 def unscale_latents(latents: jax.Array, config: VAEConfig) -> jax.Array:

@@ -1,0 +1,97 @@
+"""The training schedule: `config.phases` in order, each with its settings in `config.phase.<name>`.
+
+  c.phases = ("ti", "mcti")
+  c.phase.ti = methods.phase("ti", steps=3000)
+  c.phase.mcti = methods.phase("mcti", steps=100, beta=1.0)
+
+Steps are counted over the whole run: a phase covers [start, end). Each phase
+starts a fresh AdamW state at its own lr, from the tokens the previous phase
+ended with (init="previous"), or as a branch (init="initial"): from the
+initial tokens, drawing the samples the run's first phase drew. Branches
+compare settings side by side in one run (one model load, one data cache),
+differing in nothing but their settings. Phases with 0 steps are skipped
+(not trained, not exported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import ModuleType
+
+import ml_collections
+
+from mcti_jax import methods
+from mcti_jax.errors import ConfigError
+
+TRAINER_FIELDS = ("method", "steps", "init", "templates", "weight_decay", "lr")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  name: str
+  index: int  # its position in config.phases (its row in the checkpoint's per-phase tokens)
+  method: ModuleType
+  settings: ml_collections.ConfigDict
+  start: int
+  end: int
+
+  @property
+  def method_settings(self) -> dict:
+    """The settings the method reads (not the trainer's: steps, init, templates, lr, weight_decay)."""
+    return {k: v for k, v in self.settings.items() if k not in TRAINER_FIELDS}
+
+
+def plan(config) -> list[Phase]:
+  """The phases that train (steps > 0), in order, with their step ranges. Raises ConfigError on bad settings."""
+  problems = list(_problems(config))
+  if problems:
+    raise ConfigError("bad phase settings: " + "; ".join(problems) + ". Fix them with "
+                      "--config.phase.<name>.<field>=<value> (see configs/mcti.py).")
+  out, step = [], 0
+  for index, name in enumerate(config.phases):
+    settings = config.phase[name]
+    if settings.steps:
+      out.append(Phase(name, index, methods.get(settings.method), settings, step, step + settings.steps))
+      step += settings.steps
+  if not out:
+    raise ConfigError(f"every phase of config.phases={tuple(config.phases)} has 0 steps: there is nothing to train")
+  return out
+
+
+def needs(config) -> set[str]:
+  """The backbone parts the training phases need beyond SD's text encoder and UNet."""
+  return {part for p in plan(config) for part in p.method.needs}
+
+
+def _problems(config):
+  names = config.phases
+  if isinstance(names, str) or not names:
+    yield f"config.phases={names!r} must be a non-empty tuple of phase names"
+    return
+  for name in names:
+    if name not in config.phase:
+      yield f"config.phases names {name!r}, but config.phase has no settings for it (it has {sorted(config.phase)})"
+      continue
+    s = config.phase[name]
+    where = f"config.phase.{name}"
+    if "method" not in s or s.method not in methods.TRAINABLE:
+      yield f"{where}.method={s.get('method')!r} must be one of {', '.join(methods.TRAINABLE)}"
+      continue
+    expected = set(methods.phase(s.method).keys())
+    if set(s.keys()) != expected:
+      extra, missing = sorted(set(s.keys()) - expected), sorted(expected - set(s.keys()))
+      yield (f"{where} does not fit method {s.method!r}" + (f": unknown {extra}" if extra else "")
+             + (f": missing {missing}" if missing else "") + " (make it with methods.phase)")
+      continue
+    if isinstance(s.steps, bool) or not isinstance(s.steps, int) or s.steps < 0:
+      yield f"{where}.steps={s.steps!r} must be an integer >= 0"
+    if s.init not in methods.INITS:
+      yield f"{where}.init={s.init!r} must be one of {', '.join(methods.INITS)}"
+    for field, value in s.items():
+      if field in ("method", "steps", "init", "templates"):
+        continue
+      positive = field == "lr"
+      if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+          or (positive and value == 0)):
+        yield f"{where}.{field}={value!r} must be a finite number " + ("> 0" if positive else ">= 0")

@@ -1,0 +1,13 @@
+"""The embedded tiny world: a CLIP and a latent diffusion model that know digits 0-4 by name, and never met 5-9.
+
+Real Stable Diffusion and CLIP weights can't ship with the project, so the
+demo and the tests use tiny models pretrained here on sklearn digits
+(`mcti pretrain-tiny`, configs/tiny_pretrain.py). The architectures and the
+random checkpoints are in `models/tiny.py`; here: the captions (`captions`),
+what the models see (`data`), the three pretraining phases (`pretrain`) on a
+small private trainer (`trainer`), the model card (`card`) and the command (`main`).
+"""
+
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "tiny"  # the committed checkpoint: clip/ and sd/

@@ -1,0 +1,49 @@
+"""`mcti pretrain-tiny`: `pretrain` with configs/tiny_pretrain.py, a few of its fields as flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+# The repository's configs/ (the command regenerates the committed checkpoint, from a checkout).
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_pretrain.py"
+_STEPS = ("clip_steps", "vae_steps", "unet_steps")
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="mcti pretrain-tiny", description="Pretrain the embedded tiny CLIP + latent "
+                              "diffusion model on sklearn digits 0-4 (they never meet 5-9).")
+  p.add_argument("--config", default=str(DEFAULT_CONFIG), help="FILE[:preset] (default: %(default)s)")
+  p.add_argument("--quick", action="store_true", help="the config's quick preset (smoke test; useless model)")
+  p.add_argument("--out", help="checkpoint root, gets clip/ and sd/ (default: the config's, the committed one)")
+  p.add_argument("--seed", type=int)
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  for name in _STEPS:
+    p.add_argument(f"--{name.replace('_', '-')}", type=int, help="default: the config's")
+  return p
+
+
+def pretrain_main(argv: Sequence[str] | None = None) -> int:
+  """`mcti pretrain-tiny [--config FILE[:preset]] [--quick] [--out DIR] [--seed N] [--clip-steps N ...]`."""
+  from mcti_jax.cli import load_config  # the house loader of FILE[:preset]
+  from mcti_jax.errors import ConfigError
+  from mcti_jax.tiny.pretrain import pretrain
+
+  args = _parser().parse_args(argv)
+  spec = f"{args.config.split(':', 1)[0]}:quick" if args.quick else args.config
+  try:
+    _, config = load_config(spec)
+  except ConfigError as e:
+    raise SystemExit(f"mcti pretrain-tiny: {e}") from None
+  for name in ("out", "seed", *_STEPS):
+    if getattr(args, name) is not None:
+      config[name] = str(getattr(args, name)) if name == "out" else getattr(args, name)
+  stats = pretrain(config, progress=not args.no_progress)
+  print(json.dumps({"losses": stats["losses"], "seconds": stats["seconds"]}, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(pretrain_main())
