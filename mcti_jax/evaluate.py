@@ -1,9 +1,10 @@
-"""The evaluation harness: N-shot settings x methods x seeds on one test split.
+"""The evaluation harness: N-shot settings x evaluators x seeds on one test split.
 
   results = run(config)   # config from configs/eval.py
 
-For every (N, seed) it trains (or resumes, or finds finished) one TI + MC-TI
-run, then scores every method on the test images. Each finished row is added
+For every (N, seed) it trains (or resumes, or finds finished) one run of
+config.train's phases, then scores it with every evaluator of config.evals
+(mcti_jax/evaluators/) on the test images, one row each. Each finished row is added
 to results.json at once, so an interrupted evaluation resumes where it
 stopped. The markdown table and the plots are drawn from results.json alone,
 so every number in them can be traced to a row there.
@@ -21,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from mcti_jax import data as D
-from mcti_jax import evaluators, metrics, plots, runs, train
+from mcti_jax import evaluators, metrics, phases, plots, runs, train
 from mcti_jax import tokens as tok
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError
@@ -65,6 +66,7 @@ def labels_of(config) -> dict[str, str]:
 def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict[str, Any]:
   workdir = Path(config.workdir)
   evals = {name: evaluators.make(name, entry) for name, entry in evals_of(config).items()}
+  _check_phases_exist(config)
   labels = labels_of(config)
   results_path = workdir / "results.json"
   results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": []}
@@ -105,6 +107,16 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
       results["class_names"] = list(trained.class_names)
       _write_json(results_path, results)
   return write_reports(workdir, results, config, pca_features)
+
+
+def _check_phases_exist(config) -> None:
+  """An evaluator of a phase's tokens needs that phase trained: say so before hours of training, not after."""
+  trained = [p.name for p in phases.plan(config.train)]
+  for name, entry in evals_of(config).items():
+    wanted = entry.get("phase") or entry.get("tokens")
+    if wanted and wanted not in trained:
+      raise ConfigError(f"config.evals.{name} scores the tokens of phase {wanted!r}, but config.train trains "
+                        f"{trained}; train that phase or change the evaluator.")
 
 
 # Settings that only say which cells to fill or where files go: results.json's rows stay valid when they change.

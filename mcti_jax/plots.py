@@ -13,13 +13,9 @@ def _pyplot():
   return plt
 
 
-METRIC_TITLES = {"mse": "noise MSE", "reg": "MC-TI regulariser (CE)", "reg_acc": "train accuracy of the regulariser",
-                 "neg": "CoMPLe negative term (clipped)", "neg_raw": "CoMPLe negative term (unclipped)",
-                 "neg_clipped": "fraction of clipped pairs"}
-
-
-def loss_curves(metrics_path: str | Path, out_png: str | Path, boundaries: list[int] = ()) -> Path:
-  """One panel per logged metric against the step, a line per phase, the phase switches marked."""
+def loss_curves(metrics_path: str | Path, out_png: str | Path, boundaries: list[int] = (),
+                titles: dict[str, str] | None = None) -> Path:
+  """One panel per logged metric (titled by `titles`) against the step, a line per phase, phase switches marked."""
   rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
   keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("step", "phase", "elapsed_s")))
   phase_names = list(dict.fromkeys(r["phase"] for r in rows))
@@ -33,7 +29,7 @@ def loss_curves(metrics_path: str | Path, out_png: str | Path, boundaries: list[
     for b in boundaries:
       if rows and rows[-1]["step"] > b:
         ax.axvline(b, color="grey", linestyle=":", linewidth=1)
-    ax.set_title(METRIC_TITLES.get(key, key))
+    ax.set_title((titles or {}).get(key, key))
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   axes[0][0].legend()

@@ -411,7 +411,8 @@ def _finish(setup: Setup, workdir: Path, plan: list[phases.Phase], ended, metric
   exports = {name: workdir / "export" / name for name in tokens}
   if _is_main_process():
     export.export_phases(workdir / "export", tokens, setup.class_tokens, setup.class_names, info, phase_info)
-    plots.loss_curves(metrics_path, plot, boundaries=[p.end for p in plan[:-1]])
+    titles = {k: v for p in plan for k, v in p.method.metric_titles.items()}
+    plots.loss_curves(metrics_path, plot, boundaries=[p.end for p in plan[:-1]], titles=titles)
     log(f"tokens exported to {', '.join(str(p) for p in exports.values())}; loss curves in {plot}")
   features = None
   if setup.clip is not None:  # a collective too

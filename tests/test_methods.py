@@ -151,3 +151,17 @@ def test_bad_phase_and_eval_settings_are_one_clear_error(tiny_checkpoint, tmp_pa
     evaluators.make("x", {"type": "nope"})
   with pytest.raises(ConfigError, match="config.evals.x \\(dic\\) has no fields \\['phase'\\]"):
     evaluators.make("x", {"type": "dic", "phase": "mcti"})
+
+
+def test_an_evaluator_of_an_untrained_phase_fails_before_training(tmp_path):
+  import eval as eval_config
+
+  from mcti_jax import evaluate
+  from mcti_jax.errors import ConfigError
+  c = eval_config.get_config("tiny")
+  c.workdir = str(tmp_path / "eval")
+  c.train.phase.mcti.steps = 0  # TI only; the config still asks for MC-TI's rows
+  with pytest.raises(ConfigError, match=r"config.evals.mcti scores the tokens of phase 'mcti', but config.train "
+                                        r"trains \['ti'\]"):
+    evaluate.run(c, log=lambda _: None)
+  assert not (tmp_path / "eval").exists()

@@ -26,9 +26,6 @@ class Evaluator:
                                                                                                self.template),)
 
   def run(self, cell, name: str):
-    if self.phase not in cell.result.tokens:
-      raise KeyError(f"evaluator {name!r} scores the tokens of phase {self.phase!r}, but the run trained only "
-                     f"{sorted(cell.result.tokens)}")
     text = cell.models.token_text_features(cell.result.tokens[self.phase], self.templates())
     if self.save_head:
       clip_head.save_linear_head(cell.out_dir / "heads" / name / cell.name, text, cell.result.class_names,

@@ -5,6 +5,7 @@ A trainable method module defines:
   defaults() -> ConfigDict   its phase settings: lr and the method's own knobs
   needs: tuple[str, ...]     backbone parts beyond SD's text encoder and UNet ("clip")
   cross_class: bool          whether its loss compares classes (then: cross_terms)
+  metric_titles: dict        its terms' names -> titles in loss.png
   item_terms(item, ctx, cfg) -> dict[str, scalar]
                              the terms of one sampled item of class k (see train_step.Item)
   cross_terms(batch, k, everyone, cfg) -> dict[str, scalar]

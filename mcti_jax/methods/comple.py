@@ -29,6 +29,8 @@ from mcti_jax.methods import ti
 
 needs = ()
 cross_class = True
+metric_titles = {**ti.metric_titles, "neg": "CoMPLe negative term (clipped)",
+                 "neg_raw": "CoMPLe negative term (unclipped)", "neg_clipped": "fraction of clipped pairs"}
 
 
 def defaults() -> ml_collections.ConfigDict:

@@ -13,6 +13,7 @@ from mcti_jax.methods import ti
 
 needs = ()
 cross_class = False
+metric_titles = ti.metric_titles
 
 
 def defaults() -> ml_collections.ConfigDict:

@@ -19,6 +19,7 @@ from mcti_jax.methods import ti
 
 needs = ("clip",)
 cross_class = False
+metric_titles = {**ti.metric_titles, "reg": "MC-TI regulariser (CE)", "reg_acc": "train accuracy of the regulariser"}
 
 
 def defaults() -> ml_collections.ConfigDict:

@@ -9,6 +9,7 @@ import ml_collections
 
 needs = ()
 cross_class = False
+metric_titles = {"mse": "noise MSE"}
 
 
 def defaults() -> ml_collections.ConfigDict:
