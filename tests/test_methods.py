@@ -99,10 +99,11 @@ def _comple_config(checkpoint, workdir, devices):
   c = tiny_train_config(checkpoint, workdir, num_devices=devices, **{"data.num_classes": 5})
   c.phases = ("gcpl", "comple0", "comple")
   c.phase = gcpl.get_config("tiny").phase  # GCPL's defaults: template, lr
-  c.phase.gcpl.steps = 3
+  # The TI templates, as test_train's runs: GCPL's step is then TI's program there, compiled once for both.
+  c.phase.gcpl.steps, c.phase.gcpl.templates = 3, "ti"
   lr = c.phase.gcpl.lr  # the tiny preset's
-  c.phase.comple0 = methods.phase("comple", steps=3, lr=lr, init="initial", lam=0.0)
-  c.phase.comple = methods.phase("comple", steps=3, lr=lr, init="initial", lam=1e-2)
+  c.phase.comple0 = methods.phase("comple", steps=3, lr=lr, init="initial", lam=0.0, templates="ti")
+  c.phase.comple = methods.phase("comple", steps=3, lr=lr, init="initial", lam=1e-2, templates="ti")
   return c
 
 
@@ -121,7 +122,7 @@ def test_comple_at_lambda_0_is_gcpl_bit_for_bit(comple_runs):
   np.testing.assert_array_equal(r.tokens["comple0"], r.tokens["gcpl"])
   assert np.abs(r.tokens["comple"] - r.tokens["gcpl"]).max() > 1e-7  # the negative term moved the tokens
   manifest = export.load_tokens(r.exports["gcpl"])[1]
-  assert manifest["method"] == "gcpl" and manifest["templates"] == ["a photo of the digit {}"]
+  assert manifest["method"] == "gcpl" and manifest["templates"][0] == "a photo of a {}"
 
 
 def test_comple_on_8_devices_equals_1_device(comple_runs):
@@ -165,3 +166,21 @@ def test_an_evaluator_of_an_untrained_phase_fails_before_training(tmp_path):
                                         r"trains \['ti'\]"):
     evaluate.run(c, log=lambda _: None)
   assert not (tmp_path / "eval").exists()
+
+
+def test_the_gcpl_comparison_config_branches_gcpl_with_only_lambda_changed():
+  """configs/eval_gcpl.py: every CoMPLe phase is a branch with GCPL's steps, lr and template; rows name them."""
+  import eval_gcpl
+
+  from mcti_jax import evaluate, evaluators, phases
+  c = eval_gcpl.get_config()
+  plan = phases.plan(c.train)
+  gcpl_phase, branches = plan[0], plan[1:]
+  assert gcpl_phase.settings.method == "gcpl" and [p.settings.lam for p in branches] == [0.0, 1e-4, 1e-3, 1e-2]
+  for p in branches:
+    assert p.settings.init == "initial" and p.settings.method == "comple"
+    assert (p.settings.steps, p.settings.lr, p.settings.templates) == (
+        gcpl_phase.settings.steps, gcpl_phase.settings.lr, gcpl_phase.settings.templates)
+  for name, entry in evaluate.evals_of(c).items():
+    evaluators.make(name, entry)
+    assert (entry.get("phase") or entry.get("tokens")) in c.train.phases
