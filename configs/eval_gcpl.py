@@ -1,6 +1,6 @@
 """GCPL and CoMPLe (lambda 0, 1e-4, 1e-3, 1e-2) on the tiny model: known digits 0-4 and unknown 5-9.
 
-  mcti eval --config configs/eval_gcpl.py          # CPU, 2 cores: see README ("GCPL and CoMPLe")
+  mcti eval --config configs/eval_gcpl.py   # 9 minutes on 2 CPU cores, compile cache empty; README: "GCPL and CoMPLe"
 
 One training run per shot seed: GCPL first, then each CoMPLe setting as a
 branch from the same initial tokens with the same samples (phases.py), so

@@ -16,7 +16,6 @@ MCTI_DEBUG=1 adds their tracebacks. Anything else is a bug and keeps its traceba
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
 import signal
@@ -24,6 +23,7 @@ import sys
 import threading
 import traceback
 
+from mcti_jax.config_files import load_config
 from mcti_jax.errors import ConfigError, MctiError
 
 COMMANDS = {
@@ -43,23 +43,6 @@ def _usage() -> str:
   lines += [f"  {name:<14} {text}" for name, text in COMMANDS.items()]
   lines += ["", "`mcti <command> --help` lists a command's flags."]
   return "\n".join(lines)
-
-
-def load_config(spec: str):
-  """`FILE[:preset]` -> (the config file as a module, its get_config(preset)); a bad file or preset is a ConfigError."""
-  file, *preset = spec.split(":", 1)
-  if not os.path.isfile(file):
-    raise ConfigError(f"no config file {file} (a relative path starts at the working directory; configs/ is in the "
-                      "repository root)")
-  name = "mcti_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(file))[0])
-  module_spec = importlib.util.spec_from_file_location(name, file)
-  module = importlib.util.module_from_spec(module_spec)
-  sys.modules[name] = module  # dataclasses and pickle look a module up by name
-  module_spec.loader.exec_module(module)
-  try:
-    return module, module.get_config(*preset)
-  except ValueError as e:  # an unknown preset
-    raise ConfigError(f"{spec}: {e}") from None
 
 
 def _config_arg(args: list[str]) -> tuple[str | None, list[str]]:

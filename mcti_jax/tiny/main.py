@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def pretrain_main(argv: Sequence[str] | None = None) -> int:
   """`mcti pretrain-tiny [--config FILE[:preset]] [--quick] [--out DIR] [--seed N] [--clip-steps N ...]`."""
-  from mcti_jax.cli import load_config  # the house loader of FILE[:preset]
+  from mcti_jax.config_files import load_config
   from mcti_jax.errors import ConfigError
   from mcti_jax.tiny.pretrain import pretrain
 
