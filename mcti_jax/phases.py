@@ -59,11 +59,6 @@ def plan(config) -> list[Phase]:
   return out
 
 
-def needs(config) -> set[str]:
-  """The backbone parts the training phases need beyond SD's text encoder and UNet."""
-  return {part for p in plan(config) for part in p.method.needs}
-
-
 def _problems(config):
   names = config.phases
   if isinstance(names, str) or not names:

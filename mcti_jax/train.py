@@ -73,6 +73,7 @@ def make_encoder(sd: pipeline.StableDiffusion, clip_model: clip_lib.CLIPModel | 
 class Setup:
   """Everything a run needs, prepared once."""
   config: ml_collections.ConfigDict
+  plan: list[phases.Phase]  # the phases that train, in order
   mesh: jax.sharding.Mesh
   sd: pipeline.StableDiffusion
   clip: clip_lib.CLIPModel | None
@@ -101,8 +102,9 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   run there), so that no bad input waits minutes for Stable Diffusion.
   """
   config_checks.check_train_config(config)
+  plan = phases.plan(config)
   mesh = parallel.make_mesh(config.num_devices)
-  needs_clip = "clip" in phases.needs(config)
+  needs_clip = any("clip" in p.method.needs for p in plan)
 
   labeled = D.load_labeled(config.data, "train")
   num_classes = D.num_classes_of(labeled, config.data)
@@ -152,11 +154,10 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
                   valid=jax.device_put(np.arange(num_padded) < num_classes, parallel.replicated(mesh)))
 
   class_tokens = tok.add_class_tokens(sd.tokenizer, num_classes, config.tokens.num_vectors)
-  template_ids = {p.name: tok.template_ids(sd.tokenizer, templates_of(config, p), class_tokens)
-                  for p in phases.plan(config)}
+  template_ids = {p.name: tok.template_ids(sd.tokenizer, templates_of(config, p), class_tokens) for p in plan}
   init = _initial_tokens(config, sd, num_classes)
   init_tokens = parallel.shard_by_class(parallel.pad_rows(init, num_padded)[local], mesh, num_padded)
-  return Setup(config, mesh, sd, clip_model, class_names, class_tokens, template_ids, shots, data, init_tokens,
+  return Setup(config, plan, mesh, sd, clip_model, class_names, class_tokens, template_ids, shots, data, init_tokens,
                signature)
 
 
@@ -260,7 +261,7 @@ def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] |
 
 def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> TrainResult:
   config = setup.config
-  plan = phases.plan(config)
+  plan = setup.plan
   total = plan[-1].end
   optimizers = {p.name: make_optimizer(p.settings.lr, p.settings.weight_decay) for p in plan}
 

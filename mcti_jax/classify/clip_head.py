@@ -85,7 +85,7 @@ def image_features(clip: Frozen, labeled, resolution: int, mesh, batch_size: int
     raise ValueError(f"{labeled.source} holds no images to evaluate on; check the test split")
   n = mesh.devices.size
   batch_size = -(-batch_size // n) * n
-  encode = jax.jit(_encode_images, out_shardings=parallel.replicated(mesh))
+  encode = jax.jit(encode_images, out_shardings=parallel.replicated(mesh))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.CLASS_AXIS))
   out = []
   batches = labeled.batches(resolution, batch_size)
@@ -98,7 +98,8 @@ def image_features(clip: Frozen, labeled, resolution: int, mesh, batch_size: int
   return np.concatenate(out)
 
 
-def _encode_images(clip: Frozen, images):
+def encode_images(clip: Frozen, images):
+  """uint8 images [B, H, W, 3] -> CLIP image features [B, P] (not normalised); jit it."""
   from mcti_jax.models import clip as clip_lib
   return clip_lib.image_features(clip.module, images)
 

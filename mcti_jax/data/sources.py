@@ -17,6 +17,7 @@ import numpy as np
 from mcti_jax.data import preprocess
 from mcti_jax.data.errors import DataError
 from mcti_jax.data.labeled import LabeledImages, threaded_reader
+from mcti_jax.data.tfds_source import from_tfds
 from mcti_jax.errors import ConfigError
 
 # Split of sklearn digits into a "pretrain" and a "heldout" half, fixed once for all runs.
@@ -188,7 +189,6 @@ def load_labeled(data_cfg, split: str) -> LabeledImages:
       raise DataError("data.source='split_file' needs --config.data.split_file=split.json")
     return from_split_file(data_cfg.split_file, split, data_cfg.root)
   if source == "tfds":
-    from mcti_jax.data.tfds_source import from_tfds
     name_of_split = data_cfg.train_split if split == "train" else data_cfg.test_split
     return from_tfds(data_cfg.name, split=name_of_split, data_dir=data_cfg.data_dir)
   if source == "digits":

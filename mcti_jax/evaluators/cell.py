@@ -13,7 +13,6 @@ import numpy as np
 from mcti_jax import parallel
 from mcti_jax import tokens as tok
 from mcti_jax.classify import clip_head
-from mcti_jax.models import clip as clip_lib
 from mcti_jax.models import pipeline
 from mcti_jax.models.frozen import Frozen, freeze
 
@@ -68,8 +67,7 @@ class Cell:
     shots = self.result.shots
     k, n = shots.shots.shape[:2]
     flat = shots.shots.reshape(k * n, *shots.shots.shape[2:])
-    encode = jax.jit(lambda clip, images: clip_lib.image_features(clip.module, images))
-    return np.asarray(encode(self.models.clip, flat)).reshape(k, n, -1)
+    return np.asarray(jax.jit(clip_head.encode_images)(self.models.clip, flat)).reshape(k, n, -1)
 
   @property
   def name(self) -> str:
