@@ -102,6 +102,14 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.batch_per_class = 1
   c.grad_accum = 1
 
+  # The frozen classifier of methods that learn from one (DCT; mcti_jax/classifiers/): type file (a folder of
+  # classifier.json + classifier.safetensors), clip_zeroshot (clip_path, class_names, template) or clip_tokens
+  # (clip_path, export, template). targets: class k's class index in the classifier (default: all its classes).
+  c.classifier = ml_collections.ConfigDict(dict(
+      type="", path=ml_collections.config_dict.placeholder(str), clip_path=ml_collections.config_dict.placeholder(str),
+      export=ml_collections.config_dict.placeholder(str), class_names=ml_collections.config_dict.placeholder(tuple),
+      template="a photo of a {}", targets=ml_collections.config_dict.placeholder(tuple)))
+
   c.num_devices = ml_collections.config_dict.placeholder(int)  # default: all
   c.checkpoint_every = 500
   c.log_every = 10

@@ -157,6 +157,9 @@ def with_default_config(argv: list[str], default: str) -> list[str]:
 
 def _demo(argv):
   config = parse_config(with_default_config(argv, "configs/demo.py"))
+  if config.get("kind") == "dct":  # configs/dct_demo.py
+    from mcti_jax import dct_demo
+    return lambda: dct_demo.run(config)
   from mcti_jax import demo
   return lambda: demo.run(config)
 

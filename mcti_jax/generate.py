@@ -37,12 +37,6 @@ CLASS_PROMPT = "a photo of a {}"  # MC-TI's generation metric prompt
 # ------------------------------------------------------------------ images on a mesh
 
 
-def decode(vae, latents: jax.Array) -> jax.Array:
-  """UNet latents -> images in [0, 1] (float32), as diffusers' pipeline + image processor."""
-  images = vae.decode(vae_lib.unscale_latents(latents, vae.config))
-  return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
-
-
 def to_uint8(images) -> np.ndarray:
   """[0, 1] floats -> uint8, rounded (as diffusers' numpy_to_pil)."""
   return np.round(np.asarray(images, np.float32) * 255).astype(np.uint8)
@@ -56,7 +50,7 @@ def _sampler(mesh, use_cfg: bool, latent_shape: tuple[int, int, int]):
     latents = sampling.initial_latents(seed, indices, latent_shape)
     latents = sampling.denoise(unet.module, schedule, latents, context, uncond_context, timesteps, guidance,
                                use_cfg=use_cfg)
-    return decode(vae.module, latents)
+    return vae_lib.decode_images(vae.module, latents)
 
   axis = parallel.CLASS_AXIS  # the mesh's one axis; here it splits images
   sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(), P(axis), P(), P(axis), P(), P()),

@@ -90,3 +90,6 @@ def _problems(config):
       if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
           or (positive and value == 0)):
         yield f"{where}.{field}={value!r} must be a finite number " + ("> 0" if positive else ">= 0")
+    method = methods.get(s.method)
+    if hasattr(method, "check"):  # the method's own rules
+      yield from (f"{where}.{problem}" for problem in method.check(s))

@@ -17,7 +17,7 @@ def loss_curves(metrics_path: str | Path, out_png: str | Path, boundaries: list[
                 titles: dict[str, str] | None = None) -> Path:
   """One panel per logged metric (titled by `titles`) against the step, a line per phase, phase switches marked."""
   rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-  keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("step", "phase", "elapsed_s")))
+  keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("step", "phase", "elapsed_s", "per_class")))
   phase_names = list(dict.fromkeys(r["phase"] for r in rows))
   plt = _pyplot()
   fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4.4 * max(len(keys), 1), 3.4), squeeze=False)
@@ -33,6 +33,28 @@ def loss_curves(metrics_path: str | Path, out_png: str | Path, boundaries: list[
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   axes[0][0].legend()
+  return _save(fig, plt, out_png)
+
+
+def class_curves(metrics_path: str | Path, out_png: str | Path, class_names, titles: dict[str, str] | None = None
+                 ) -> Path:
+  """One panel per per-class metric (a method's "per_class" log rows), a line per class, against the step."""
+  rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+  rows = [r for r in rows if "per_class" in r]
+  keys = list(dict.fromkeys(k for r in rows for k in r["per_class"]))
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4.4 * max(len(keys), 1), 3.4), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    steps = [r["step"] for r in rows]
+    values = [r["per_class"][key] for r in rows]
+    for k, name in enumerate(class_names):
+      ax.plot(steps, [v[k] for v in values], color=f"C{k % 10}", label=name,
+              linestyle="-" if k < 10 else "--")
+    ax.set_title((titles or {}).get(key, key) + " (per class)")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  if len(class_names) <= 20:
+    axes[0][-1].legend(fontsize=7)
   return _save(fig, plt, out_png)
 
 

@@ -24,7 +24,8 @@ from mcti_jax.errors import ConfigError
 # Fields a resumed run may change: outputs, logging, the device count (results don't depend on it),
 # gradient checkpointing (the same arithmetic), and input paths whose contents are hashed instead.
 RESUMABLE = ("workdir", "data.cache_dir", "log_every", "checkpoint_every", "num_devices", "model.remat",
-             "model.sd_path", "model.clip_path", "data.root", "data.data_dir", "data.split_file")
+             "model.sd_path", "model.clip_path", "data.root", "data.data_dir", "data.split_file",
+             "classifier.path", "classifier.clip_path", "classifier.export")
 SIGNATURE_VERSION = 3  # 3: config.phases (issue 13)
 
 
@@ -95,10 +96,14 @@ def settings_changes(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str
   return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys)
 
 
-def signature(config, *, num_classes: int, data: str, sd: str, clip: str | None) -> dict[str, Any]:
+def signature(config, *, num_classes: int, data: str | None, sd: str, clip: str | None,
+              classifier: str | None = None) -> dict[str, Any]:
   """What must match for a checkpoint in the workdir to be resumed (JSON-ready)."""
+  fingerprints = {"data": data, "sd": sd, "clip": clip}
+  if classifier is not None:
+    fingerprints["classifier"] = classifier
   return {"version": SIGNATURE_VERSION, "config": json.loads(config.to_json_best_effort()),
-          "num_classes": num_classes, "fingerprints": {"data": data, "sd": sd, "clip": clip}}
+          "num_classes": num_classes, "fingerprints": fingerprints}
 
 
 def _phase_steps(sig: dict[str, Any]) -> list[int]:

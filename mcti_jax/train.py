@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mcti_jax import config_checks, export, parallel, phases, plots, runs
+from mcti_jax import conditioning, config_checks, export, generate, parallel, phases, plots, runs
 from mcti_jax import data as D
 from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax import tokens as tok
@@ -43,8 +43,8 @@ from mcti_jax.models import clip as clip_lib
 from mcti_jax.models import hf_io, pipeline
 from mcti_jax.models.frozen import freeze
 from mcti_jax.stopping import StopOnSignal
-from mcti_jax.train_step import (Backbone, ShotData, StepConfig, TrainState, frozen_settings, make_optimizer,
-                                 train_step)
+from mcti_jax.train_step import (Backbone, ShotData, StepConfig, TrainState, final_tokens, frozen_settings,
+                                 init_class_state, make_optimizer, train_step)
 
 
 # ------------------------------------------------------------------ data
@@ -79,9 +79,11 @@ class Setup:
   clip: clip_lib.CLIPModel | None
   class_names: list[str]
   class_tokens: tok.ClassTokens
-  template_ids: dict[str, np.ndarray]  # per phase: [T, L] prompt ids of its templates
-  shots: D.FewShot
+  template_ids: dict[str, np.ndarray]  # per phase: [T, L] prompt ids of its templates ([K', T, L] with "{name}")
+  shots: D.FewShot | None  # None when no phase trains on shots (DCT)
   data: ShotData
+  classifier: Any  # classifiers.Classifier, for methods that need one; else None
+  targets: np.ndarray | None  # [K] class k's class in the classifier
   init_tokens: jax.Array  # [Kp, V, D], class-sharded
   signature: dict[str, Any]  # what run.json records (runs.signature)
 
@@ -104,28 +106,40 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   config_checks.check_train_config(config)
   plan = phases.plan(config)
   mesh = parallel.make_mesh(config.num_devices)
-  needs_clip = any("clip" in p.method.needs for p in plan)
+  needs = {need for p in plan for need in p.method.needs}
+  needs_clip, uses_shots = "clip" in needs, any(getattr(p.method, "uses_shots", True) for p in plan)
+  classifier = targets = None
+  if "classifier" in needs:  # small next to SD: loaded first, so that a bad classifier fails at once
+    classifier, targets = _load_classifier(config, plan)
 
-  labeled = D.load_labeled(config.data, "train")
-  num_classes = D.num_classes_of(labeled, config.data)
-  class_names = _class_names(config, labeled, num_classes)
+  labeled = D.load_labeled(config.data, "train") if uses_shots else None
+  num_classes = D.num_classes_of(labeled, config.data) if uses_shots else len(targets)
+  if targets is not None and len(targets) != num_classes:
+    raise ConfigError(f"classifier.targets gives {len(targets)} classes, but the data has {num_classes}: give one "
+                      "target class (an index into the classifier's classes) per class of the data")
+  class_names = _class_names(config, labeled, num_classes, classifier, targets)
   num_padded = parallel.padded_num_classes(num_classes, mesh)
   local = parallel.local_classes(mesh, num_padded)
   local_real = local[local < num_classes]
-  shots = D.sample_few_shot(labeled, config.data.n_shots, config.data.shot_seed, class_indices=local_real,
-                            resolution=config.data.resolution)
-  log(f"{num_classes} classes x {config.data.n_shots} shots at {config.data.resolution}px "
-      f"on {mesh.devices.size} device(s) ({num_padded - num_classes} padded classes)")
   replicate = jax.jit(lambda x: x, out_shardings=parallel.replicated(mesh))
 
   def sharded(local_rows: np.ndarray) -> jax.Array:
     return parallel.shard_by_class(parallel.pad_rows(local_rows, len(local)), mesh, num_padded)
 
-  local_digests = runs.shot_digests(shots.class_names, shots.shot_ids, shots.shots)
-  digests = np.asarray(replicate(sharded(local_digests)))[:num_classes]  # gathered: every process's classes
-  signature = runs.signature(config, num_classes=num_classes, data=runs.data_fingerprint(digests),
+  shots, data_fingerprint = None, None
+  if uses_shots:
+    shots = D.sample_few_shot(labeled, config.data.n_shots, config.data.shot_seed, class_indices=local_real,
+                              resolution=config.data.resolution)
+    local_digests = runs.shot_digests(shots.class_names, shots.shot_ids, shots.shots)
+    digests = np.asarray(replicate(sharded(local_digests)))[:num_classes]  # gathered: every process's classes
+    data_fingerprint = runs.data_fingerprint(digests)
+  log(f"{num_classes} classes" + (f" x {config.data.n_shots} shots at {config.data.resolution}px" if uses_shots
+                                  else f" (no shots: generations judged by the classifier)")
+      + f" on {mesh.devices.size} device(s) ({num_padded - num_classes} padded classes)")
+  signature = runs.signature(config, num_classes=num_classes, data=data_fingerprint,
                              sd=runs.weights_fingerprint(config.model.sd_path),
-                             clip=runs.weights_fingerprint(config.model.clip_path) if needs_clip else None)
+                             clip=runs.weights_fingerprint(config.model.clip_path) if needs_clip else None,
+                             classifier=_classifier_fingerprint(config) if classifier is not None else None)
   if check_signature is not None:
     check_signature(signature)
 
@@ -140,13 +154,17 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
     clip_model, clip_tokenizer = pipeline.load_clip(clip_folder, dtype=config.model.dtype)
     _check_same_token_space(sd, clip_model, clip_tokenizer)
 
-  cache_key = {"sd": runs.fingerprint(config.model.sd_path),
-               "clip": runs.fingerprint(config.model.clip_path) if needs_clip else None,
-               "dtype": config.model.dtype, "source": labeled.source, "resolution": config.data.resolution}
-  encoded = D.encode_cached(shots, make_encoder(sd, clip_model), config.data.cache_dir, cache_key,
-                            flip=config.data.flip)
-  if not config.data.flip:  # a flip axis of size 1 keeps one code path
-    encoded = {k: v[:, :, None] for k, v in encoded.items()}
+  if uses_shots:
+    cache_key = {"sd": runs.fingerprint(config.model.sd_path),
+                 "clip": runs.fingerprint(config.model.clip_path) if needs_clip else None,
+                 "dtype": config.model.dtype, "source": labeled.source, "resolution": config.data.resolution}
+    encoded = D.encode_cached(shots, make_encoder(sd, clip_model), config.data.cache_dir, cache_key,
+                              flip=config.data.flip)
+    if not config.data.flip:  # a flip axis of size 1 keeps one code path
+      encoded = {k: v[:, :, None] for k, v in encoded.items()}
+  else:  # nothing to encode; the step's shot arguments are placeholders
+    encoded = {"latent_mean": np.zeros((len(local_real), 1), np.float32),
+               "latent_logvar": np.zeros((len(local_real), 1), np.float32)}
   features = replicate(sharded(encoded["image_features"])) if needs_clip else jnp.zeros((num_padded, 1, 1, 1))
   data = ShotData(class_ids=parallel.shard_by_class(local.astype(np.int32), mesh, num_padded),
                   latent_mean=sharded(encoded["latent_mean"]), latent_logvar=sharded(encoded["latent_logvar"]),
@@ -154,11 +172,12 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
                   valid=jax.device_put(np.arange(num_padded) < num_classes, parallel.replicated(mesh)))
 
   class_tokens = tok.add_class_tokens(sd.tokenizer, num_classes, config.tokens.num_vectors)
-  template_ids = {p.name: tok.template_ids(sd.tokenizer, templates_of(config, p), class_tokens) for p in plan}
+  template_ids = {p.name: _template_ids(sd.tokenizer, templates_of(config, p), class_tokens, class_names, num_padded)
+                  for p in plan}
   init = _initial_tokens(config, sd, num_classes)
   init_tokens = parallel.shard_by_class(parallel.pad_rows(init, num_padded)[local], mesh, num_padded)
-  return Setup(config, plan, mesh, sd, clip_model, class_names, class_tokens, template_ids, shots, data, init_tokens,
-               signature)
+  return Setup(config, plan, mesh, sd, clip_model, class_names, class_tokens, template_ids, shots, data, classifier,
+               targets, init_tokens, signature)
 
 
 def templates_of(config, phase: phases.Phase) -> tuple[str, ...]:
@@ -167,9 +186,49 @@ def templates_of(config, phase: phases.Phase) -> tuple[str, ...]:
   return tok.templates(config.data.template if spec == "dataset" else spec)
 
 
-def _class_names(config, labeled: D.LabeledImages, num_classes: int) -> list[str]:
-  """The K class names (data.class_names, or the source's); also checks tokens.init_texts' count."""
-  names = tuple(config.data.class_names or labeled.class_names)
+def _template_ids(tokenizer, templates: tuple[str, ...], class_tokens, class_names, num_padded: int) -> np.ndarray:
+  """[T, L] ids of the templates (filled with class 0); [K', T, L] when they hold "{name}" (the class's name)."""
+  if not any("{name}" in t for t in templates):
+    return tok.template_ids(tokenizer, templates, class_tokens)
+  names = list(class_names) + [class_names[0]] * (num_padded - len(class_names))  # padded classes: any words
+  return np.stack([tok.template_ids(tokenizer, tuple(t.replace("{name}", name) for t in templates), class_tokens)
+                   for name in names])
+
+
+def _load_classifier(config, plan) -> tuple[Any, np.ndarray]:
+  """The config's classifier and the target class of each class (all of the classifier's when unset)."""
+  from mcti_jax import classifiers
+  spec = config.classifier
+  users = ", ".join(p.name for p in plan if "classifier" in p.method.needs)
+  if not spec.type:
+    raise ConfigError(f"phase(s) {users} learn from a classifier, but config.classifier.type is unset: set it to "
+                      f"file, clip_zeroshot or clip_tokens with its path (see configs/dct.py and the README)")
+  required, optional = classifiers.TYPES.get(spec.type, ((), ()))
+  classifier = classifiers.load({k: spec[k] for k in ("type", *required, *optional) if spec.get(k) is not None})
+  count = classifier.num_classes
+  targets = np.arange(count) if spec.targets is None else np.asarray(spec.targets)
+  if targets.ndim != 1 or not len(targets) or not np.issubdtype(targets.dtype, np.integer):
+    raise ConfigError(f"config.classifier.targets={spec.targets!r} must be a tuple of class indices")
+  bad = [int(t) for t in targets if not 0 <= t < count]
+  if bad:
+    raise ConfigError(f"config.classifier.targets holds {bad}, out of range: the classifier has {count} classes "
+                      f"(0..{count - 1}: {', '.join(classifier.class_names[:5])}, ...)")
+  return classifier, targets.astype(np.int32)
+
+
+def _classifier_fingerprint(config) -> str:
+  spec = config.classifier
+  paths = [spec.get(k) for k in ("path", "clip_path", "export") if spec.get(k)]
+  return ",".join(runs.weights_fingerprint(p) for p in paths)
+
+
+def _class_names(config, labeled: D.LabeledImages | None, num_classes: int, classifier=None, targets=None
+                 ) -> list[str]:
+  """The K class names (data.class_names, the source's, or the classifier's); checks tokens.init_texts' count."""
+  if labeled is None:
+    names = tuple(config.data.class_names or (classifier.class_names[t] for t in targets))
+  else:
+    names = tuple(config.data.class_names or labeled.class_names)
   if len(names) < num_classes:
     raise ConfigError(f"data.class_names gives {len(names)} names for {num_classes} classes")
   if config.tokens.init == "texts" and len(config.tokens.init_texts or ()) != num_classes:
@@ -204,9 +263,17 @@ def _initial_tokens(config, sd, num_classes: int) -> np.ndarray:
 
 def make_backbone(setup: Setup) -> Backbone:
   sd = setup.sd
+  needs = {need for p in setup.plan for need in p.method.needs}
+  extra = {}
+  if "vae" in needs:
+    text_encoder = freeze(sd.text_encoder)
+    extra.update(vae=freeze(sd.vae), uncond_context=conditioning.encode_prompts(text_encoder, sd.tokenizer, [""])[0])
+  if setup.classifier is not None:
+    extra.update(classifier=setup.classifier,
+                 targets=jnp.asarray(parallel.pad_rows(setup.targets, setup.num_padded)))
   return Backbone(text_encoder=freeze(sd.text_encoder), unet=freeze(sd.unet), schedule=sd.schedule,
                   clip=freeze(setup.clip) if setup.clip is not None else None, scaling_factor=sd.scaling_factor,
-                  shift_factor=sd.vae.config.shift_factor)
+                  shift_factor=sd.vae.config.shift_factor, **extra)
 
 
 def step_config(setup: Setup, phase: phases.Phase) -> StepConfig:
@@ -214,7 +281,17 @@ def step_config(setup: Setup, phase: phases.Phase) -> StepConfig:
   return StepConfig(method=phase.method, settings=frozen_settings(phase.method_settings),
                     first_placeholder_id=int(setup.class_tokens.ids[0, 0]), num_vectors=c.tokens.num_vectors,
                     num_train_timesteps=int(setup.sd.schedule.num_train_timesteps), pooling=c.model.pooling,
-                    batch_per_class=c.batch_per_class, grad_accum=c.grad_accum)
+                    batch_per_class=c.batch_per_class, grad_accum=c.grad_accum,
+                    latent_shape=generate.latent_shape(setup.sd))
+
+
+def compile_step(setup: Setup, phase: phases.Phase, optimizer, state: TrainState, backbone: Backbone, template_ids,
+                 clock) -> jax.stages.Compiled:
+  """The phase's training step, compiled for `state` (its structure and shardings); it donates the state."""
+  return jax.jit(
+      functools.partial(train_step, cfg=step_config(setup, phase), optimizer=optimizer, mesh=setup.mesh),
+      donate_argnums=(0,), out_shardings=(_state_shardings(state, setup), parallel.replicated(setup.mesh))
+  ).lower(state, setup.data, backbone, template_ids, *clock).compile()
 
 
 def step_offset(phase: phases.Phase) -> jax.Array:
@@ -264,18 +341,30 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
   plan = setup.plan
   total = plan[-1].end
   optimizers = {p.name: make_optimizer(p.settings.lr, p.settings.weight_decay) for p in plan}
+  by_class = parallel.class_sharding(setup.mesh)
+
+  def begin(state: TrainState, phase: phases.Phase) -> TrainState:
+    """A fresh AdamW state at the phase's lr (and the method's fresh per-class state), on the previous phase's
+    tokens or on the initial ones."""
+    tokens = setup.init_tokens.copy() if phase.settings.init == "initial" else state.tokens
+    fresh = optimizers[phase.name].init(tokens)
+    class_state = init_class_state(phase.method, tokens, phase.method_settings)
+    state = state.replace(tokens=tokens, opt_state=fresh, class_state=class_state)
+    return jax.device_put(state, _state_shardings(state, setup))
+
+  def phase_at(step: int) -> phases.Phase:
+    return next((p for p in plan if p.start <= step < p.end), plan[-1])
 
   tokens = setup.init_tokens.copy()  # the step donates its state; keep the initial tokens intact
   state = TrainState(step=jnp.zeros((), jnp.int32), tokens=tokens, opt_state=optimizers[plan[0].name].init(tokens),
                      key=jax.random.PRNGKey(config.seed))
-  state_shardings = _state_shardings(state, setup)
-  state = jax.device_put(state, state_shardings)
   # Each phase's final tokens, by its index in config.phases: [P, Kp, V, D], class-sharded.
   ended = jax.device_put(jnp.zeros((len(config.phases), *tokens.shape), tokens.dtype),
                          NamedSharding(setup.mesh, P(None, parallel.CLASS_AXIS)))
   checkpoint_dir = (workdir / "checkpoints").absolute()
   manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   start = manager.latest_step() or 0
+  state = begin(state, phase_at(start))  # the structure of the state saved at `start` (its phase's class state)
   if start:
     restored = manager.restore(start, args=ocp.args.StandardRestore({"state": state, "phase_tokens": ended}))
     state, ended = restored["state"], restored["phase_tokens"]
@@ -289,12 +378,6 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
   backbone, template_ids = jax.device_put(
       (make_backbone(setup), {name: jnp.asarray(ids) for name, ids in setup.template_ids.items()}),
       parallel.replicated(setup.mesh))
-
-  def begin(state: TrainState, phase: phases.Phase) -> TrainState:
-    """A fresh AdamW state at the phase's lr, on the previous phase's tokens or on the initial ones."""
-    tokens = setup.init_tokens.copy() if phase.settings.init == "initial" else state.tokens
-    fresh = jax.device_put(optimizers[phase.name].init(tokens), state_shardings.opt_state)
-    return state.replace(tokens=tokens, opt_state=fresh)
 
   def save(step: int, state: TrainState, ended) -> None:
     """Synchronous, so that a failed save (a full disk) stops the run at once, with one message."""
@@ -310,45 +393,52 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
                         f"{reason}. Free disk space (or fix the folder), then run the same command again: it resumes "
                         f"from the last saved checkpoint (step {manager.latest_step() or 0}).") from e
 
-  if start == 0:
-    state = begin(state, plan[0])
-  steps, offsets, compiled = {}, {}, {}
+  steps, clocks, compiled = {}, {}, {}
   for phase in (p for p in plan if p.end > start):
-    offsets[phase.name] = jax.device_put(step_offset(phase), parallel.replicated(setup.mesh))
+    clocks[phase.name] = jax.device_put((step_offset(phase), jnp.int32(phase.start)), parallel.replicated(setup.mesh))
     cfg = step_config(setup, phase)
     # Phases that differ only in where their draws start share one program.
     key = (cfg, phase.settings.lr, phase.settings.weight_decay, setup.template_ids[phase.name].tobytes())
     if key not in compiled:
       log(f"compiling the {phase.name} step ({phase.settings.method}) ...")  # minutes for SD on a GPU
       t = time.time()
-      compiled[key] = jax.jit(
-          functools.partial(train_step, cfg=cfg, optimizer=optimizers[phase.name], mesh=setup.mesh),
-          donate_argnums=(0,), out_shardings=(state_shardings, parallel.replicated(setup.mesh))
-      ).lower(state, setup.data, backbone, template_ids[phase.name], offsets[phase.name]).compile()
+      template = state if phase is phase_at(start) else begin(state, phase)  # this phase's state structure
+      compiled[key] = compile_step(setup, phase, optimizers[phase.name], template, backbone, template_ids[phase.name],
+                                   clocks[phase.name])
       log(f"compiled the {phase.name} step in {time.time() - t:.0f} s")
     steps[phase.name] = compiled[key]
   if stop.requested is not None and start < total:
     raise stop.stopped(f"stopped before step {start + 1}/{total}; nothing new to save. Run the same command "
                        "again to resume.")
+  finish_tokens = jax.jit(final_tokens, static_argnums=0, out_shardings=by_class)
 
   from tqdm.auto import tqdm
   bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=start >= total or not _is_main_process())
   pending, t0 = [], time.time()
-  for s in range(start, total):
+  s = start
+  while s < total:
     index = next(i for i, p in enumerate(plan) if p.start <= s < p.end)
     phase = plan[index]
-    state, metrics = steps[phase.name](state, setup.data, backbone, template_ids[phase.name], offsets[phase.name])
+    state, metrics = steps[phase.name](state, setup.data, backbone, template_ids[phase.name], *clocks[phase.name])
     pending.append(metrics)
     done = s + 1
+    # A method with per-class stopping ends its phase early once no class trains.
+    if "training" in metrics and done < phase.end and float(metrics["training"]) == 0.0:
+      log(f"every class of phase {phase.name} has stopped at step {done}; the phase ends there")
+      bar.update(phase.end - done)
+      done = phase.end
+      state = state.replace(step=jax.device_put(jnp.int32(done), parallel.replicated(setup.mesh)))
     if done == phase.end:  # keep its tokens; the next phase starts afresh
+      state = state.replace(tokens=finish_tokens(phase.method, state.class_state, state.tokens))
       ended = ended.at[phase.index].set(state.tokens)
       if index + 1 < len(plan):
         state = begin(state, plan[index + 1])
     if done % config.log_every == 0 or done == phase.end:
       if _is_main_process():
-        row = _log_metrics(metrics_path, pending, done, phase.name, time.time() - t0)
-        bar.set_postfix(phase=phase.name, **{k: f"{v:.4g}" for k, v in row.items() if k in metrics})
+        row = _log_metrics(metrics_path, pending, done, phase.name, time.time() - t0, setup.num_classes)
+        bar.set_postfix(phase=phase.name, **{k: f"{v:.4g}" for k, v in row.items() if k in metrics
+                                             and not isinstance(v, dict)})
       pending = []
     stopping = stop.requested is not None and done < total
     if done % config.checkpoint_every == 0 or done == phase.end or stopping:
@@ -360,6 +450,7 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
       bar.close()
       raise stop.stopped(f"stopped at step {done}/{total}; the checkpoint is saved in {checkpoint_dir}. "
                          "Run the same command again to resume.")
+    s = done
   bar.close()
   return _finish(setup, workdir, plan, ended, metrics_path, log)
 
@@ -377,11 +468,12 @@ def _quiet_absl():
 
 
 def _state_shardings(state: TrainState, setup: Setup):
-  """Tokens and their optimiser moments sharded on the class axis; step, key and counters replicated."""
+  """Tokens, their optimiser moments and the method's per-class state sharded on the class axis; step, key and
+  counters replicated."""
   by_class, replicated = parallel.class_sharding(setup.mesh), parallel.replicated(setup.mesh)
   per_class = lambda x: by_class if x.ndim > 0 and x.shape == state.tokens.shape else replicated  # noqa: E731
   return TrainState(step=replicated, tokens=by_class, opt_state=jax.tree.map(per_class, state.opt_state),
-                    key=replicated)
+                    key=replicated, class_state=jax.tree.map(lambda _: by_class, state.class_state))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -391,9 +483,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(r + "\n" for r in rows))
 
 
-def _log_metrics(path: Path, pending: list[dict], step: int, phase: str, elapsed: float) -> dict[str, float]:
+def _log_metrics(path: Path, pending: list[dict], step: int, phase: str, elapsed: float, num_classes: int
+                 ) -> dict[str, Any]:
+  """One row of metrics.jsonl: each metric's mean over the steps since the last row; per-class ones as lists."""
   stacked = jax.device_get(pending)
-  row = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  row = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0] if k != "per_class"}
+  if "per_class" in stacked[0]:
+    row["per_class"] = {k: np.round(np.mean([m["per_class"][k][:num_classes] for m in stacked], 0), 5).tolist()
+                        for k in stacked[0]["per_class"]}
   row.update(step=step, phase=phase, elapsed_s=round(elapsed, 2))
   with path.open("a") as f:
     f.write(json.dumps(row) + "\n")
@@ -406,7 +503,12 @@ def _finish(setup: Setup, workdir: Path, plan: list[phases.Phase], ended, metric
   ended = np.asarray(gather(ended))  # a collective: all processes
   tokens = {p.name: ended[p.index] for p in plan}
   info = {"base_model": str(c.model.sd_path), "clip_model": str(c.model.clip_path), "pooling": c.model.pooling,
-          "shots": setup.shots.manifest()}
+          "shots": setup.shots.manifest() if setup.shots is not None else None}
+  if setup.classifier is not None:
+    from mcti_jax import classifiers
+    fields = ("type",) + sum(classifiers.TYPES[c.classifier.type], ())
+    info["classifier"] = {**{k: c.classifier[k] for k in fields if c.classifier.get(k) is not None},
+                          "targets": setup.targets.tolist()}
   phase_info = {p.name: {"method": p.settings.method, "templates": list(templates_of(c, p))} for p in plan}
   plot = workdir / "loss.png"
   exports = {name: workdir / "export" / name for name in tokens}
@@ -414,6 +516,8 @@ def _finish(setup: Setup, workdir: Path, plan: list[phases.Phase], ended, metric
     export.export_phases(workdir / "export", tokens, setup.class_tokens, setup.class_names, info, phase_info)
     titles = {k: v for p in plan for k, v in p.method.metric_titles.items()}
     plots.loss_curves(metrics_path, plot, boundaries=[p.end for p in plan[:-1]], titles=titles)
+    if any(hasattr(p.method, "class_state") for p in plan):
+      plots.class_curves(metrics_path, workdir / "class_curves.png", setup.class_names, titles=titles)
     log(f"tokens exported to {', '.join(str(p) for p in exports.values())}; loss curves in {plot}")
   features = None
   if setup.clip is not None:  # a collective too

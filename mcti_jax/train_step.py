@@ -14,6 +14,12 @@ elementwise, so classes never interact: K classes together equal K one-class
 runs. A cross-class method (`cross_class = True`) also sees every class's
 items of the step (their training targets, gathered over the mesh) through
 `cross_terms`.
+
+A method that draws its own items (`class_terms`: DCT generates images
+instead of noising shots) replaces the shot sampling. A method may keep
+per-class state across steps (`class_state`/`next_state`, e.g. early
+stopping): a class whose state says it is not "training" gets no update,
+in the same compiled step.
 """
 
 from __future__ import annotations
@@ -36,13 +42,17 @@ from mcti_jax.parallel import CLASS_AXIS
 
 @struct.dataclass
 class Backbone:
-  """The frozen models one step needs. `clip` (text tower + projection) only for methods that need it."""
+  """The frozen models one step needs; `clip`, `vae` and `classifier` only for methods that need them."""
   text_encoder: Frozen
   unet: Frozen
   schedule: object  # models.schedule.NoiseSchedule, a pytree of arrays
   clip: Frozen | None
   scaling_factor: float = struct.field(pytree_node=False)  # the VAE's: latents = (sample - shift) * scaling
   shift_factor: float | None = struct.field(pytree_node=False, default=None)
+  vae: Frozen | None = None
+  classifier: object = None  # classifiers.Classifier: images in [0, 1] -> logits
+  targets: jax.Array | None = None  # [Kp] int: class k's class in the classifier
+  uncond_context: jax.Array | None = None  # [1, L, D] the encoded "" prompt (classifier-free guidance)
 
 
 @struct.dataclass
@@ -67,6 +77,7 @@ class TrainState:
   tokens: jax.Array  # [Kp, V, D]
   opt_state: optax.OptState
   key: jax.Array
+  class_state: Any = struct.field(default_factory=dict)  # the method's per-class state, leaves [Kp, ...]
 
 
 @struct.dataclass
@@ -83,11 +94,16 @@ class Item:
 
 @struct.dataclass
 class Context:
-  """What a method's `item_terms` may look at besides the item."""
+  """What a method's `item_terms` (or `class_terms`) may look at besides the item."""
   backbone: Backbone
   image_features: jax.Array  # [K', N, F, P] CLIP image features of every class's shots
   valid: jax.Array  # [K'] False on padded classes
+  template_ids: jax.Array  # [T, L] the phase's prompts (class 0's ids), or [K', T, L] per class
+  step: jax.Array  # the step's index within its phase
+  run_key: jax.Array  # the run's key (the same at every step)
   pooling: str = struct.field(pytree_node=False)
+  first_placeholder_id: int = struct.field(pytree_node=False)
+  latent_shape: tuple[int, ...] = struct.field(pytree_node=False)  # (h, w, c) of the UNet's latents
 
 
 @struct.dataclass
@@ -109,6 +125,7 @@ class StepConfig:
   pooling: str = "eos"
   batch_per_class: int = 1
   grad_accum: int = 1
+  latent_shape: tuple[int, ...] = ()
 
 
 class Settings:
@@ -143,8 +160,9 @@ def sample_item(key, k, vectors, backbone: Backbone, latent_mean, latent_logvar,
   noise = jax.random.normal(keys[4], x0.shape)
   x_t = backbone.schedule.add_noise(x0, noise, t)
   target = backbone.schedule.training_target(x0, noise, t)
-  template = jax.random.randint(keys[5], (), 0, template_ids.shape[0])
-  ids = tok.ids_for_class(template_ids[template], cfg.first_placeholder_id, cfg.num_vectors, k)
+  class_templates = template_ids[k] if template_ids.ndim == 3 else template_ids
+  template = jax.random.randint(keys[5], (), 0, class_templates.shape[0])
+  ids = tok.ids_for_class(class_templates[template], cfg.first_placeholder_id, cfg.num_vectors, k)
   embeds = tok.splice(tok.token_table(text_encoder), ids, placeholder_ids, vectors)
   hidden, _ = text_encoder(ids[None], inputs_embeds=embeds[None], pooling=cfg.pooling)
   prediction = unet(x_t[None], t[None], hidden)[0]
@@ -152,13 +170,13 @@ def sample_item(key, k, vectors, backbone: Backbone, latent_mean, latent_logvar,
               keys=keys[6:8])
 
 
-def class_objective(vectors, k, key, backbone: Backbone, latent_mean, latent_logvar, image_features_all, valid,
-                    template_ids, settings: Settings, cfg: StepConfig):
-  """Class k's terms averaged over its per-class batch, and the batch's items (for cross-class methods)."""
-  ctx = Context(backbone=backbone, image_features=image_features_all, valid=valid, pooling=cfg.pooling)
+def class_objective(vectors, k, key, latent_mean, latent_logvar, ctx: Context, settings: Settings, cfg: StepConfig):
+  """Class k's terms averaged over its per-class batch, and the batch's items (None for `class_terms` methods)."""
+  if hasattr(cfg.method, "class_terms"):  # the method draws its own items
+    return cfg.method.class_terms(vectors, k, key, ctx, settings), None
 
   def one_item(key):
-    item = sample_item(key, k, vectors, backbone, latent_mean, latent_logvar, template_ids, cfg)
+    item = sample_item(key, k, vectors, ctx.backbone, latent_mean, latent_logvar, ctx.template_ids, cfg)
     return cfg.method.item_terms(item, ctx, settings), item
 
   terms, items = jax.vmap(one_item)(jax.random.split(key, cfg.batch_per_class))
@@ -166,18 +184,20 @@ def class_objective(vectors, k, key, backbone: Backbone, latent_mean, latent_log
 
 
 def _shard_grads(tokens, class_ids, latent_mean, latent_logvar, step_key, backbone, image_features, valid_all,
-                 template_ids, cfg: StepConfig):
-  """Gradients for the classes of one shard, and metric sums over all shards."""
+                 template_ids, phase_step, run_key, cfg: StepConfig):
+  """Gradients and per-class terms for the classes of one shard, and metric sums over all shards."""
   settings = Settings(cfg.settings)
   valid = valid_all[class_ids]
   masked_sum = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731  (padded classes may hold inf)
   method = cfg.method
+  ctx = Context(backbone=backbone, image_features=image_features, valid=valid_all, template_ids=template_ids,
+                step=phase_step, run_key=run_key, pooling=cfg.pooling, first_placeholder_id=cfg.first_placeholder_id,
+                latent_shape=cfg.latent_shape)
 
   def loss_fn(tokens, micro_key):
     keys = jax.vmap(lambda k: jax.random.fold_in(micro_key, k))(class_ids)
-    per_class = jax.vmap(class_objective, in_axes=(0, 0, 0, None, 0, 0, None, None, None, None, None))
-    terms, items = per_class(tokens, class_ids, keys, backbone, latent_mean, latent_logvar, image_features,
-                             valid_all, template_ids, settings, cfg)
+    per_class = jax.vmap(class_objective, in_axes=(0, 0, 0, 0, 0, None, None, None))
+    terms, items = per_class(tokens, class_ids, keys, latent_mean, latent_logvar, ctx, settings, cfg)
     if method.cross_class:
       gather = lambda x: jax.lax.all_gather(x, CLASS_AXIS, tiled=True)  # noqa: E731
       all_ids = gather(class_ids)
@@ -186,35 +206,70 @@ def _shard_grads(tokens, class_ids, latent_mean, latent_logvar, step_key, backbo
       cross = jax.vmap(method.cross_terms, in_axes=(0, 0, None, None))(items, class_ids, everyone, settings)
       terms = {**terms, **cross}
     loss = masked_sum(jax.vmap(lambda t: method.loss(t, settings))(terms))
-    return loss, {name: masked_sum(value) for name, value in terms.items()}
+    return loss, terms
 
-  def micro_step(grads_and_sums, micro):
-    grads, sums = grads_and_sums
-    (_, micro_sums), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(tokens, jax.random.fold_in(step_key, micro))
-    return (grads + micro_grads, jax.tree.map(jnp.add, sums, micro_sums)), None
+  def micro_step(carry, micro):
+    grads, terms = carry
+    (_, micro_terms), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(tokens, jax.random.fold_in(step_key, micro))
+    return (grads + micro_grads, jax.tree.map(jnp.add, terms, micro_terms)), None
 
-  names = jax.eval_shape(lambda: loss_fn(tokens, step_key)[1]).keys()
-  init = (jnp.zeros_like(tokens), {name: jnp.zeros((), jnp.float32) for name in names})
-  (grads, sums), _ = jax.lax.scan(micro_step, init, jnp.arange(cfg.grad_accum))
-  sums = jax.tree.map(lambda s: jax.lax.psum(s, CLASS_AXIS) / cfg.grad_accum, sums)
-  return grads / cfg.grad_accum, sums
+  shapes = jax.eval_shape(lambda: loss_fn(tokens, step_key)[1])
+  init = (jnp.zeros_like(tokens), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
+  (grads, terms), _ = jax.lax.scan(micro_step, init, jnp.arange(cfg.grad_accum))
+  terms = jax.tree.map(lambda t: t / cfg.grad_accum, terms)  # [Kc] per class of this shard
+  sums = {name: jax.lax.psum(masked_sum(value), CLASS_AXIS) for name, value in terms.items()}
+  return grads / cfg.grad_accum, terms, sums
 
 
-def train_step(state: TrainState, data: ShotData, backbone: Backbone, template_ids, step_offset=0, *,
+def train_step(state: TrainState, data: ShotData, backbone: Backbone, template_ids, step_offset=0, phase_start=0, *,
                cfg: StepConfig, optimizer: optax.GradientTransformation, mesh) -> tuple[TrainState, dict]:
   """One AdamW step on every class's tokens. Jit it with the mesh's shardings (see trainer).
 
-  The step's draws use `state.step - step_offset` (traced): a branch (init="initial") draws as a run's first phase.
+  The step's draws use `state.step - step_offset` (traced): a branch (init="initial") draws as a run's first
+  phase. `phase_start` is where the phase began (methods with epochs count from it).
   """
   step_key = jax.random.fold_in(state.key, state.step - step_offset)
+  phase_step = state.step - phase_start
   shard_grads = jax.shard_map(
       lambda *a: _shard_grads(*a, cfg=cfg), mesh=mesh,
-      in_specs=(P(CLASS_AXIS), P(CLASS_AXIS), P(CLASS_AXIS), P(CLASS_AXIS), P(), P(), P(), P(), P()),
-      out_specs=(P(CLASS_AXIS), P()), check_vma=False)
-  grads, sums = shard_grads(state.tokens, data.class_ids, data.latent_mean, data.latent_logvar, step_key,
-                            backbone, data.image_features, data.valid, template_ids)
+      in_specs=(P(CLASS_AXIS), P(CLASS_AXIS), P(CLASS_AXIS), P(CLASS_AXIS), P(), P(), P(), P(), P(), P(), P()),
+      out_specs=(P(CLASS_AXIS), P(CLASS_AXIS), P()), check_vma=False)
+  grads, terms, sums = shard_grads(state.tokens, data.class_ids, data.latent_mean, data.latent_logvar, step_key,
+                                   backbone, data.image_features, data.valid, template_ids, phase_step, state.key)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.tokens)
-  tokens = optax.apply_updates(state.tokens, updates)
-  num_valid = jnp.maximum(jnp.sum(data.valid[data.class_ids]), 1)
+  valid = data.valid[data.class_ids]
+  num_valid = jnp.maximum(jnp.sum(valid), 1)
   metrics = {name: total / num_valid for name, total in sums.items()}
-  return state.replace(step=state.step + 1, tokens=tokens, opt_state=opt_state), metrics
+  class_state = state.class_state
+  if hasattr(cfg.method, "next_state"):  # per-class state: a class that has stopped gets no update
+    training = class_state["training"]
+    updates = jnp.where(training[:, None, None], updates, 0.0)
+    settings = Settings(cfg.settings)
+    stepped = jax.vmap(lambda s, v, t: cfg.method.next_state(s, v, t, phase_step, settings))(
+        class_state, state.tokens, terms)
+    class_state = jax.tree.map(lambda new, old: jnp.where(_rows(training, new), new, old), stepped, class_state)
+    metrics["training"] = jnp.sum(class_state["training"] & valid) / num_valid  # after this step
+    metrics["per_class"] = {**terms, "training": class_state["training"].astype(jnp.float32)}
+  tokens = optax.apply_updates(state.tokens, updates)
+  return state.replace(step=state.step + 1, tokens=tokens, opt_state=opt_state, class_state=class_state), metrics
+
+
+def init_class_state(method, tokens, settings: dict):
+  """The method's per-class state for a phase on `tokens` [Kp, V, D] ({} for methods without one)."""
+  if not hasattr(method, "class_state"):
+    return {}
+  cfg = Settings(frozen_settings(settings))
+  state = jax.vmap(lambda v: method.class_state(v, cfg))(tokens)
+  return jax.tree.map(jnp.copy, state)  # own buffers: the step donates the state (tokens included)
+
+
+def final_tokens(method, class_state, tokens):
+  """The tokens a phase ends with: the method's choice (DCT: each class's best) or the last ones."""
+  if not hasattr(method, "final_vectors"):
+    return tokens
+  return jax.vmap(method.final_vectors)(class_state, tokens)
+
+
+def _rows(mask, x):
+  """mask [K] broadcast over the trailing axes of x [K, ...]."""
+  return mask.reshape(mask.shape + (1,) * (x.ndim - 1))

@@ -12,6 +12,19 @@ A trainable method module defines:
                              cross-class methods only: class k's batch against every class's items
   loss(terms, cfg) -> scalar the loss of class k from the means of its terms over its batch
 
+and optionally (DCT uses them):
+
+  uses_shots: bool           False: it needs no images of the classes (no data is loaded)
+  class_terms(vectors, k, key, ctx, cfg) -> dict
+                             class k's terms from items the method draws itself, instead of the trainer's
+                             noised shots (item_terms is then unused)
+  class_state(vectors, cfg) -> dict, next_state(state, vectors, terms, step, cfg) -> dict
+                             per-class state kept across steps; a class whose state["training"] is False gets
+                             no update (a mask in the same compiled step)
+  final_vectors(state, vectors) -> vectors
+                             what the phase ends with for a class (DCT: the token of its lowest loss)
+  check(cfg) -> list[str]    problems with its settings, beyond "a finite number >= 0"
+
 The trainer runs `config.phases` in order, each with the settings in
 `config.phase.<name>` (made by `phase()` below), and names no method.
 """
@@ -25,7 +38,7 @@ import ml_collections
 
 from mcti_jax.errors import ConfigError
 
-TRAINABLE = ("ti", "mcti", "gcpl", "comple")
+TRAINABLE = ("ti", "mcti", "gcpl", "comple", "dct")
 INITS = ("previous", "initial")  # a phase starts from the previous phase's tokens, or from the initial ones
 
 

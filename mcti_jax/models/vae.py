@@ -361,6 +361,12 @@ def unscale_latents(latents: jax.Array, config: VAEConfig) -> jax.Array:
   return latents / config.scaling_factor + (config.shift_factor or 0.0)
 
 
+def decode_images(vae: AutoencoderKL, latents: jax.Array) -> jax.Array:
+  """The UNet's latents -> images in [0, 1] (float32), as diffusers' pipeline + image processor."""
+  images = vae.decode(unscale_latents(latents, vae.config))
+  return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
 # ------------------------------------------------------------ loading and saving
 
 # Old diffusers checkpoints (the deprecated AttentionBlock) name the mid-block
