@@ -17,6 +17,8 @@ Everything lands in <workdir>/: results.json, report.md, grids, the runs.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -58,15 +60,27 @@ def _train(train_config, seed: int, workdir: Path, log) -> train.TrainResult:
   return train.train(c, log=log)
 
 
+@functools.lru_cache(maxsize=2)
+def _stable_diffusion(path: str) -> pipeline.StableDiffusion:
+  return pipeline.load_stable_diffusion(path)
+
+
 def _images(train_config, export: Path | None, template: str, num_classes: int, g, fill: str | None = None):
   """uint8 [K, G, H, W, 3]: template filled with <cls-k> (or with `fill` for every class), from g.seed's latents."""
-  sd = pipeline.load_stable_diffusion(train_config.model.sd_path)
+  # Loaded once; each export's tokens go into a copy of the tokenizer (they all add <cls-0>, ...).
+  sd = dataclasses.replace(_stable_diffusion(train_config.model.sd_path))
+  sd.tokenizer = copy.deepcopy(sd.tokenizer)
   learned = LearnedTokens.from_export(export, sd.tokenizer, sd.text_width) if export is not None else None
   prompts = [template.format(fill if fill is not None else f"<cls-{k}>") for k in range(num_classes)]
   phase = train_config.phase.dct
   images = generate.generate(sd, prompts, learned=learned, num_images_per_prompt=g.num_images,
                              steps=phase.sampling_steps, guidance=phase.guidance, seed=g.seed)
   return images.reshape(num_classes, g.num_images, *images.shape[1:])
+
+
+def _save_grid(images: np.ndarray, path: Path, rows: int, scale: int = 4) -> None:
+  """A grid of 16-px images, each pixel drawn `scale` times wider and taller so that a person can see it."""
+  generate.save_grid(images.repeat(scale, axis=1).repeat(scale, axis=2), path, rows=rows)
 
 
 def _verdicts(images: np.ndarray, judges: dict, guide_classifier, targets: np.ndarray) -> dict:
@@ -97,7 +111,7 @@ def _digits(config, seed: int, workdir: Path, judges: dict, log) -> dict:
   before = _images(c, None, template, len(targets), config.generation, fill=c.tokens.init_word)
   after = _images(c, result.exports["dct"], template, len(targets), config.generation)
   for name, images in (("before", before), ("after", after)):
-    generate.save_grid(images.reshape(-1, *images.shape[2:]), workdir / f"generated_{name}.png", rows=len(targets))
+    _save_grid(images.reshape(-1, *images.shape[2:]), workdir / f"generated_{name}.png", rows=len(targets))
   rows = [json.loads(line) for line in result.metrics.read_text().splitlines()]
   out = {"before": _verdicts(before, judges, guide_classifier, targets),
          "after": _verdicts(after, judges, guide_classifier, targets),
@@ -126,7 +140,7 @@ def _attribute(config, seed: int, workdir: Path, log) -> dict:
   template = c.phase.dct.templates[0]
   plain = _images(c, None, template.replace(" {}", ""), 1, g, fill="")[0]  # "a photo of the digit three"
   guided = _images(c, result.exports["dct"], template, 1, g)[0]
-  generate.save_grid(np.concatenate([plain[:16], guided[:16]]), workdir / "plain_vs_token.png", rows=2)
+  _save_grid(np.concatenate([plain[:16], guided[:16]]), workdir / "plain_vs_token.png", rows=2)
   slant = lambda images: captions.shape_measures(images)[:, guide.SLANT]  # noqa: E731  (high = leaning left)
   plain_slant, guided_slant = slant(plain), slant(guided)
   sd = float(plain_slant.std())

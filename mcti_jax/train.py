@@ -134,7 +134,7 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
     digests = np.asarray(replicate(sharded(local_digests)))[:num_classes]  # gathered: every process's classes
     data_fingerprint = runs.data_fingerprint(digests)
   log(f"{num_classes} classes" + (f" x {config.data.n_shots} shots at {config.data.resolution}px" if uses_shots
-                                  else f" (no shots: generations judged by the classifier)")
+                                  else " (no shots: generations judged by the classifier)")
       + f" on {mesh.devices.size} device(s) ({num_padded - num_classes} padded classes)")
   signature = runs.signature(config, num_classes=num_classes, data=data_fingerprint,
                              sd=runs.weights_fingerprint(config.model.sd_path),
@@ -343,10 +343,10 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
   optimizers = {p.name: make_optimizer(p.settings.lr, p.settings.weight_decay) for p in plan}
   by_class = parallel.class_sharding(setup.mesh)
 
-  def begin(state: TrainState, phase: phases.Phase) -> TrainState:
-    """A fresh AdamW state at the phase's lr (and the method's fresh per-class state), on the previous phase's
-    tokens or on the initial ones."""
-    tokens = setup.init_tokens.copy() if phase.settings.init == "initial" else state.tokens
+  def begin(state: TrainState, phase: phases.Phase, previous_tokens) -> TrainState:
+    """A fresh AdamW state at the phase's lr (and the method's fresh per-class state), on the tokens the previous
+    phase ended with or on the initial ones."""
+    tokens = setup.init_tokens.copy() if phase.settings.init == "initial" else previous_tokens
     fresh = optimizers[phase.name].init(tokens)
     class_state = init_class_state(phase.method, tokens, phase.method_settings)
     state = state.replace(tokens=tokens, opt_state=fresh, class_state=class_state)
@@ -364,7 +364,8 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
   checkpoint_dir = (workdir / "checkpoints").absolute()
   manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   start = manager.latest_step() or 0
-  state = begin(state, phase_at(start))  # the structure of the state saved at `start` (its phase's class state)
+  # The structure of the state saved at `start` (its phase's class state); at 0 also its values.
+  state = begin(state, phase_at(start), state.tokens)
   if start:
     restored = manager.restore(start, args=ocp.args.StandardRestore({"state": state, "phase_tokens": ended}))
     state, ended = restored["state"], restored["phase_tokens"]
@@ -402,7 +403,7 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
     if key not in compiled:
       log(f"compiling the {phase.name} step ({phase.settings.method}) ...")  # minutes for SD on a GPU
       t = time.time()
-      template = state if phase is phase_at(start) else begin(state, phase)  # this phase's state structure
+      template = state if phase is phase_at(start) else begin(state, phase, state.tokens)  # its state structure
       compiled[key] = compile_step(setup, phase, optimizers[phase.name], template, backbone, template_ids[phase.name],
                                    clocks[phase.name])
       log(f"compiled the {phase.name} step in {time.time() - t:.0f} s")
@@ -429,11 +430,10 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
       bar.update(phase.end - done)
       done = phase.end
       state = state.replace(step=jax.device_put(jnp.int32(done), parallel.replicated(setup.mesh)))
-    if done == phase.end:  # keep its tokens; the next phase starts afresh
-      state = state.replace(tokens=finish_tokens(phase.method, state.class_state, state.tokens))
-      ended = ended.at[phase.index].set(state.tokens)
+    if done == phase.end:  # keep its tokens (the method's pick: DCT's lowest-loss ones); the next phase starts afresh
+      ended = ended.at[phase.index].set(finish_tokens(phase.method, state.class_state, state.tokens))
       if index + 1 < len(plan):
-        state = begin(state, plan[index + 1])
+        state = begin(state, plan[index + 1], ended[phase.index])
     if done % config.log_every == 0 or done == phase.end:
       if _is_main_process():
         row = _log_metrics(metrics_path, pending, done, phase.name, time.time() - t0, setup.num_classes)

@@ -56,7 +56,7 @@ def dct_config(tiny_checkpoint, workdir, classifier_folder, **overrides):
 
 
 def test_gradient_of_the_loop_is_the_gradient_of_the_last_step_at_its_fixed_input(tiny_checkpoint):
-  """DCT's loss through 4 DDIM steps (text encoder, UNet, guidance, decode, classifier): its gradient in the token
+  """DCT's loss through 3 DDIM steps (text encoder, UNet, guidance, decode, classifier): its gradient in the token
   equals that of ONE guided step, written here by hand, applied to the loop's x_{t_1} held constant."""
   from mcti_jax import conditioning
   from mcti_jax import tokens as tok
@@ -70,7 +70,7 @@ def test_gradient_of_the_loop_is_the_gradient_of_the_last_step_at_its_fixed_inpu
   backbone = Backbone(text_encoder=text_encoder, unet=freeze(sd.unet), schedule=sd.schedule, clip=None,
                       scaling_factor=sd.scaling_factor, vae=freeze(sd.vae), classifier=classifier,
                       uncond_context=uncond)
-  cfg = Settings(frozen_settings({"sampling_steps": 4, "guidance": 3.0}))
+  cfg = Settings(frozen_settings({"sampling_steps": 3, "guidance": 3.0}))
   latents = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
   vectors = jax.random.normal(jax.random.key(1), (1, sd.text_width)) * 0.1
   target = jnp.asarray([2, 0])
@@ -81,7 +81,7 @@ def test_gradient_of_the_loop_is_the_gradient_of_the_last_step_at_its_fixed_inpu
   def loop_loss(v):
     return loss_of(dct.generate(v, k, latents, ids, backbone, cfg, first_placeholder_id=first_id, pooling="eos"))
 
-  timesteps = jnp.asarray(sampling.ddim_timesteps(sd.schedule.config, 4))
+  timesteps = jnp.asarray(sampling.ddim_timesteps(sd.schedule.config, 3))
   unet = backbone.unet.module
 
   def context_of(v):
@@ -93,19 +93,19 @@ def test_gradient_of_the_loop_is_the_gradient_of_the_last_step_at_its_fixed_inpu
     both = jnp.concatenate([jnp.broadcast_to(uncond, context.shape), context])
     out = unet(jnp.concatenate([x, x]), t, both)
     eps = out[:2] + 3.0 * (out[2:] - out[:2])
-    return sampling.ddim_step(sd.schedule, eps, t, x, 4)
+    return sampling.ddim_step(sd.schedule, eps, t, x, 3)
 
   @jax.jit
-  def x_t1(v):  # the first three steps
+  def x_t1(v):  # the first two steps
     x, context = latents, context_of(v)
-    for t in timesteps[:3]:
+    for t in timesteps[:2]:
       x = guided_step(x, t, context)
     return x
 
   fixed = x_t1(vectors)
 
   def one_step_loss(v):
-    return loss_of(vae_lib.decode_images(backbone.vae.module, guided_step(fixed, timesteps[3], context_of(v))))
+    return loss_of(vae_lib.decode_images(backbone.vae.module, guided_step(fixed, timesteps[2], context_of(v))))
 
   (value, grad), (want_value, want) = (jax.jit(jax.value_and_grad(f))(vectors) for f in (loop_loss, one_step_loss))
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
@@ -163,6 +163,18 @@ def test_one_device_equals_eight_devices(one_device_run, eight_device_run):
   manifest = json.loads((eight_device_run.exports["dct"] / "manifest.json").read_text())
   assert manifest["classifier"]["type"] == "file" and manifest["classifier"]["targets"] == [2, 0, 1]
   assert [c["name"] for c in manifest["classes"]] == ["c", "a", "b"]  # the classifier's names of the targets
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tiny_checkpoint, tmp_path, classifier_folder, eight_device_run):
+  """2 steps, then the same run extended to 3: the early-stopping state comes back from the checkpoint."""
+  workdir = tmp_path / "run"
+  train.train(dct_config(tiny_checkpoint, workdir, classifier_folder, **{"phase.dct.steps": 2}), log=lambda *_: None)
+  resumed = train.train(dct_config(tiny_checkpoint, workdir, classifier_folder), log=lambda *_: None)
+  np.testing.assert_array_equal(resumed.tokens["dct"], eight_device_run.tokens["dct"])
+  assert resumed.metrics.read_text().count("\n") == 3
+  rows = [[json.loads(line)["per_class"] for line in r.metrics.read_text().splitlines()]
+          for r in (resumed, eight_device_run)]
+  assert rows[0] == rows[1]
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +242,7 @@ def test_step_memory_does_not_grow_with_the_sampling_steps(tiny_checkpoint, tmp_
     state = TrainState(step=jnp.int32(0), tokens=setup.init_tokens, opt_state=optimizer.init(setup.init_tokens),
                        key=jax.random.PRNGKey(0),
                        class_state=init_class_state(phase.method, setup.init_tokens, phase.method_settings))
+    state = jax.device_put(state, train._state_shardings(state, setup))  # as the trainer places it
     compiled = train.compile_step(setup, phase, optimizer, state, backbone, template_ids, clock)
     memory[steps] = compiled.memory_analysis().temp_size_in_bytes
   assert memory[10] > 0 and abs(memory[30] - memory[10]) <= 0.1 * memory[10], memory

@@ -28,7 +28,8 @@ from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax.methods import mcti
 from mcti_jax.models import pipeline
 from mcti_jax.models.frozen import freeze
-from mcti_jax.train_step import Settings, ShotData, TrainState, class_objective, make_optimizer, train_step
+from mcti_jax.train_step import (Context, Settings, ShotData, TrainState, class_objective, make_optimizer,
+                                 train_step)
 
 
 # ------------------------------------------------------------ the regulariser
@@ -390,9 +391,14 @@ def test_reg_gradient_reaches_the_tokens(tiny_checkpoint, tmp_path):
   cfg = train.step_config(setup, mcti_phase)
   settings = Settings(cfg.settings)
 
+  ctx = Context(backbone=backbone, image_features=d.image_features, valid=d.valid,
+                template_ids=jnp.asarray(setup.template_ids["mcti"]), step=jnp.int32(0),
+                run_key=jax.random.PRNGKey(0), pooling=cfg.pooling, first_placeholder_id=cfg.first_placeholder_id,
+                latent_shape=cfg.latent_shape)
+
   def reg_of_class_1(vectors):
-    terms, _ = class_objective(vectors, 1, jax.random.PRNGKey(0), backbone, d.latent_mean[1], d.latent_logvar[1],
-                               d.image_features, d.valid, jnp.asarray(setup.template_ids["mcti"]), settings, cfg)
+    terms, _ = class_objective(vectors, 1, jax.random.PRNGKey(0), d.latent_mean[1], d.latent_logvar[1], ctx,
+                               settings, cfg)
     return terms["reg"]
 
   grad = jax.jit(jax.grad(reg_of_class_1))(setup.init_tokens[1])  # one compiled program, not op by op
