@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Two workers, a test file each at a time (module fixtures compile once): compiles are single-threaded, so two
+# overlap on 2 cores (28.5 -> 21.5 minutes with an empty compile cache, this machine, 2026-11-30).
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -q tests
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(PY) -m mcti_jax.cli demo

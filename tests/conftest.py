@@ -58,10 +58,15 @@ def tiny_train_config(checkpoint: Path, workdir: Path, **overrides):
   c.model.sd_path, c.model.clip_path = str(checkpoint / "sd"), str(checkpoint / "clip")
   c.workdir, c.data.cache_dir = str(workdir), str(workdir.parent / "cache")
   c.phase.ti.steps, c.phase.mcti.steps, c.log_every, c.checkpoint_every = 4, 4, 2, 2
+  return set_fields(c, overrides)
+
+
+def set_fields(config, overrides: dict):
+  """config with each dotted field of `overrides` ("phase.ti.steps": 2) set; returns it."""
   for key, value in overrides.items():
-    target = c
+    target = config
     *parents, leaf = key.split(".")
     for p in parents:
       target = target[p]
     target[leaf] = value
-  return c
+  return config

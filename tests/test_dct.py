@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_train_config
+from conftest import set_fields, tiny_train_config
 from mcti_jax import classifiers, sampling, train
 from mcti_jax.classifiers import file as classifier_file
 from mcti_jax.errors import ConfigError
@@ -43,13 +43,7 @@ def dct_config(tiny_checkpoint, workdir, classifier_folder, **overrides):
   c.phase.dct.update(steps=3, sampling_steps=10, images_per_update=2, epoch_size=2, guidance=3.0)
   c.data.class_names = None  # the classifier's names of its targets
   c.log_every = c.checkpoint_every = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return set_fields(c, overrides)
 
 
 # ------------------------------------------------------------------ gradient skipping
@@ -139,6 +133,8 @@ def test_early_stopping_keeps_the_best_token_and_stops_at_epoch_ends():
 # ------------------------------------------------------------------ the trainer
 
 
+# The trainer tests below that run on 8 devices take `eight_device_run` first: its step is compiled once and the
+# others load it from the compile cache (conftest), since only traced values (targets, weights, steps) differ.
 @pytest.fixture(scope="module")
 def eight_device_run(tiny_checkpoint, tmp_path_factory, classifier_folder):
   workdir = tmp_path_factory.mktemp("dct8") / "run"
@@ -246,6 +242,19 @@ def test_step_memory_does_not_grow_with_the_sampling_steps(tiny_checkpoint, tmp_
     compiled = train.compile_step(setup, phase, optimizer, state, backbone, template_ids, clock)
     memory[steps] = compiled.memory_analysis().temp_size_in_bytes
   assert memory[10] > 0 and abs(memory[30] - memory[10]) <= 0.1 * memory[10], memory
+
+
+def test_named_templates_hold_each_class_name(tiny_checkpoint):
+  """"{} {name}" (the semantic case) gives per-class prompts [K', T, L]: class k's token, then its name."""
+  from mcti_jax import tokens as tok
+  from mcti_jax.models import tokenizer as tokenizer_lib
+  sd = pipeline.load_stable_diffusion(tiny_checkpoint / "sd")
+  class_tokens = tok.add_class_tokens(sd.tokenizer, 2, 1)
+  ids = train._template_ids(sd.tokenizer, ("a photo of {} {name}",), class_tokens, ["cat", "dog"], 4)
+  assert ids.shape == (4, 1, 77)
+  for k, name in enumerate(["cat", "dog", "cat", "cat"]):  # padded classes take the first name
+    want = tokenizer_lib.encode(sd.tokenizer, [f"a photo of <cls-0> {name}"])[0]
+    np.testing.assert_array_equal(ids[k, 0], want)
 
 
 # ------------------------------------------------------------------ bad input
