@@ -68,8 +68,8 @@ def _stable_diffusion(path: str) -> pipeline.StableDiffusion:
 def _images(train_config, export: Path | None, template: str, num_classes: int, g, fill: str | None = None):
   """uint8 [K, G, H, W, 3]: template filled with <cls-k> (or with `fill` for every class), from g.seed's latents."""
   # Loaded once; each export's tokens go into a copy of the tokenizer (they all add <cls-0>, ...).
-  sd = dataclasses.replace(_stable_diffusion(train_config.model.sd_path))
-  sd.tokenizer = copy.deepcopy(sd.tokenizer)
+  loaded = _stable_diffusion(train_config.model.sd_path)
+  sd = dataclasses.replace(loaded, tokenizer=copy.deepcopy(loaded.tokenizer))
   learned = LearnedTokens.from_export(export, sd.tokenizer, sd.text_width) if export is not None else None
   prompts = [template.format(fill if fill is not None else f"<cls-{k}>") for k in range(num_classes)]
   phase = train_config.phase.dct
