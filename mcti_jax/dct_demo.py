@@ -30,7 +30,6 @@ from mcti_jax.conditioning import LearnedTokens
 from mcti_jax.models import hf_io, pipeline
 from mcti_jax.tiny import captions, guide
 
-KNOWN, UNKNOWN = demo.KNOWN, demo.UNKNOWN
 
 
 def run(config, log: Callable[[str], None] = print) -> dict:
@@ -90,16 +89,10 @@ def _verdicts(images: np.ndarray, judges: dict, guide_classifier, targets: np.nd
   out = {}
   for name, judge in judges.items():
     predicted = judge.predict(demo._judge_features(flat)).reshape(k, g)
-    out[name] = _rates(predicted, targets)
+    out[name] = demo.intended_rates(predicted, targets)
   predicted = np.asarray(guide_classifier(flat.astype(np.float32) / 255.0)).argmax(-1).reshape(k, g)
-  out["guide"] = _rates(predicted, targets)
+  out["guide"] = demo.intended_rates(predicted, targets)
   return out
-
-
-def _rates(predicted: np.ndarray, targets: np.ndarray) -> dict:
-  per_class = (predicted == targets[:, None]).mean(1)
-  return {"per_class": per_class.tolist(), "known": float(per_class[list(KNOWN)].mean()),
-          "unknown": float(per_class[list(UNKNOWN)].mean()), "predicted": predicted.tolist()}
 
 
 def _digits(config, seed: int, workdir: Path, judges: dict, log) -> dict:

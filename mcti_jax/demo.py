@@ -52,7 +52,12 @@ def judge_generation(judge, images: np.ndarray, num_classes: int) -> dict:
   """images [K, G, H, W, 3] -> per-class fraction judged as the intended class."""
   k, g = images.shape[:2]
   predicted = judge.predict(_judge_features(images.reshape(k * g, *images.shape[2:]))).reshape(k, g)
-  per_class = (predicted == np.arange(k)[:, None]).mean(1)
+  return intended_rates(predicted, np.arange(k))
+
+
+def intended_rates(predicted: np.ndarray, targets: np.ndarray) -> dict:
+  """predicted [K, G] -> per class, the fraction predicted as targets[k]; their means over known and unknown."""
+  per_class = (predicted == targets[:, None]).mean(1)
   return {"per_class": per_class.tolist(), "predicted": predicted.tolist(),
           "known": float(per_class[list(KNOWN)].mean()), "unknown": float(per_class[list(UNKNOWN)].mean())}
 

@@ -264,14 +264,14 @@ def _initial_tokens(config, sd, num_classes: int) -> np.ndarray:
 def make_backbone(setup: Setup) -> Backbone:
   sd = setup.sd
   needs = {need for p in setup.plan for need in p.method.needs}
+  text_encoder = freeze(sd.text_encoder)
   extra = {}
   if "vae" in needs:
-    text_encoder = freeze(sd.text_encoder)
     extra.update(vae=freeze(sd.vae), uncond_context=conditioning.encode_prompts(text_encoder, sd.tokenizer, [""])[0])
   if setup.classifier is not None:
     extra.update(classifier=setup.classifier,
                  targets=jnp.asarray(parallel.pad_rows(setup.targets, setup.num_padded)))
-  return Backbone(text_encoder=freeze(sd.text_encoder), unet=freeze(sd.unet), schedule=sd.schedule,
+  return Backbone(text_encoder=text_encoder, unet=freeze(sd.unet), schedule=sd.schedule,
                   clip=freeze(setup.clip) if setup.clip is not None else None, scaling_factor=sd.scaling_factor,
                   shift_factor=sd.vae.config.shift_factor, **extra)
 
