@@ -88,9 +88,18 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
 
   c.tokens = ml_collections.ConfigDict()
   c.tokens.num_vectors = 1
-  c.tokens.init = "word"  # word | random | texts
+  # word | random | texts | label | caption (mcti_jax/token_init.py). label and caption start class k from the V_k
+  # tokens of its own label or caption (V_k varies per class; tokens.num_vectors is then unused).
+  c.tokens.init = "word"
   c.tokens.init_word = "object"
   c.tokens.init_texts = ml_collections.config_dict.placeholder(tuple)  # per-class text when init="texts"
+  c.tokens.vectors_per_class = ml_collections.config_dict.placeholder(tuple)  # per-class V_k (word/random/texts)
+  c.tokens.label_words = ()  # init="label": the words CLIP zero-shot picks each class's label from
+  c.tokens.label_template = "a photo of a {}"  # ... in this prompt
+  # init="caption": one caption per class (K lines) or per shot (K*N lines, class-major; class k uses its first's)
+  c.tokens.caption_file = ml_collections.config_dict.placeholder(str)
+  # Single-token words whose span holds the tokens of phases with subspace=True (custom tokens; subspace.py).
+  c.tokens.subspace_words = ()
   c.templates = "ti"  # "ti" = the TI template list, or one template like "a photo of a {}"
 
   # The phases, in order (mcti_jax/phases.py); each phase's settings: the trainer's, then its method's
@@ -140,6 +149,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.data.class_names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
   c.data.cache_dir = "runs/cache"
   c.tokens.init_word = "digit"
+  c.tokens.label_words = c.data.class_names
   c.data.template = "a photo of the digit {}"  # a phrasing of the tiny models' captions
   c.phase.ti.steps, c.phase.mcti.steps = 2000, 600
   # Measured on the demo's shots and seeds (1, 2, 3); lr and mcti_steps on the previous checkpoint (4x4 CLIP

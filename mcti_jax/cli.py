@@ -4,6 +4,7 @@
   mcti train --config configs/mcti.py:tiny --config.phase.ti.steps=50
   mcti train --config configs/gcpl.py:cars,comple --config.phase.comple.lam=1e-3
   mcti eval --config configs/eval.py:pets --config.train.data.data_dir=~/tensorflow_datasets
+  mcti retrieve --tokens runs/demo/5shot/seed1/export/mcti
 
 Every config field can be overridden with --config.<field>=<value>; an
 unknown field is refused. `mcti <command> --help` lists the fields and presets.
@@ -30,6 +31,7 @@ COMMANDS = {
     "train": "learn class tokens (TI warm-up, then MC-TI) for all classes in one run; resumable",
     "eval": "N-shot settings x methods x seeds: results.json, a Table-1 markdown table, plots; resumable",
     "generate": "images from prompts holding learned tokens (DDIM + classifier-free guidance)",
+    "retrieve": "rank images for 'a photo of a <cls-k> <words>' queries: fixed prompts vs GAIR; MRR, R@1, R@5",
     "demo": "the main job end to end on the embedded tiny model (CPU, minutes); default --config configs/demo.py",
     "pretrain-tiny": "pretrain the embedded tiny CLIP + latent diffusion model on sklearn digits 0-4",
 }
@@ -160,6 +162,9 @@ def _demo(argv):
   if config.get("kind") == "dct":  # configs/dct_demo.py
     from mcti_jax import dct_demo
     return lambda: dct_demo.run(config)
+  if config.get("kind") == "custom":  # configs/custom_demo.py
+    from mcti_jax import custom_demo
+    return lambda: custom_demo.run(config)
   from mcti_jax import demo
   return lambda: demo.run(config)
 
@@ -167,6 +172,29 @@ def _demo(argv):
 def _generate(argv):
   from mcti_jax import generate
   return lambda: generate.generate_main(argv)
+
+
+def with_tokens_flag(argv: list[str]) -> list[str]:
+  """`--tokens FOLDER` (or `--tokens=FOLDER`) -> `--config.tokens=FOLDER`: retrieve's one flag outside its config."""
+  out, i = [], 0
+  while i < len(argv):
+    a = argv[i]
+    if a == "--tokens":
+      if i + 1 == len(argv):
+        raise ConfigError("--tokens needs the export folder of `mcti train`, e.g. "
+                          "--tokens runs/demo/5shot/seed1/export/mcti")
+      out.append(f"--config.tokens={argv[i + 1]}")
+      i += 2
+      continue
+    out.append(f"--config.tokens={a.split('=', 1)[1]}" if a.startswith("--tokens=") else a)
+    i += 1
+  return out
+
+
+def _retrieve(argv):
+  config = parse_config(with_default_config(with_tokens_flag(argv), "configs/retrieve.py"))
+  from mcti_jax import retrieval
+  return lambda: retrieval.run(config)
 
 
 def _pretrain_tiny(argv):
@@ -231,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
   if command not in COMMANDS:
     raise SystemExit(f"mcti: unknown command {command!r}\n\n{_usage()}")
   prog = f"mcti {command}"
-  handlers = {"train": _train, "eval": _eval, "generate": _generate, "demo": _demo, "pretrain-tiny": _pretrain_tiny}
+  handlers = {"train": _train, "eval": _eval, "generate": _generate, "retrieve": _retrieve, "demo": _demo,
+              "pretrain-tiny": _pretrain_tiny}
   try:
     with _held_sigint() as held:
       work = handlers[command]([prog, *argv[2:]])

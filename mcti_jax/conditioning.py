@@ -27,7 +27,7 @@ _CLASS_TOKEN = re.compile(r"<cls-\d+>")
 
 @dataclasses.dataclass(frozen=True)
 class LearnedTokens:
-  """Class tokens known to a tokenizer, and their vectors [K, V, D]."""
+  """Class tokens known to a tokenizer, and their vectors [K, V, D] (class k's prompts hold its first V_k)."""
   class_tokens: tok.ClassTokens
   vectors: np.ndarray
   class_names: tuple[str, ...]
@@ -36,7 +36,8 @@ class LearnedTokens:
   def from_export(cls, folder, tokenizer, text_width: int) -> "LearnedTokens":
     """Load `mcti train`'s export and add its tokens to `tokenizer` (in place)."""
     vectors, manifest = export.load_tokens(folder, expected_width=text_width)
-    class_tokens = tok.add_class_tokens(tokenizer, vectors.shape[0], vectors.shape[1])
+    class_tokens = tok.add_class_tokens(tokenizer, vectors.shape[0], vectors.shape[1],
+                                        export.vector_counts(manifest, vectors))
     return cls(class_tokens, vectors, tuple(c["name"] for c in manifest["classes"]))
 
   @property

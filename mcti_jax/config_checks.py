@@ -14,7 +14,7 @@ from mcti_jax.runs import config_value as _get
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.pooling": ("eos", "argmax"),
-    "tokens.init": ("word", "random", "texts"),
+    "tokens.init": ("word", "random", "texts", "label", "caption"),
     "data.source": ("folder", "split_file", "tfds", "digits"),
 }
 AT_LEAST_1 = ("checkpoint_every", "log_every", "batch_per_class", "grad_accum", "data.n_shots", "data.resolution",

@@ -92,7 +92,13 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
       cell = evaluators.Cell(models=models, result=trained, train_config=tcfg, test=test, test_features=features,
                              out_dir=workdir, n_shots=n_shots, seed=seed)
       for name in todo:
-        scores, labels_, info = evals[name].run(cell, name)
+        out = evals[name].run(cell, name)
+        if isinstance(out, dict):  # a retrieval evaluator: its metrics are the row (no classification report)
+          results["rows"].append({"method": name, "n_shots": n_shots, "seed": seed, **out})
+          _write_json(results_path, results)
+          log(f"   {labels[name]:<28} {_retrieval_line(out)}")
+          continue
+        scores, labels_, info = out
         report = metrics.classification_report(scores, labels_, trained.num_classes)
         row = {"method": name, "n_shots": n_shots, "seed": seed, **report, **info,
                **{f"top1_{g}": metrics.accuracy_on(report, cls) for g, cls in config.class_groups.items()}}
@@ -107,6 +113,12 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
       results["class_names"] = list(trained.class_names)
       _write_json(results_path, results)
   return write_reports(workdir, results, config, pca_features)
+
+
+def _retrieval_line(row: dict) -> str:
+  if row.get("mrr") is None:
+    return f"no query had a relevant image ({row.get('skipped', 0)} skipped)"
+  return f"MRR {100 * row['mrr']:.1f}  R@1 {100 * row['r1']:.1f}%  R@5 {100 * row['r5']:.1f}%"
 
 
 def _check_phases_exist(config) -> None:
@@ -184,12 +196,15 @@ def requested(results: dict, config) -> dict:
   return {**results, "rows": [r for r in results["rows"] if (r["method"], r["n_shots"], r["seed"]) in grid]}
 
 
+RETRIEVAL_METRICS = ("mrr", "r1", "r5")  # a retrieval evaluator's row (evaluators/retrieval.py)
+
+
 def summary(results: dict) -> dict[tuple[str, int, str], tuple[float, float, int]]:
   """(method, N, metric) -> (mean, std, number of seeds), over the rows of results.json."""
   cells: dict[tuple[str, int, str], list[float]] = {}
   for row in results["rows"]:
     for key, value in row.items():
-      if key.startswith("top") and isinstance(value, float):
+      if (key.startswith("top") or key in RETRIEVAL_METRICS) and isinstance(value, float):
         cells.setdefault((row["method"], row["n_shots"], key), []).append(value)
   return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in cells.items()}
 
@@ -219,6 +234,11 @@ def write_reports(workdir: Path, results: dict, config, pca_features) -> dict[st
   for metric in metric_names:
     title = "all classes" if metric == "top1" else f"{metric[5:]} classes {list(config.class_groups[metric[5:]])}"
     parts += [f"## {title} [{metric}]", "", markdown_table(shown, labels_of(config), metric), ""]
+  if any("mrr" in row for row in shown["rows"]):
+    parts += ["## composite retrieval", "", "MRR (x 100), R@1 and R@5 (%) of the retrieval evaluators, mean ± std "
+              "over seeds.", ""]
+    for metric in RETRIEVAL_METRICS:
+      parts += [f"[{metric}]", "", markdown_table(shown, labels_of(config), metric), ""]
   table_path = workdir / "results.md"
   figures = {"accuracy_vs_shots": plots.accuracy_vs_shots(summary(shown), labels_of(config),
                                                           workdir / "accuracy_vs_shots.png")}

@@ -24,7 +24,7 @@ import ml_collections
 from mcti_jax import methods
 from mcti_jax.errors import ConfigError
 
-TRAINER_FIELDS = ("method", "steps", "init", "templates", "weight_decay", "lr")
+TRAINER_FIELDS = ("method", "steps", "init", "templates", "weight_decay", "lr", "subspace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +83,13 @@ def _problems(config):
       yield f"{where}.steps={s.steps!r} must be an integer >= 0"
     if s.init not in methods.INITS:
       yield f"{where}.init={s.init!r} must be one of {', '.join(methods.INITS)}"
+    if not isinstance(s.subspace, bool):
+      yield f"{where}.subspace={s.subspace!r} must be True or False"
+    elif s.subspace and not config.tokens.get("subspace_words"):
+      yield (f"{where}.subspace=True, but config.tokens.subspace_words is empty: give the single-token words whose "
+             "span holds the tokens (see configs/custom_tokens.py)")
     for field, value in s.items():
-      if field in ("method", "steps", "init", "templates"):
+      if field in ("method", "steps", "init", "templates", "subspace"):
         continue
       positive = field == "lr"
       if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0

@@ -101,6 +101,37 @@ def token_pca(features: dict, class_names, out_png: str | Path) -> Path:
   return _save(fig, plt, out_png)
 
 
+def init_convergence(steps, curves: dict, out_png: str | Path, window: int = 50, title: str = "",
+                     reference: str | None = "star") -> Path:
+  """Noise MSE against the step, one line per token start (Fig. 3): the logged rows faint, their running mean over
+  `window` steps bold. With a `reference` start, a second panel shows each start's MSE minus the reference's:
+  runs that share their draws (same seed) differ only through the tokens, which the first panel's common ups and
+  downs hide."""
+  import numpy as np
+  plt = _pyplot()
+  steps = np.asarray(steps)
+  running = {name: np.asarray([np.mean(np.asarray(v)[(steps > s - window) & (steps <= s)]) for s in steps])
+             for name, v in curves.items()}
+  panels = 2 if reference in curves else 1
+  fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 4.2), squeeze=False)
+  for i, (name, values) in enumerate(curves.items()):
+    axes[0][0].plot(steps, values, color=f"C{i}", alpha=0.25, linewidth=1)
+    axes[0][0].plot(steps, running[name], color=f"C{i}", linewidth=2, label=name)
+    if panels == 2:
+      axes[0][1].plot(steps, running[name] - running[reference], color=f"C{i}", linewidth=2, label=name)
+  axes[0][0].set_ylabel(f"noise MSE (running mean over {window} steps)")
+  axes[0][0].set_title(title, fontsize=9)
+  if panels == 2:
+    axes[0][1].set_ylabel(f"noise MSE minus {reference}'s")
+    axes[0][1].axhline(0, color="grey", linewidth=1)
+    axes[0][1].set_title(f"the same, minus {reference}'s (same draws)", fontsize=9)
+  for ax in axes[0]:
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+  return _save(fig, plt, out_png)
+
+
 def _save(fig, plt, out_png) -> Path:
   out_png = Path(out_png)
   out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from mcti_jax.errors import ConfigError
 # gradient checkpointing (the same arithmetic), and input paths whose contents are hashed instead.
 RESUMABLE = ("workdir", "data.cache_dir", "log_every", "checkpoint_every", "num_devices", "model.remat",
              "model.sd_path", "model.clip_path", "data.root", "data.data_dir", "data.split_file",
-             "classifier.path", "classifier.clip_path", "classifier.export")
+             "classifier.path", "classifier.clip_path", "classifier.export", "tokens.caption_file")
 SIGNATURE_VERSION = 3  # 3: config.phases (issue 13)
 
 
@@ -97,11 +97,16 @@ def settings_changes(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str
 
 
 def signature(config, *, num_classes: int, data: str | None, sd: str, clip: str | None,
-              classifier: str | None = None) -> dict[str, Any]:
-  """What must match for a checkpoint in the workdir to be resumed (JSON-ready)."""
+              classifier: str | None = None, captions: list[str] | None = None) -> dict[str, Any]:
+  """What must match for a checkpoint in the workdir to be resumed (JSON-ready).
+
+  `captions`: the per-class captions the tokens start from (tokens.caption_file's content, hashed).
+  """
   fingerprints = {"data": data, "sd": sd, "clip": clip}
   if classifier is not None:
     fingerprints["classifier"] = classifier
+  if captions is not None:
+    fingerprints["captions"] = hashlib.sha256(json.dumps(list(captions)).encode()).hexdigest()[:16]
   return {"version": SIGNATURE_VERSION, "config": json.loads(config.to_json_best_effort()),
           "num_classes": num_classes, "fingerprints": fingerprints}
 

@@ -1,13 +1,19 @@
-"""Class tokens: placeholder words, prompt templates, initialisation and splicing.
+"""Class tokens: placeholder words, prompt templates and splicing (where they start: token_init.py).
 
 What trains is one array `[K, V, D]`: V vectors of width D for each of K
 classes. Class k is written "<cls-k>" in prompts; with V > 1 it expands to
 "<cls-k> <cls-k>_1 ... <cls-k>_{V-1}", the naming diffusers'
 `load_textual_inversion` uses, so exported tokens mean the same there.
 
+Classes may use fewer vectors than V (`ClassTokens.counts`: class k uses
+its first V_k, e.g. as many as the tokens of the caption it starts from);
+its prompts then hold V_k placeholders and its other vectors are never read.
+The array stays [K, V, D] with V = max V_k, so one compiled step trains all.
+
 The placeholder ids of all classes are added to the tokenizer in one block,
 class after class, so the ids of class k are those of class 0 plus k*V. A
-template is tokenized once (with class 0) and shifted per class on device.
+template is tokenized once (with class 0) and shifted per class on device;
+with per-class counts once per class, with class 0's first V_k names.
 """
 
 from __future__ import annotations
@@ -44,9 +50,19 @@ def templates(spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class ClassTokens:
-  """The placeholder words of K classes with V vectors each, and their token ids [K, V]."""
+  """The placeholder words of K classes with V vectors each, their token ids [K, V], and how many each uses."""
   names: tuple[tuple[str, ...], ...]  # names[k] = ("<cls-k>", "<cls-k>_1", ...)
   ids: np.ndarray  # int32 [K, V], ids[k, v] = ids[0, 0] + k*V + v
+  counts: np.ndarray | None = None  # int32 [K]: class k uses its first V_k vectors (default: all V)
+  init_texts: tuple[str, ...] | None = None  # the label or caption each class started from, for the export
+
+  def __post_init__(self):
+    counts = np.full(self.num_classes, self.num_vectors, np.int32) if self.counts is None else np.asarray(
+        self.counts, np.int32)
+    if counts.shape != (self.num_classes,) or np.any(counts < 1) or np.any(counts > self.num_vectors):
+      raise ValueError(f"counts {counts.tolist()} must give 1..{self.num_vectors} vectors for each of the "
+                       f"{self.num_classes} classes")
+    object.__setattr__(self, "counts", counts)
 
   @property
   def num_classes(self) -> int:
@@ -54,11 +70,22 @@ class ClassTokens:
 
   @property
   def num_vectors(self) -> int:
+    """V: the vectors per class in the token array (the largest V_k)."""
     return self.ids.shape[1]
 
+  @property
+  def uniform(self) -> bool:
+    """Every class uses all V vectors (one template tokenization serves all classes)."""
+    return bool(np.all(self.counts == self.num_vectors))
+
+  @property
+  def vector_valid(self) -> np.ndarray:
+    """bool [K, V]: the vectors class k uses; the others never reach a prompt and must not move."""
+    return np.arange(self.num_vectors)[None, :] < self.counts[:, None]
+
   def word(self, k: int) -> str:
-    """What to write in a prompt for class k."""
-    return " ".join(self.names[k])
+    """What to write in a prompt for class k: its first V_k placeholder words."""
+    return " ".join(self.names[k][: self.counts[k]])
 
   def fill(self, template: str, k: int) -> str:
     return template.format(self.word(k))
@@ -78,25 +105,46 @@ def token_names(num_classes: int, num_vectors: int) -> tuple[tuple[str, ...], ..
                for k in range(num_classes))
 
 
-def add_class_tokens(tokenizer, num_classes: int, num_vectors: int = 1) -> ClassTokens:
-  """Add the K*V placeholder words to `tokenizer` (in place) as one contiguous block of ids."""
+def add_class_tokens(tokenizer, num_classes: int, num_vectors: int = 1, counts=None,
+                     init_texts: tuple[str, ...] | None = None) -> ClassTokens:
+  """Add the K*V placeholder words to `tokenizer` (in place) as one contiguous block of ids.
+
+  `counts` [K] (default all V): class k's prompts hold only its first counts[k] words.
+  """
   from mcti_jax.models import tokenizer as tok
   names = token_names(num_classes, num_vectors)
   ids = np.asarray(tok.add_placeholder_tokens(tokenizer, [n for row in names for n in row]), np.int32)
   ids = ids.reshape(num_classes, num_vectors)
   if not np.array_equal(ids.ravel(), ids[0, 0] + np.arange(ids.size)):
     raise ValueError("placeholder tokens did not get contiguous ids; was the tokenizer already holding some?")
-  return ClassTokens(names, ids)
+  return ClassTokens(names, ids, counts, init_texts)
 
 
 def template_ids(tokenizer, template_list: tuple[str, ...], class_tokens: ClassTokens) -> np.ndarray:
-  """Token ids [T, 77] of every template filled with class 0; shift with `ids_for_class`."""
+  """Token ids [T, 77] of every template filled with class 0; shift with `ids_for_class`.
+
+  When classes use different numbers of vectors, [K, T, 77]: row k holds V_k placeholders (see
+  `class_template_ids`).
+  """
+  if class_tokens.uniform:
+    return class_template_ids(tokenizer, template_list, class_tokens, 0)
+  by_count = {int(n): class_template_ids(tokenizer, template_list, class_tokens, k)
+              for k, n in reversed(list(enumerate(class_tokens.counts)))}
+  return np.stack([by_count[int(n)] for n in class_tokens.counts])
+
+
+def class_template_ids(tokenizer, template_list: tuple[str, ...], class_tokens: ClassTokens, k: int) -> np.ndarray:
+  """Token ids [T, 77] of the templates holding class k's V_k placeholders, written with class 0's ids (so that
+  `ids_for_class(..., k)` makes them class k's)."""
   from mcti_jax.models import tokenizer as tok
-  ids = tok.encode(tokenizer, [class_tokens.fill(t, 0) for t in template_list])
+  count = int(class_tokens.counts[k])
+  word = " ".join(class_tokens.names[0][:count])
+  ids = tok.encode(tokenizer, [t.format(word) for t in template_list])
   held = np.isin(ids, class_tokens.ids[0]).sum(axis=1)
-  if np.any(held != class_tokens.num_vectors):
-    bad = template_list[int(np.argmax(held != class_tokens.num_vectors))]
-    raise ValueError(f"template {bad!r} does not hold the class token once after tokenization (too long?)")
+  if np.any(held != count):
+    bad = template_list[int(np.argmax(held != count))]
+    raise ValueError(f"template {bad!r} does not hold class {k}'s {count} placeholder(s) after tokenization: "
+                     f"{int(held.min())} fit in 77 tokens; shorten the template or use fewer vectors")
   return ids
 
 
@@ -121,47 +169,3 @@ def splice(embedding_table, ids, placeholder_ids, vectors):
   match = (ids[..., None] == placeholder_ids).astype(vectors.dtype)  # [..., L, P]
   learned = jnp.einsum("...lp,pd->...ld", match, vectors)
   return jnp.where(match.sum(-1, keepdims=True) > 0, learned.astype(base.dtype), base)
-
-
-# ---------------------------------------------------------------- initialisation
-
-
-def init_from_word(tokenizer, embedding_table: np.ndarray, word: str, num_classes: int, num_vectors: int) -> np.ndarray:
-  """Every class starts at the embedding of `word` (e.g. 'pet', 'flower'), as in TI."""
-  vec = _text_embedding(tokenizer, embedding_table, word)
-  return np.broadcast_to(vec, (num_classes, num_vectors, vec.shape[-1])).astype(np.float32).copy()
-
-
-def init_from_texts(tokenizer, embedding_table: np.ndarray, texts: list[str], num_vectors: int) -> np.ndarray:
-  """Class k starts from the words of texts[k] (a label or caption).
-
-  If the text is exactly V tokens, vector v starts at token v; otherwise every
-  vector starts at the mean of the text's token embeddings.
-  """
-  rows = []
-  for text in texts:
-    token_vecs = _token_embeddings(tokenizer, embedding_table, text)
-    rows.append(token_vecs if len(token_vecs) == num_vectors else
-                np.repeat(token_vecs.mean(0, keepdims=True), num_vectors, axis=0))
-  return np.stack(rows).astype(np.float32)
-
-
-def init_random(key, embedding_table: np.ndarray, num_classes: int, num_vectors: int) -> np.ndarray:
-  """Gaussian with the per-dimension mean and std of the frozen vocabulary."""
-  import jax
-  table = np.asarray(embedding_table, np.float32)
-  noise = np.asarray(jax.random.normal(key, (num_classes, num_vectors, table.shape[1])))
-  return (table.mean(0) + table.std(0) * noise).astype(np.float32)
-
-
-def _token_embeddings(tokenizer, embedding_table, text: str) -> np.ndarray:
-  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-  if not ids:
-    raise ValueError(f"initializer text {text!r} has no tokens")
-  if max(ids) >= embedding_table.shape[0]:
-    raise ValueError(f"initializer text {text!r} holds a placeholder token; use plain words")
-  return np.asarray(embedding_table, np.float32)[ids]
-
-
-def _text_embedding(tokenizer, embedding_table, word: str) -> np.ndarray:
-  return _token_embeddings(tokenizer, embedding_table, word).mean(0)

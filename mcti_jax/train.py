@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mcti_jax import conditioning, config_checks, export, generate, parallel, phases, plots, runs
+from mcti_jax import conditioning, config_checks, export, generate, parallel, phases, plots, runs, subspace, token_init
 from mcti_jax import data as D
 from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax import tokens as tok
@@ -79,13 +79,15 @@ class Setup:
   clip: clip_lib.CLIPModel | None
   class_names: list[str]
   class_tokens: tok.ClassTokens
-  template_ids: dict[str, np.ndarray]  # per phase: [T, L] prompt ids of its templates ([K', T, L] with "{name}")
+  template_ids: dict[str, np.ndarray]  # per phase: [T, L] prompt ids of its templates ([K', T, L] per class, with
+                                       # "{name}" or when classes use different numbers of vectors)
   shots: D.FewShot | None  # None when no phase trains on shots (DCT)
   data: ShotData
   classifier: Any  # classifiers.Classifier, for methods that need one; else None
   targets: np.ndarray | None  # [K] class k's class in the classifier
   init_tokens: jax.Array  # [Kp, V, D], class-sharded
   signature: dict[str, Any]  # what run.json records (runs.signature)
+  subspace: subspace.Subspace | None = None  # the span of tokens.subspace_words, where a phase trains in it
 
   @property
   def num_classes(self) -> int:
@@ -136,27 +138,36 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   log(f"{num_classes} classes" + (f" x {config.data.n_shots} shots at {config.data.resolution}px" if uses_shots
                                   else " (no shots: generations judged by the classifier)")
       + f" on {mesh.devices.size} device(s) ({num_padded - num_classes} padded classes)")
+  captions = _check_token_init(config, plan, class_names, uses_shots)
+  loads_clip = needs_clip or config.tokens.init == "label"  # a label is CLIP's zero-shot pick on the shots
   signature = runs.signature(config, num_classes=num_classes, data=data_fingerprint,
                              sd=runs.weights_fingerprint(config.model.sd_path),
-                             clip=runs.weights_fingerprint(config.model.clip_path) if needs_clip else None,
-                             classifier=_classifier_fingerprint(config) if classifier is not None else None)
+                             clip=runs.weights_fingerprint(config.model.clip_path) if loads_clip else None,
+                             classifier=_classifier_fingerprint(config) if classifier is not None else None,
+                             captions=captions)
   if check_signature is not None:
     check_signature(signature)
+  in_subspace = any(p.settings.subspace for p in plan)
+  if in_subspace:  # bad words fail here, before the models load
+    from mcti_jax.models import tokenizer as tokenizer_lib
+    words_tokenizer = tokenizer_lib.load_tokenizer(config.model.sd_path, "tokenizer")
+    subspace.word_ids(words_tokenizer, tuple(config.tokens.subspace_words), len(words_tokenizer))
 
   # Both found (or downloaded) before either loads: a wrong CLIP path must not wait for Stable Diffusion.
   sd_folder = hf_io.resolve_folder(config.model.sd_path)
-  clip_folder = hf_io.resolve_folder(config.model.clip_path) if needs_clip else None
+  clip_folder = hf_io.resolve_folder(config.model.clip_path) if loads_clip else None
   log(f"loading Stable Diffusion from {config.model.sd_path}")
   sd = pipeline.load_stable_diffusion(sd_folder, dtype=config.model.dtype, remat=config.model.remat)
   clip_model = None
-  if needs_clip:
+  if loads_clip:
     log(f"loading CLIP from {config.model.clip_path}")
     clip_model, clip_tokenizer = pipeline.load_clip(clip_folder, dtype=config.model.dtype)
-    _check_same_token_space(sd, clip_model, clip_tokenizer)
+    if needs_clip:
+      _check_same_token_space(sd, clip_model, clip_tokenizer)
 
   if uses_shots:
     cache_key = {"sd": runs.fingerprint(config.model.sd_path),
-                 "clip": runs.fingerprint(config.model.clip_path) if needs_clip else None,
+                 "clip": runs.fingerprint(config.model.clip_path) if loads_clip else None,
                  "dtype": config.model.dtype, "source": labeled.source, "resolution": config.data.resolution}
     encoded = D.encode_cached(shots, make_encoder(sd, clip_model), config.data.cache_dir, cache_key,
                               flip=config.data.flip)
@@ -165,19 +176,32 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   else:  # nothing to encode; the step's shot arguments are placeholders
     encoded = {"latent_mean": np.zeros((len(local_real), 1), np.float32),
                "latent_logvar": np.zeros((len(local_real), 1), np.float32)}
-  features = replicate(sharded(encoded["image_features"])) if needs_clip else jnp.zeros((num_padded, 1, 1, 1))
+  features = replicate(sharded(encoded["image_features"])) if loads_clip else jnp.zeros((num_padded, 1, 1, 1))
+  texts = captions
+  if config.tokens.init == "label":
+    texts, _ = token_init.clip_labels(clip_model, clip_tokenizer, np.asarray(features)[:num_classes, :, 0],
+                                      config.tokens.label_words, config.tokens.label_template)
+    log("labels: " + ", ".join(f"{name}: {label}" for name, label in zip(class_names, texts)))
+  if not needs_clip:  # loaded for the labels only: the step need not carry it
+    clip_model, features = None, jnp.zeros((num_padded, 1, 1, 1))
+  start = token_init.initial_tokens(config, sd.tokenizer, tok.token_table(sd.text_encoder), num_classes, texts,
+                                    seed=config.seed + 1)
+  token_init.check_room(sd.tokenizer, start.counts, start.texts, {p.name: templates_of(config, p) for p in plan},
+                        class_names)
+  class_tokens = tok.add_class_tokens(sd.tokenizer, num_classes, int(start.counts.max()), start.counts, start.texts)
   data = ShotData(class_ids=parallel.shard_by_class(local.astype(np.int32), mesh, num_padded),
                   latent_mean=sharded(encoded["latent_mean"]), latent_logvar=sharded(encoded["latent_logvar"]),
                   image_features=features,
-                  valid=jax.device_put(np.arange(num_padded) < num_classes, parallel.replicated(mesh)))
-
-  class_tokens = tok.add_class_tokens(sd.tokenizer, num_classes, config.tokens.num_vectors)
+                  valid=jax.device_put(np.arange(num_padded) < num_classes, parallel.replicated(mesh)),
+                  vector_valid=sharded(class_tokens.vector_valid[local_real]))
   template_ids = {p.name: _template_ids(sd.tokenizer, templates_of(config, p), class_tokens, class_names, num_padded)
                   for p in plan}
-  init = _initial_tokens(config, sd, num_classes)
+  init = start.vectors
   init_tokens = parallel.shard_by_class(parallel.pad_rows(init, num_padded)[local], mesh, num_padded)
+  span = (subspace.from_words(sd.tokenizer, tok.token_table(sd.text_encoder), tuple(config.tokens.subspace_words))
+          if in_subspace else None)
   return Setup(config, plan, mesh, sd, clip_model, class_names, class_tokens, template_ids, shots, data, classifier,
-               targets, init_tokens, signature)
+               targets, init_tokens, signature, span)
 
 
 def templates_of(config, phase: phases.Phase) -> tuple[str, ...]:
@@ -187,12 +211,14 @@ def templates_of(config, phase: phases.Phase) -> tuple[str, ...]:
 
 
 def _template_ids(tokenizer, templates: tuple[str, ...], class_tokens, class_names, num_padded: int) -> np.ndarray:
-  """[T, L] ids of the templates (filled with class 0); [K', T, L] when they hold "{name}" (the class's name)."""
+  """[T, L] ids of the templates (filled with class 0); [K', T, L] when they hold "{name}" (the class's name) or
+  when classes use different numbers of vectors (row k holds class k's V_k placeholders)."""
   if not any("{name}" in t for t in templates):
-    return tok.template_ids(tokenizer, templates, class_tokens)
-  names = list(class_names) + [class_names[0]] * (num_padded - len(class_names))  # padded classes: any words
-  return np.stack([tok.template_ids(tokenizer, tuple(t.replace("{name}", name) for t in templates), class_tokens)
-                   for name in names])
+    ids = tok.template_ids(tokenizer, templates, class_tokens)
+    return ids if ids.ndim == 2 else parallel.pad_rows(ids, num_padded)  # padded classes: any prompts
+  rows = [k if k < len(class_names) else 0 for k in range(num_padded)]  # padded classes: any words
+  return np.stack([tok.class_template_ids(tokenizer, tuple(t.replace("{name}", class_names[k]) for t in templates),
+                                          class_tokens, k) for k in rows])
 
 
 def _load_classifier(config, plan) -> tuple[Any, np.ndarray]:
@@ -249,16 +275,29 @@ def _check_same_token_space(sd, clip_model, clip_tokenizer) -> None:
         "a method that uses CLIP needs the same vocabulary for both text towers.")
 
 
-def _initial_tokens(config, sd, num_classes: int) -> np.ndarray:
-  table = np.asarray(sd.text_encoder.text_model.embeddings.token_embedding.embedding[...], np.float32)
-  init, v = config.tokens.init, config.tokens.num_vectors
-  if init == "word":
-    return tok.init_from_word(sd.tokenizer, table, config.tokens.init_word, num_classes, v)
-  if init == "random":
-    return tok.init_random(jax.random.PRNGKey(config.seed + 1), table, num_classes, v)
-  if init == "texts":  # one per class: checked in _class_names
-    return tok.init_from_texts(sd.tokenizer, table, list(config.tokens.init_texts), v)
-  raise ConfigError(f"unknown tokens.init {init!r}; use word, random or texts")
+def _check_token_init(config, plan, class_names, uses_shots: bool) -> list[str] | None:
+  """What can be wrong with the token init, found before the models load; the captions when init="caption"."""
+  init, num_classes = config.tokens.init, len(class_names)
+  token_init.vector_counts(config, num_classes)
+  if init == "label":
+    if not uses_shots:
+      raise ConfigError(f"tokens.init='label' labels each class's shots, but phases {[p.name for p in plan]} train on "
+                        "no shots; use tokens.init='word' or 'caption'")
+    if not config.tokens.label_words:
+      raise ConfigError("tokens.init='label' needs tokens.label_words: the words CLIP chooses each class's label from "
+                        "(e.g. the dataset's class names, or candidate words)")
+  if init != "caption":
+    return None
+  captions = token_init.read_captions(config.tokens.caption_file, num_classes,
+                                      config.data.n_shots if uses_shots else 1)
+  from mcti_jax.models import tokenizer as tokenizer_lib
+  tokenizer = tokenizer_lib.load_tokenizer(config.model.sd_path, "tokenizer")
+  counts = np.asarray([len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in captions], np.int32)
+  if np.any(counts == 0):
+    k = int(np.argmin(counts))
+    raise ConfigError(f"the caption of class {k} ({class_names[k]}), {captions[k]!r}, has no tokens")
+  token_init.check_room(tokenizer, counts, captions, {p.name: templates_of(config, p) for p in plan}, class_names)
+  return captions
 
 
 def make_backbone(setup: Setup) -> Backbone:
@@ -271,6 +310,8 @@ def make_backbone(setup: Setup) -> Backbone:
   if setup.classifier is not None:
     extra.update(classifier=setup.classifier,
                  targets=jnp.asarray(parallel.pad_rows(setup.targets, setup.num_padded)))
+  if setup.subspace is not None:
+    extra.update(subspace=setup.subspace)
   return Backbone(text_encoder=text_encoder, unet=freeze(sd.unet), schedule=sd.schedule,
                   clip=freeze(setup.clip) if setup.clip is not None else None, scaling_factor=sd.scaling_factor,
                   shift_factor=sd.vae.config.shift_factor, **extra)
@@ -279,10 +320,10 @@ def make_backbone(setup: Setup) -> Backbone:
 def step_config(setup: Setup, phase: phases.Phase) -> StepConfig:
   c = setup.config
   return StepConfig(method=phase.method, settings=frozen_settings(phase.method_settings),
-                    first_placeholder_id=int(setup.class_tokens.ids[0, 0]), num_vectors=c.tokens.num_vectors,
+                    first_placeholder_id=int(setup.class_tokens.ids[0, 0]), num_vectors=setup.class_tokens.num_vectors,
                     num_train_timesteps=int(setup.sd.schedule.num_train_timesteps), pooling=c.model.pooling,
                     batch_per_class=c.batch_per_class, grad_accum=c.grad_accum,
-                    latent_shape=generate.latent_shape(setup.sd))
+                    latent_shape=generate.latent_shape(setup.sd), subspace=phase.settings.subspace)
 
 
 def compile_step(setup: Setup, phase: phases.Phase, optimizer, state: TrainState, backbone: Backbone, template_ids,
@@ -322,6 +363,13 @@ class TrainResult:
   def num_classes(self) -> int:
     return len(self.class_names)
 
+  @functools.cached_property
+  def vector_counts(self) -> np.ndarray:
+    """int32 [K]: how many of the V vectors each class uses (V_k; label/caption inits vary it), as exported."""
+    phase, folder = next(iter(self.exports.items()))
+    manifest = json.loads((folder / export.MANIFEST).read_text())
+    return export.vector_counts(manifest, self.tokens[phase])
+
 
 def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] | None = None,
           log: Callable[[str], None] = print) -> TrainResult:
@@ -345,8 +393,10 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
 
   def begin(state: TrainState, phase: phases.Phase, previous_tokens) -> TrainState:
     """A fresh AdamW state at the phase's lr (and the method's fresh per-class state), on the tokens the previous
-    phase ended with or on the initial ones."""
+    phase ended with or on the initial ones (as coordinates in a phase that trains in the subspace)."""
     tokens = setup.init_tokens.copy() if phase.settings.init == "initial" else previous_tokens
+    if phase.settings.subspace:
+      tokens = to_coords(tokens)
     fresh = optimizers[phase.name].init(tokens)
     class_state = init_class_state(phase.method, tokens, phase.method_settings)
     state = state.replace(tokens=tokens, opt_state=fresh, class_state=class_state)
@@ -355,6 +405,8 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
   def phase_at(step: int) -> phases.Phase:
     return next((p for p in plan if p.start <= step < p.end), plan[-1])
 
+  to_coords = jax.jit(lambda x: setup.subspace.to_coords(x), out_shardings=by_class)
+  to_vectors = jax.jit(lambda x: setup.subspace.to_vectors(x), out_shardings=by_class)
   tokens = setup.init_tokens.copy()  # the step donates its state; keep the initial tokens intact
   state = TrainState(step=jnp.zeros((), jnp.int32), tokens=tokens, opt_state=optimizers[plan[0].name].init(tokens),
                      key=jax.random.PRNGKey(config.seed))
@@ -431,7 +483,8 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
       done = phase.end
       state = state.replace(step=jax.device_put(jnp.int32(done), parallel.replicated(setup.mesh)))
     if done == phase.end:  # keep its tokens (the method's pick: DCT's lowest-loss ones); the next phase starts afresh
-      ended = ended.at[phase.index].set(finish_tokens(phase.method, state.class_state, state.tokens))
+      final = finish_tokens(phase.method, state.class_state, state.tokens)
+      ended = ended.at[phase.index].set(to_vectors(final) if phase.settings.subspace else final)
       if index + 1 < len(plan):
         state = begin(state, plan[index + 1], ended[phase.index])
     if done % config.log_every == 0 or done == phase.end:

@@ -19,7 +19,9 @@ A method that draws its own items (`class_terms`: DCT generates images
 instead of noising shots) replaces the shot sampling. A method may keep
 per-class state across steps (`class_state`/`next_state`, e.g. early
 stopping): a class whose state says it is not "training" gets no update,
-in the same compiled step.
+in the same compiled step. In a phase with `subspace=True` the state holds
+the tokens' coordinates in the span of chosen words (subspace.py); the
+loss sees the vectors they map to, so the gradient is the coordinates'.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Backbone:
   classifier: object = None  # classifiers.Classifier: images in [0, 1] -> logits
   targets: jax.Array | None = None  # [Kp] int: class k's class in the classifier
   uncond_context: jax.Array | None = None  # [1, L, D] the encoded "" prompt (classifier-free guidance)
+  subspace: object = None  # subspace.Subspace: what phases with subspace=True map their coordinates through
 
 
 @struct.dataclass
@@ -62,13 +65,17 @@ class ShotData:
   latent_mean/latent_logvar [Kp, N, F, h, w, c] and class_ids [Kp] are
   sharded on the class axis; image_features [K', N, F, P] and valid [K'] cover
   every class (K' is the padded class count of the whole problem), because
-  a method may look at shots of all of them.
+  a method may look at shots of all of them. vector_valid [Kp, V] (class-
+  sharded) marks the vectors each class uses (its first V_k); the others
+  never reach a prompt and get no update, not even AdamW's weight decay.
+  None: all.
   """
   class_ids: jax.Array
   latent_mean: jax.Array
   latent_logvar: jax.Array
   image_features: jax.Array
   valid: jax.Array
+  vector_valid: jax.Array | None = None
 
 
 @struct.dataclass
@@ -126,6 +133,7 @@ class StepConfig:
   batch_per_class: int = 1
   grad_accum: int = 1
   latent_shape: tuple[int, ...] = ()
+  subspace: bool = False  # the state holds coordinates in backbone.subspace, not vectors
 
 
 class Settings:
@@ -195,9 +203,10 @@ def _shard_grads(tokens, class_ids, latent_mean, latent_logvar, step_key, backbo
                 latent_shape=cfg.latent_shape)
 
   def loss_fn(tokens, micro_key):
+    vectors = backbone.subspace.to_vectors(tokens) if cfg.subspace else tokens
     keys = jax.vmap(lambda k: jax.random.fold_in(micro_key, k))(class_ids)
     per_class = jax.vmap(class_objective, in_axes=(0, 0, 0, 0, 0, None, None, None))
-    terms, items = per_class(tokens, class_ids, keys, latent_mean, latent_logvar, ctx, settings, cfg)
+    terms, items = per_class(vectors, class_ids, keys, latent_mean, latent_logvar, ctx, settings, cfg)
     if method.cross_class:
       gather = lambda x: jax.lax.all_gather(x, CLASS_AXIS, tiled=True)  # noqa: E731
       all_ids = gather(class_ids)
@@ -237,6 +246,8 @@ def train_step(state: TrainState, data: ShotData, backbone: Backbone, template_i
   grads, terms, sums = shard_grads(state.tokens, data.class_ids, data.latent_mean, data.latent_logvar, step_key,
                                    backbone, data.image_features, data.valid, template_ids, phase_step, state.key)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.tokens)
+  if data.vector_valid is not None:  # a class's unused vectors (past its V_k) stay exactly as they are
+    updates = jnp.where(data.vector_valid[..., None], updates, 0.0)
   valid = data.valid[data.class_ids]
   num_valid = jnp.maximum(jnp.sum(valid), 1)
   metrics = {name: total / num_valid for name, total in sums.items()}

@@ -185,10 +185,11 @@ def biased_folder(tmp_path_factory):
 
 
 def _initial_tokens(tiny_checkpoint, num_classes):
+  from mcti_jax import token_init
   from mcti_jax import tokens as tok
   sd = pipeline.load_stable_diffusion(tiny_checkpoint / "sd")
   table = np.asarray(tok.token_table(sd.text_encoder), np.float32)
-  return tok.init_from_word(sd.tokenizer, table, "digit", num_classes, 1)
+  return token_init.from_word(sd.tokenizer, table, "digit", np.ones(num_classes, np.int32))
 
 
 def test_a_stopped_class_is_frozen_while_the_others_train(tiny_checkpoint, tmp_path, biased_folder,

@@ -24,7 +24,8 @@ def _normalize(x):
 @functools.partial(jax.jit, static_argnames=("first_id", "pooling"))
 def class_text_features(clip: Frozen, tokens, template_ids, *, first_id: int, pooling: str = "eos",
                         shared_ids=None, shared_vectors=None):
-  """Normalised text features [K, P] of every class's tokens [K, V, D] in every template [T, L] (class 0 ids).
+  """Normalised text features [K, P] of every class's tokens [K, V, D] in every template [T, L] (class 0 ids),
+  or in per-class templates [K, T, L] (classes with different numbers of vectors: `tok.template_ids`).
 
   `shared_ids` [M] / `shared_vectors` [M, D] are spliced into every prompt too
   (CoOp's context vectors).
@@ -34,15 +35,18 @@ def class_text_features(clip: Frozen, tokens, template_ids, *, first_id: int, po
   table = model.text_model.embeddings.token_embedding.embedding[...]
   if shared_ids is None:
     shared_ids, shared_vectors = jnp.full((1,), -1, jnp.int32), jnp.zeros((1, tokens.shape[-1]), tokens.dtype)
+  per_class = template_ids.ndim == 3
+  if per_class and template_ids.shape[0] != num_classes:
+    raise ValueError(f"per-class template ids {template_ids.shape} do not match the tokens' {num_classes} classes")
 
-  def one_class(vectors, k):
-    ids = tok.ids_for_class(template_ids, first_id, num_vectors, k)
+  def one_class(vectors, k, class_templates):
+    ids = tok.ids_for_class(class_templates, first_id, num_vectors, k)
     placeholder_ids = jnp.concatenate([shared_ids, first_id + k * num_vectors + jnp.arange(num_vectors)])
     embeds = tok.splice(table, ids, placeholder_ids, jnp.concatenate([shared_vectors, vectors]))
     features = model.get_text_features(ids, inputs_embeds=embeds, pooling=pooling)
     return _normalize(_normalize(features).mean(0))
 
-  return jax.vmap(one_class)(tokens, jnp.arange(num_classes))
+  return jax.vmap(one_class, in_axes=(0, 0, 0 if per_class else None))(tokens, jnp.arange(num_classes), template_ids)
 
 
 def cosine_scores(image_features, text_features):

@@ -5,7 +5,8 @@
 
 Each `type` is a module here holding one class `Evaluator`, made from its
 entry's other fields; `Evaluator.run(cell, name)` returns (scores [M, K],
-labels [M], info) on the test images of one (N-shot, seed) cell. A new
+labels [M], info) on the test images of one (N-shot, seed) cell, or a
+retrieval evaluator's metrics as a dict (its row: mrr, r1, r5, ...). A new
 evaluator is one module plus one config line.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 from mcti_jax.errors import ConfigError
 from mcti_jax.evaluators.cell import Cell, Models  # noqa: F401  (what every evaluator's run takes)
 
-TYPES = ("clip_tokens", "clip_features", "clip_zeroshot", "coop", "dic")
+TYPES = ("clip_tokens", "clip_features", "clip_zeroshot", "coop", "dic", "retrieval")
 
 
 def make(name: str, entry) -> Any:

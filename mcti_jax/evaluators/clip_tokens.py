@@ -26,7 +26,7 @@ class Evaluator:
                                                                                                self.template),)
 
   def run(self, cell, name: str):
-    text = cell.models.token_text_features(cell.result.tokens[self.phase], self.templates())
+    text = cell.token_text_features(self.phase, self.templates())
     if self.save_head:
       clip_head.save_linear_head(cell.out_dir / "heads" / name / cell.name, text, cell.result.class_names,
                                  {"template": self.template, "ensemble": self.ensemble, "phase": self.phase})

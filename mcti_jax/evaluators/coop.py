@@ -24,9 +24,10 @@ class Evaluator:
     cfg = coop.CoOpConfig(num_context=self.num_context, steps=self.steps, lr=self.lr, logit_scale=self.logit_scale,
                           seed=self.seed)
     m = cell.models
-    context_ids = coop.add_context_tokens(m.sd.tokenizer, cfg.num_context)
-    template_ids = jnp.asarray(coop.context_template_ids(m.sd.tokenizer, m.class_tokens, cfg.num_context))
     tokens = cell.result.tokens[self.phase]
+    tokenizer, class_tokens = m.tokens_for(tokens.shape[1], cell.result.vector_counts)
+    context_ids = coop.add_context_tokens(tokenizer, cfg.num_context)
+    template_ids = jnp.asarray(coop.context_template_ids(tokenizer, class_tokens, cfg.num_context))
     context, _ = coop.train_context(m.clip, tokens, template_ids, context_ids, cell.shot_features,
                                     first_id=m.first_id, pooling=m.pooling, cfg=cfg)
     text = coop.text_features(m.clip, tokens, template_ids, context_ids, context, first_id=m.first_id,

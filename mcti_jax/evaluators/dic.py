@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcti_jax import conditioning, runs
+from mcti_jax import runs
 from mcti_jax.classify import dic
 from mcti_jax.models.frozen import freeze
 
@@ -30,8 +30,8 @@ class Evaluator:
     cfg = dic.preset(self.preset, error=self.error) if self.error else dic.preset(self.preset)
     text_encoder = freeze(m.sd.text_encoder)
     if self.tokens:
-      learned = conditioning.LearnedTokens(m.class_tokens, r.tokens[self.tokens], tuple(r.class_names))
-      contexts = dic.class_contexts(text_encoder, m.sd.tokenizer, learned=learned, template=self.template)
+      learned, tokenizer = cell.learned_tokens(self.tokens)
+      contexts = dic.class_contexts(text_encoder, tokenizer, learned=learned, template=self.template)
     else:
       contexts = dic.class_contexts(text_encoder, m.sd.tokenizer, class_names=list(r.class_names),
                                     template=self.template)

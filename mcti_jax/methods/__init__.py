@@ -38,7 +38,7 @@ import ml_collections
 
 from mcti_jax.errors import ConfigError
 
-TRAINABLE = ("ti", "mcti", "gcpl", "comple", "dct")
+TRAINABLE = ("ti", "mcti", "gcpl", "comple", "dct", "custom_tokens")
 INITS = ("previous", "initial")  # a phase starts from the previous phase's tokens, or from the initial ones
 
 
@@ -54,9 +54,11 @@ def phase(method: str, **overrides) -> ml_collections.ConfigDict:
 
   steps: how many steps; init: "previous" (go on from the tokens the previous phase ended with) or "initial"
   (start again from the initial tokens: phases that compare settings side by side in one run); templates:
-  None (the config's `templates`) or a template spec (tokens.templates); weight_decay: AdamW's.
+  None (the config's `templates`) or a template spec (tokens.templates); weight_decay: AdamW's; subspace: train
+  the tokens' coordinates in the span of `config.tokens.subspace_words` instead of the vectors (subspace.py).
   """
-  c = ml_collections.ConfigDict(dict(method=method, steps=0, init="previous", templates=None, weight_decay=1e-2))
+  c = ml_collections.ConfigDict(dict(method=method, steps=0, init="previous", templates=None, weight_decay=1e-2,
+                                     subspace=False))
   c.update(get(method).defaults())
   unknown = sorted(set(overrides) - set(c.keys()))
   if unknown:

@@ -50,12 +50,16 @@ def reg_loss(text_feature, image_features, target, valid, scale):
   return ce, correct
 
 
+def text_feature(item, ctx):
+  """g_k: the CLIP text feature [P] of the item's prompt, with class k's vectors spliced into CLIP's text tower."""
+  clip = ctx.backbone.clip.module
+  clip_embeds = tok.splice(tok.token_table(clip), item.ids, item.placeholder_ids, item.vectors)
+  return clip.get_text_features(item.ids[None], inputs_embeds=clip_embeds[None], pooling=ctx.pooling)[0]
+
+
 def item_terms(item, ctx, cfg) -> dict:
   """Noise MSE, and the regulariser's CE and hit of one item of class item.k."""
   mse = ti.noise_loss(item.prediction, item.target)
-  clip = ctx.backbone.clip.module
-  clip_embeds = tok.splice(tok.token_table(clip), item.ids, item.placeholder_ids, item.vectors)
-  text_feature = clip.get_text_features(item.ids[None], inputs_embeds=clip_embeds[None], pooling=ctx.pooling)[0]
   # One shot (and flip) of every class j, drawn from fold_in(key, j): the draw of a real class does not depend on
   # how many padded classes follow it.
   features = ctx.image_features  # [K', N, F, P]
@@ -64,7 +68,7 @@ def item_terms(item, ctx, cfg) -> dict:
       jnp.arange(num_all))
   shot_key, flip_key = item.keys
   image_features = features[jnp.arange(num_all), draw(shot_key, shots_each), draw(flip_key, flips_each)]
-  reg, correct = reg_loss(text_feature, image_features, item.k, ctx.valid, cfg.scale)
+  reg, correct = reg_loss(text_feature(item, ctx), image_features, item.k, ctx.valid, cfg.scale)
   return {"mse": mse, "reg": reg, "reg_acc": correct}
 
 
