@@ -19,7 +19,7 @@ results.md and plots, GAIR's strips per query, init_convergence.png.
 
 from __future__ import annotations
 
-import copy
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,11 +34,26 @@ from mcti_jax.models import tokenizer as tokenizer_lib
 
 def run(config, log: Callable[[str], None] = print) -> dict:
   workdir = Path(config.workdir)
-  log("[1/4] training and scoring TI, MC-TI, custom tokens free and in the subspace, per seed")
+  out: dict[str, Any] = {}
+  if "composition" in config.parts:
+    out = composition(config, workdir, log)
+  if "init" in config.parts:
+    out["init_convergence"] = initialisation(config, workdir, log)
+    results_path = workdir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    hf_io.write_folder(workdir, {"results.json": {**results, "init_convergence": out["init_convergence"]}})
+  report = write_report(config, workdir, out)
+  log(report.read_text())
+  return out
+
+
+def composition(config, workdir: Path, log) -> dict:
+  """Train and score every method per seed (the eval harness), GAIR, the subspace's residual; into results.json."""
+  log("[1/3] training and scoring TI, MC-TI, custom tokens free and in the subspace, per seed")
   results = evaluate.run(config, log=log)["results"]
   out: dict[str, Any] = {"seeds": list(config.seeds), "rows": results["rows"],
                          "summary": {f"{m}|{k}": v for (m, _, k), v in evaluate.summary(results).items()}}
-  log("[2/4] GAIR against the fixed queries of each method's tokens")
+  log("[2/3] GAIR against the fixed queries of each method's tokens")
   gair_config = gair.GairConfig(**config.gair.settings.to_dict())
   out["gair"] = {}
   for phase in config.gair.phases:
@@ -51,21 +66,20 @@ def run(config, log: Callable[[str], None] = print) -> dict:
       log(f"   {phase} seed {seed}: composite MRR {_mrr(per_seed[seed], 'composite')}, best fixed "
           f"({r['best_fixed']}) {_mrr(per_seed[seed], r['best_fixed'])}, GAIR {_mrr(per_seed[seed], 'gair')}")
     out["gair"][phase] = per_seed
-  log("[3/4] the custom tokens' distance from the span of the subspace words")
+  log("[3/3] the custom tokens' distance from the span of the subspace words")
   out["subspace_residual"] = {seed: _residual(config, seed) for seed in config.seeds}
   log(f"   max residual {max(out['subspace_residual'].values()):.2e}")
-  log("[4/4] multi-token initialisation: TI's noise MSE from four starts (Fig. 3)")
-  base = copy.deepcopy(config.train)
-  with base.unlocked():
-    base.data.cache_dir = config.train.data.cache_dir
-  conv = init_convergence.run(base, workdir / "init_convergence", seeds=tuple(config.init.seeds),
-                              steps=config.init.steps, log=log)
-  out["init_convergence"] = {k: conv[k] for k in ("steps", "curves", "at", "texts", "elapsed_s")}
-  results.update({k: out[k] for k in ("gair", "subspace_residual", "init_convergence")})
+  results.update({k: out[k] for k in ("gair", "subspace_residual")})
   hf_io.write_folder(workdir, {"results.json": results})  # the harness's rows and the demo's own parts
-  report = write_report(config, workdir, out)
-  log(report.read_text())
   return out
+
+
+def initialisation(config, workdir: Path, log) -> dict:
+  """Fig. 3: TI's noise MSE from a caption, a label, "*" and V x "*" (init_convergence.py)."""
+  log("multi-token initialisation: TI's noise MSE from four starts (Fig. 3)")
+  conv = init_convergence.run(config.train, workdir / "init_convergence", seeds=tuple(config.init.seeds),
+                              steps=config.init.steps, log=log)
+  return {k: conv[k] for k in ("steps", "curves", "at", "texts", "elapsed_s")}
 
 
 def _export(config, seed: int, phase: str) -> Path:
@@ -100,14 +114,24 @@ def _mean_std(values: list[float]) -> str:
 
 
 def write_report(config, workdir: Path, out: dict) -> Path:
+  lines = ["# Custom tokens in the tiny world", ""]
+  if "rows" in out:
+    lines += composition_report(config, out)
+  if "init_convergence" in out:
+    lines += initialisation_report(config, out["init_convergence"])
+  path = workdir / "report.md"
+  hf_io.write_folder(workdir, {"report.md": "\n".join(lines).encode()})
+  return path
+
+
+def composition_report(config, out: dict) -> list[str]:
   labels = evaluate.labels_of(config)
   rows = out["rows"]
 
   def cell(method: str, key: str) -> str:
     return _mean_std([r.get(key) for r in rows if r["method"] == method])
 
-  lines = ["# Custom tokens in the tiny world", "",
-           f"Seeds {out['seeds']} (settings tuned on seed 0), 5 shots of each digit; mean ± std over seeds.", "",
+  lines = [f"Seeds {out['seeds']} (settings tuned on seed 0), 5 shots of each digit; mean ± std over seeds.", "",
            "## Plain classification and composite retrieval", "",
            "| tokens | top-1 known 0-4 | top-1 unknown 5-9 | composite MRR | R@1 | R@5 |", "|---|---|---|---|---|---|"]
   for phase in config.train.phases:
@@ -125,16 +149,15 @@ def write_report(config, workdir: Path, out: dict) -> Path:
     lines.append(f"| {labels.get(phase, phase)} | {_mean_std(comp)} | {_mean_std(best)} | {_mean_std(g)} | "
                  f"{_mean_std(diff)} |")
   residual = max(out["subspace_residual"].values())
-  lines += ["", f"The exported subspace tokens lie within {residual:.1e} of the words' span (least squares).", "",
-            "## Multi-token initialisation (Fig. 3)", "",
-            "TI's noise MSE, 1 shot per class, mean over classes and seeds "
-            f"{list(config.init.seeds)} (smoothed over the 50 steps before):", "",
-  ]
-  marks = list(next(iter(out["init_convergence"]["at"].values())))
+  return lines + ["", f"The exported subspace tokens lie within {residual:.1e} of the words' span (least squares).", ""]
+
+
+def initialisation_report(config, conv: dict) -> list[str]:
+  lines = ["## Multi-token initialisation (Fig. 3)", "",
+           "TI's noise MSE, 1 shot per class, mean over classes and seeds "
+           f"{list(config.init.seeds)} (smoothed over the 50 steps before):", ""]
+  marks = list(next(iter(conv["at"].values())))
   lines += ["| start | " + " | ".join(f"step {m}" for m in marks) + " |", "|---" * (len(marks) + 1) + "|"]
-  for variant, at in out["init_convergence"]["at"].items():
+  for variant, at in conv["at"].items():
     lines.append(f"| {variant} | " + " | ".join(f"{at[m]:.4f}" for m in marks) + " |")
-  lines += ["", "![init convergence](init_convergence/init_convergence.png)", ""]
-  path = workdir / "report.md"
-  hf_io.write_folder(workdir, {"report.md": "\n".join(lines).encode()})
-  return path
+  return lines + ["", "![init convergence](init_convergence/init_convergence.png)", ""]
