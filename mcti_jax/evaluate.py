@@ -174,8 +174,8 @@ def _test_features(models: evaluators.Models, test, resolution: int, cache: dict
 def _pca_features(cell: evaluators.Cell) -> dict[str, np.ndarray]:
   """Text features [K, T, P] of every phase's tokens under each TI template (MC-TI Fig. 4)."""
   out = {}
-  for phase, tokens in cell.result.tokens.items():
-    per_template = [cell.models.token_text_features(tokens, (t,)) for t in tok.TI_TEMPLATES]
+  for phase in cell.result.tokens:
+    per_template = [cell.token_text_features(phase, (t,)) for t in tok.TI_TEMPLATES]  # each class's own V_k
     out[phase] = np.stack([np.asarray(f) for f in per_template], axis=1)
   return out
 

@@ -93,7 +93,10 @@ def test_ctrl_c_before_training_exits_130_in_one_line(tmp_path, debug):
   """SIGINT while the command imports the trainer (its own handler takes over once training starts)."""
   argv = ["mcti", "train", "--config", "configs/mcti.py:tiny", f"--config.workdir={tmp_path / 'run'}"]
   # A line on stdout once main() is about to run: a signal any earlier would hit Python's start-up, not the CLI.
-  code = f"import sys; from mcti_jax import cli; sys.argv = {argv!r}; print('main', flush=True); cli.main()"
+  # SIGINT as in a terminal: a child inherits an ignored SIGINT (nohup, some test runners' workers), and the CLI
+  # rightly leaves an ignored SIGINT ignored.
+  code = (f"import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from mcti_jax import cli; "
+          f"sys.argv = {argv!r}; print('main', flush=True); cli.main()")
   env = _env(**({"MCTI_DEBUG": "1"} if debug else {}))
   proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
