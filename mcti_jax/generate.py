@@ -136,7 +136,8 @@ def generate_class_images(sd, learned: LearnedTokens, num_images: int, template:
 # ------------------------------------------------------------------ files
 
 
-def _png(image: np.ndarray) -> bytes:
+def png(image: np.ndarray) -> bytes:
+  """uint8 image [H, W, 3] -> PNG file bytes (for hf_io.write_folder)."""
   from PIL import Image
   buf = io.BytesIO()
   Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
@@ -146,7 +147,7 @@ def _png(image: np.ndarray) -> bytes:
 def save_images(images: np.ndarray, folder: str | Path, prefix: str = "image") -> list[Path]:
   """Write uint8 images [B, H, W, 3] as <folder>/<prefix>_0000.png ...; each file appears whole or not at all."""
   names = [f"{prefix}_{i:04d}.png" for i in range(len(images))]
-  hf_io.write_folder(folder, {name: _png(image) for name, image in zip(names, images)})
+  hf_io.write_folder(folder, {name: png(image) for name, image in zip(names, images)})
   return [Path(folder) / name for name in names]
 
 
@@ -163,7 +164,7 @@ def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
 def save_grid(images: np.ndarray, path: str | Path, rows: int) -> Path:
   """Write `image_grid(images, rows)` as one PNG, atomically."""
   path = Path(path)
-  hf_io.write_folder(path.parent, {path.name: _png(image_grid(images, rows))})
+  hf_io.write_folder(path.parent, {path.name: png(image_grid(images, rows))})
   return path
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,7 +50,6 @@ def run(base_config: ml_collections.ConfigDict, workdir: str | Path, seeds: Sequ
   """
   from mcti_jax import plots, train
   workdir = Path(workdir)
-  _persistent_compilation_cache()
   t0 = time.time()
   per_seed: dict[str, dict[int, list[float]]] = {v: {} for v in variants}
   texts, logged_steps = {}, None
@@ -143,9 +141,3 @@ def _token_counts(base_config, texts: list[str]) -> list[int]:
   tokenizer = tokenizer_lib.load_tokenizer(base_config.model.sd_path, "tokenizer")
   return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
-
-def _persistent_compilation_cache() -> None:
-  """Identical steps (label and star share one program; caption and star_v one per V) compile once."""
-  import jax
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "mcti_jax", "jit"))

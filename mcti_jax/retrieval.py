@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import os
 import re
@@ -45,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcti_jax import conditioning
+from mcti_jax import conditioning, generate
 from mcti_jax import data as D
 from mcti_jax import tokens as tok
 from mcti_jax.errors import ConfigError
@@ -389,13 +388,6 @@ def strip(rows: Sequence[tuple[Sequence[np.ndarray | None], Sequence[bool | None
   return out
 
 
-def png(image: np.ndarray) -> bytes:
-  from PIL import Image
-  buf = io.BytesIO()
-  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
-  return buf.getvalue()
-
-
 # ------------------------------------------------------------------ a whole retrieval
 
 
@@ -455,7 +447,7 @@ def retrieve(setup: Setup, lams: Sequence[float], gair_config=None, out_dir: str
     files = {"results.json": results}
     shown = ("gair", "composite") if refined is not None else ("composite", best)
     for i, q in enumerate(s.queries):
-      files[f"strips/q{i:03d}.png"] = png(_query_strip(s, scores, shown, i, refined, strip_images))
+      files[f"strips/q{i:03d}.png"] = generate.png(_query_strip(s, scores, shown, i, refined, strip_images))
       per_query[i]["strip"] = f"strips/q{i:03d}.png"
     hf_io.write_folder(out_dir, files)
     results["out_dir"] = str(out_dir)
