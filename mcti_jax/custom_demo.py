@@ -67,7 +67,9 @@ def composition(config, workdir: Path, log) -> dict:
           f"({r['best_fixed']}) {_mrr(per_seed[seed], r['best_fixed'])}, GAIR {_mrr(per_seed[seed], 'gair')}")
     out["gair"][phase] = per_seed
   log("[3/3] the custom tokens' distance from the span of the subspace words")
-  out["subspace_residual"] = {seed: _residual(config, seed) for seed in config.seeds}
+  embeddings = _word_embeddings(config)
+  out["subspace_residual"] = {seed: subspace.residual(_custom_tokens(config, seed), embeddings)
+                              for seed in config.seeds}
   log(f"   max residual {max(out['subspace_residual'].values()):.2e}")
   results.update({k: out[k] for k in ("gair", "subspace_residual")})
   hf_io.write_folder(workdir, {"results.json": results})  # the harness's rows and the demo's own parts
@@ -92,18 +94,20 @@ def _mrr(metrics: dict, kind: str) -> str:
   return "n/a" if value is None else f"{100 * value:.1f}"
 
 
-def _residual(config, seed: int) -> float:
-  """The largest distance of an exported custom token from span(subspace words), by least squares."""
-  from mcti_jax import export
+def _word_embeddings(config) -> np.ndarray:
+  """The subspace words' rows [n, D] of SD's frozen token table, read from the checkpoint (not from the run)."""
   from mcti_jax import tokens as tok
   from mcti_jax.models import pipeline
   sd_path = config.train.model.sd_path
   tokenizer = tokenizer_lib.load_tokenizer(sd_path, "tokenizer")
   table = np.asarray(tok.token_table(pipeline.load_stable_diffusion(sd_path).text_encoder))
-  words = tuple(config.train.tokens.subspace_words)
-  embeddings = table[subspace.word_ids(tokenizer, words, table.shape[0])]
-  vectors, _ = export.load_tokens(_export(config, seed, "custom"))
-  return subspace.residual(vectors, embeddings)
+  return table[subspace.word_ids(tokenizer, tuple(config.train.tokens.subspace_words), table.shape[0])]
+
+
+def _custom_tokens(config, seed: int) -> np.ndarray:
+  """The exported subspace tokens [K, V, D] of one seed."""
+  from mcti_jax import export
+  return export.load_tokens(_export(config, seed, "custom"))[0]
 
 
 def _mean_std(values: list[float]) -> str:
