@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Tests run as if on 8 devices, so the sharded code paths are exercised on CPU.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
-.PHONY: install test demo clean
+.PHONY: install test test-multiprocess ci demo notebook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,22 @@ install: $(STAMP)
 # Two workers, a test file each at a time (module fixtures compile once): compiles are single-threaded, so two
 # overlap on 2 cores (28.5 -> 21.5 minutes with an empty compile cache, this machine, 2026-11-30).
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile -m "not multiprocess" tests
+
+# 2 processes x 4 CPU devices (jax.distributed on localhost) against 1 process x 8: tokens, DiC predictions,
+# a SIGTERM that reaches one process. Two processes already fill two cores, so one pytest worker.
+test-multiprocess: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q -m multiprocess tests
+
+# What CI runs (.ci/run): the tests, the multi-process tests, the notebook.
+ci: test test-multiprocess notebook
 
 demo: $(STAMP)
 	$(PY) -m mcti_jax.cli demo
+
+# colab/mcti_jax.ipynb executed top to bottom on its cpu setting (the tiny model), as a person would.
+notebook: $(STAMP)
+	$(TEST_ENV) $(PY) colab/execute.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -120,6 +120,10 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
       template="a photo of a {}", targets=ml_collections.config_dict.placeholder(tuple)))
 
   c.num_devices = ml_collections.config_dict.placeholder(int)  # default: all
+  # mesh.data > 1: a (classes, data) mesh whose `data` devices per class shard split each class's per-class batch
+  # (batch_per_class must be a multiple). For fewer classes than devices, or large per-class batches (mcti_jax/
+  # parallel.py); the tokens equal the 1-D mesh's up to float summation order.
+  c.mesh = ml_collections.ConfigDict(dict(data=1))
   c.checkpoint_every = 500
   c.log_every = 10
 

@@ -5,6 +5,8 @@
   mcti train --config configs/gcpl.py:cars,comple --config.phase.comple.lam=1e-3
   mcti eval --config configs/eval.py:pets --config.train.data.data_dir=~/tensorflow_datasets
   mcti retrieve --tokens runs/demo/5shot/seed1/export/mcti
+  mcti export runs/pets                       # re-export a finished run in every format
+  mcti train --distributed --config ...       # on every process of a TPU pod or cluster (launch/README.md)
 
 Every config field can be overridden with --config.<field>=<value>; an
 unknown field is refused. `mcti <command> --help` lists the fields and presets.
@@ -34,8 +36,10 @@ COMMANDS = {
     "retrieve": "rank images for 'a photo of a <cls-k> <words>' queries: fixed prompts vs GAIR; MRR, R@1, R@5",
     "demo": "the main job end to end on the embedded tiny model (CPU, minutes); default --config configs/demo.py",
     "pretrain-tiny": "pretrain the embedded tiny CLIP + latent diffusion model on sklearn digits 0-4",
+    "export": "re-export a finished run's tokens in every format (diffusers, A1111/kohya, combined)",
 }
 HELP_FLAGS = ("-h", "--help", "--helpfull")
+DISTRIBUTED = "--distributed"  # any command: join the run's other processes first (mcti_jax/distributed.py)
 # --config.<field>, --noconfig.<field> (a boolean's off switch): absl's spellings of an override.
 _OVERRIDE = re.compile(r"--?(?:no)?config\.([^=]+)")
 
@@ -43,7 +47,9 @@ _OVERRIDE = re.compile(r"--?(?:no)?config\.([^=]+)")
 def _usage() -> str:
   lines = ["usage: mcti <command> [flags]", "", "commands:"]
   lines += [f"  {name:<14} {text}" for name, text in COMMANDS.items()]
-  lines += ["", "`mcti <command> --help` lists a command's flags."]
+  lines += ["", "`mcti <command> --help` lists a command's flags.",
+            "--distributed (any command): one of several processes of a run on a TPU pod or cluster; see "
+            "launch/README.md."]
   return "\n".join(lines)
 
 
@@ -147,7 +153,12 @@ def _train(argv):
 def _eval(argv):
   config = parse_config(argv, help_config="configs/eval.py")
   from mcti_jax import evaluate
-  return lambda: print(evaluate.run(config)["table"].read_text())
+  return lambda: _print_table(evaluate.run(config)["table"])
+
+
+def _print_table(table) -> None:
+  if table is not None:  # None on processes other than 0, which write nothing
+    print(table.read_text())
 
 
 def with_default_config(argv: list[str], default: str) -> list[str]:
@@ -200,6 +211,11 @@ def _retrieve(argv):
 def _pretrain_tiny(argv):
   from mcti_jax.tiny import main
   return lambda: main.pretrain_main(argv[1:])
+
+
+def _export(argv):
+  from mcti_jax import reexport
+  return lambda: reexport.main(argv[1:])
 
 
 def _persistent_compilation_cache() -> None:
@@ -259,14 +275,19 @@ def main(argv: list[str] | None = None) -> None:
   if command not in COMMANDS:
     raise SystemExit(f"mcti: unknown command {command!r}\n\n{_usage()}")
   prog = f"mcti {command}"
+  multi_process = DISTRIBUTED in argv[2:]
+  argv = [a for a in argv if a != DISTRIBUTED]
   handlers = {"train": _train, "eval": _eval, "generate": _generate, "retrieve": _retrieve, "demo": _demo,
-              "pretrain-tiny": _pretrain_tiny}
+              "pretrain-tiny": _pretrain_tiny, "export": _export}
   try:
     with _held_sigint() as held:
       work = handlers[command]([prog, *argv[2:]])
       _persistent_compilation_cache()
     if held:
       raise KeyboardInterrupt
+    if multi_process:  # before anything touches a device
+      from mcti_jax import distributed
+      distributed.initialize()
     work()
   except (Exception, KeyboardInterrupt) as e:
     if (stop := _interrupt(e)) is not None:  # Ctrl-C; the trainer's own stop (stopping.Stopped) says where it saved

@@ -18,7 +18,7 @@ CHOICES = {
     "data.source": ("folder", "split_file", "tfds", "digits"),
 }
 AT_LEAST_1 = ("checkpoint_every", "log_every", "batch_per_class", "grad_accum", "data.n_shots", "data.resolution",
-              "tokens.num_vectors")
+              "tokens.num_vectors", "mesh.data")
 AT_LEAST_1_OR_UNSET = ("num_devices", "data.num_classes")
 INTEGERS = ("seed", "data.shot_seed")
 BOOLS = ("data.flip", "model.remat")
@@ -42,6 +42,9 @@ def _problems(config):
   for name, choices in CHOICES.items():
     if _get(config, name) not in choices:
       yield name, "one of " + ", ".join(choices)
+  data, batch = _get(config, "mesh.data"), _get(config, "batch_per_class")
+  if _is_int(data) and _is_int(batch) and data > 1 and batch % data:
+    yield "mesh.data", f"a divisor of batch_per_class={batch}: each of its devices draws an equal slice of a class's batch"
 
 
 def check_train_config(config) -> None:

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from mcti_jax import data as D
-from mcti_jax import evaluators, metrics, phases, plots, runs, train
+from mcti_jax import distributed, evaluators, metrics, phases, plots, runs, train
 from mcti_jax import tokens as tok
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError
@@ -43,7 +43,7 @@ def test_images(config, result: train.TrainResult):
   pool = D.load_labeled(data_cfg, "test")
   keep = pool.labels < result.num_classes
   if data_cfg.source in ("digits", "folder"):
-    keep[np.asarray(result.shots.shot_positions).ravel()] = False
+    keep[np.asarray(result.shot_positions).ravel()] = False  # every class's, also those another process loaded
   test = pool.subset(np.flatnonzero(keep))
   if len(test) == 0:
     raise D.DataError(f"the test split of {pool.source} holds no images of the {result.num_classes} trained classes")
@@ -64,7 +64,11 @@ def labels_of(config) -> dict[str, str]:
 
 
 def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Fill config's grid of rows, then write the reports. With several processes (distributed.py) all compute every
+  row and process 0 alone writes; the others return the results with no table."""
   workdir = Path(config.workdir)
+  main = distributed.is_main()
+  log = distributed.main_only(log)
   evals = {name: evaluators.make(name, entry) for name, entry in evals_of(config).items()}
   _check_phases_exist(config)
   labels = labels_of(config)
@@ -95,7 +99,8 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
         out = evals[name].run(cell, name)
         if isinstance(out, dict):  # a retrieval evaluator: its metrics are the row (no classification report)
           results["rows"].append({"method": name, "n_shots": n_shots, "seed": seed, **out})
-          _write_json(results_path, results)
+          if main:
+            _write_json(results_path, results)
           log(f"   {labels[name]:<28} {_retrieval_line(out)}")
           continue
         scores, labels_, info = out
@@ -103,15 +108,19 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
         row = {"method": name, "n_shots": n_shots, "seed": seed, **report, **info,
                **{f"top1_{g}": metrics.accuracy_on(report, cls) for g, cls in config.class_groups.items()}}
         results["rows"].append(row)
-        _write_json(results_path, results)
-        plots.confusion(report["confusion"], trained.class_names,
-                        workdir / "confusion" / f"{name}_{n_shots}shot_seed{seed}.png",
-                        f"{labels[name]}, {n_shots}-shot, seed {seed}: top-1 {100 * row['top1']:.1f}%")
+        if main:
+          _write_json(results_path, results)
+          plots.confusion(report["confusion"], trained.class_names,
+                          workdir / "confusion" / f"{name}_{n_shots}shot_seed{seed}.png",
+                          f"{labels[name]}, {n_shots}-shot, seed {seed}: top-1 {100 * row['top1']:.1f}%")
         log(f"   {labels[name]:<28} top-1 {100 * row['top1']:.1f}%")
       pca_features = _pca_features(cell)  # Fig. 4 shows the last cell
       results["token_pca"] = {"n_shots": n_shots, "seed": seed}
       results["class_names"] = list(trained.class_names)
-      _write_json(results_path, results)
+      if main:
+        _write_json(results_path, results)
+  if not main:
+    return {"results": results, "table": None, "figures": {}}
   return write_reports(workdir, results, config, pca_features)
 
 
@@ -132,7 +141,8 @@ def _check_phases_exist(config) -> None:
 
 
 # Settings that only say which cells to fill or where files go: results.json's rows stay valid when they change.
-GRID_SETTINGS = ("workdir", "seeds", "n_shots", "generation", "train.workdir", "train.data.cache_dir")
+GRID_SETTINGS = ("workdir", "seeds", "n_shots", "generation", "train.workdir", "train.data.cache_dir", "train.mesh",
+                 "train.num_devices")
 
 
 def _made_with(config: ml_collections.ConfigDict) -> dict[str, Any]:

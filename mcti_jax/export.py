@@ -2,23 +2,47 @@
 
 A run's export holds one such folder per phase (<workdir>/export/ti, .../mcti),
 written together in one step: a crash leaves the previous export or none,
-never some phases without the others.
+never some phases without the others. `mcti export` (reexport.py) rewrites an
+older export in today's formats.
 
   <folder>/tokens.safetensors         {"tokens": float32 [K, V, D], "num_vectors": int32 [K]}: all classes at once
-  <folder>/manifest.json              class index, token string, class name, V_k, init text, per-class file
-  <folder>/classes/<k>/learned_embeds.safetensors   {"<cls-k>": float32 [V_k, D]}
+  <folder>/manifest.json              class index, token string, class name, V_k, init text, per-class files
+  <folder>/classes/<k>/learned_embeds.safetensors   {"<cls-k>": float32 [V_k, D]}: diffusers
+  <folder>/a1111/<word>.safetensors   {"emb_params": float32 [V_k, D]}: AUTOMATIC1111 webui, kohya sd-scripts
 
 The per-class file is what diffusers' `pipe.load_textual_inversion(path)`
 accepts; with V_k > 1 it adds "<cls-k>", "<cls-k>_1", ... as our tokenizer does.
 Classes may use different numbers of vectors V_k (label/caption inits): the
 combined array is padded to V = max V_k (its rows past V_k are unused) and
 `num_vectors` says how many each uses; the per-class files hold only theirs.
-Exports made before per-class counts lack `num_vectors` and use all V.
+Exports made before per-class counts lack `num_vectors` and use all V; those
+made before the A1111 files lack a1111/ and the manifest's "a1111_*" keys.
+
+The A1111 file is for tools that take the prompt word from the file name
+(manifest: "a1111_word", "a1111_file"), e.g. "cls3-golden_retriever-mcti":
+copy it into the webui's embeddings/ folder and write that word in a prompt.
+What their loaders do with it (checked in tests/test_export_formats.py):
+- AUTOMATIC1111 stable-diffusion-webui, modules/textual_inversion/textual_inversion.py
+  (`EmbeddingDatabase.load_from_file`, later split out as `create_embedding_from_data`): reads a .safetensors
+  file as a dict of tensors; one without "string_to_param" or "clip_g"/"clip_l" must hold exactly one tensor,
+  which is the embedding [V, D] (a 1-D one becomes [1, D]); the name is the file name without its extension,
+  and a prompt uses the embedding wherever the name's CLIP tokens occur. Hence one key, and a word of
+  lowercase ASCII letters, digits, '-' and '_' (no prompt syntax such as <>()[]:, no spaces, no dots, no path
+  separators; CLIP lowercases prompts, so case could not tell two words apart anyway), led by the class
+  index so that it is unique in the folder even when class names sanitize alike, and ended by the phase
+  so that the ti and mcti files of a run can sit in one embeddings/ folder.
+- kohya sd-scripts train_textual_inversion.py saves SD1/2 embeddings as {"emb_params": [V, D]} and reads
+  back the first tensor of the dict; we use its key.
+- diffusers `load_textual_inversion(path, token=word)` (`_retrieve_tokens_and_embeddings`): a state dict of
+  one key is that token's embedding; without `token=` the key itself ("emb_params") would be the word, so the
+  A1111 file needs `token=`, while the per-class file needs none.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +53,43 @@ from mcti_jax.tokens import ClassTokens
 
 MANIFEST = "manifest.json"
 COMBINED = "tokens.safetensors"
+A1111_KEY = "emb_params"  # kohya's key; A1111 and diffusers accept any single key
+_NOT_WORD = re.compile(r"[^a-z0-9]+")
+
+
+def _slug(text: str, limit: int = 32) -> str:
+  """'Golden Retriever (dog)' -> 'golden_retriever_dog': lowercase ASCII letters and digits joined by '_'."""
+  ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+  return _NOT_WORD.sub("_", ascii_text).strip("_")[:limit].rstrip("_")
+
+
+def a1111_word(k: int, class_name: str, phase: str | None = None) -> str:
+  """The prompt word (= file name) of class k's A1111 file: 'cls<k>-<class name>-<phase>', sanitized."""
+  return "-".join(part for part in (f"cls{k}", _slug(class_name), _slug(phase or "")) if part)
 
 
 def token_files(tokens: np.ndarray, class_tokens: ClassTokens, class_names: list[str],
                 info: dict[str, Any] | None = None) -> dict[str, Any]:
-  """The files of one token folder, for `hf_io.write_folder`."""
+  """The files of one token folder, for `hf_io.write_folder`. `class_tokens` serves only for its names, counts,
+  shape and init texts (its ids are not written), so `mcti export` can rebuild it from a manifest."""
   tokens = np.asarray(tokens, np.float32)[: class_tokens.num_classes]
   if tokens.shape[:2] != class_tokens.ids.shape:
     raise ValueError(f"tokens {tokens.shape} do not match {class_tokens.num_classes} classes x "
                      f"{class_tokens.num_vectors} vectors")
   counts = class_tokens.counts
+  phase = (info or {}).get("phase")
   files: dict[str, Any] = {COMBINED: hf_io.tensors({"tokens": tokens, "num_vectors": counts.astype(np.int32)})}
   classes = []
   for k, name in enumerate(class_names):
     token = class_tokens.names[k][0]
+    own = np.ascontiguousarray(tokens[k, : counts[k]])
     rel = f"classes/{k:04d}/learned_embeds.safetensors"
-    files[rel] = hf_io.tensors({token: np.ascontiguousarray(tokens[k, : counts[k]])})
-    entry = {"index": k, "token": token, "name": name, "num_vectors": int(counts[k]), "file": rel}
+    word = a1111_word(k, name, phase)
+    a1111 = f"a1111/{word}.safetensors"
+    files[rel] = hf_io.tensors({token: own})
+    files[a1111] = hf_io.tensors({A1111_KEY: own})
+    entry = {"index": k, "token": token, "name": name, "num_vectors": int(counts[k]), "file": rel,
+             "a1111_file": a1111, "a1111_word": word}
     if class_tokens.init_texts is not None:
       entry["init_text"] = class_tokens.init_texts[k]
     classes.append(entry)

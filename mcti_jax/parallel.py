@@ -1,8 +1,14 @@
-"""The class-axis mesh: classes are sharded over devices, frozen weights replicated.
+"""The mesh: classes are sharded over devices, frozen weights replicated.
 
 Every per-class quantity (tokens, optimiser state, cached shot latents) has a
-leading class axis padded to a multiple of the device count. Padded classes
-are masked out of the loss, so they train nothing and report nothing.
+leading class axis padded to a multiple of the class axis's size. Padded
+classes are masked out of the loss, so they train nothing and report nothing.
+
+The trainer's mesh may have a second axis, `data`: the devices of one class
+shard split that class's per-class batch (each draws its slice of the same
+items) and average their gradients. Use it when there are fewer classes than
+devices, or per-class batches too large for one device; the tokens are those
+of the 1-D mesh (up to float summation order). Evaluators use the 1-D mesh.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 CLASS_AXIS = "classes"
+DATA_AXIS = "data"  # the trainer's optional second axis: a class's batch split over devices
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D mesh over the first `num_devices` devices (all of them by default)."""
+def make_mesh(num_devices: int | None = None, data: int = 1) -> Mesh:
+  """A mesh over the first `num_devices` devices (all of them by default): 1-D (classes), or with `data` > 1
+  2-D (classes, data), the devices of a class's data shards adjacent (on one host where possible)."""
   devices = jax.devices()
   if num_devices is not None:
     if num_devices > len(devices):
@@ -23,11 +31,21 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
                        f"({devices[0].platform}). On CPU, simulate more with "
                        f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices}.")
     devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), (CLASS_AXIS,))
+  if data == 1:
+    return Mesh(np.asarray(devices), (CLASS_AXIS,))
+  if data < 1 or len(devices) % data:
+    raise ValueError(f"mesh.data={data} must divide the {len(devices)} devices: each class shard splits its batch "
+                     "over that many of them")
+  return Mesh(np.asarray(devices).reshape(-1, data), (CLASS_AXIS, DATA_AXIS))
+
+
+def data_size(mesh: Mesh) -> int:
+  """How many devices split one class's batch (1 on a 1-D mesh)."""
+  return mesh.shape.get(DATA_AXIS, 1)
 
 
 def padded_num_classes(num_classes: int, mesh: Mesh) -> int:
-  n = mesh.devices.size
+  n = mesh.shape[CLASS_AXIS]
   return -(-num_classes // n) * n
 
 

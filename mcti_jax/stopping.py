@@ -4,6 +4,10 @@ A cluster's scheduler sends SIGTERM before it takes the machine back, a person
 presses Ctrl-C. Either is turned into a request that the training loop honours
 at its next step boundary, after saving a checkpoint; a second signal stops at
 once. Only the main thread can take signals, so elsewhere this does nothing.
+
+With several processes (distributed.py) the signal may reach one of them, or
+all at different moments: `agreed()` tells every process at the same step
+boundary whether any of them got one, so all stop (and save) at one step.
 """
 
 from __future__ import annotations
@@ -46,6 +50,15 @@ class StopOnSignal:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
     self._previous = {}
+
+  def agreed(self) -> int | None:
+    """The signal any process has received so far (None: none); a collective with several processes."""
+    from mcti_jax import distributed
+    agreed = distributed.agreed_signal(self.requested)
+    # Not `self.requested = agreed`: a signal handled while this process waited in the gather would be lost.
+    if self.requested is None:
+      self.requested = agreed
+    return agreed
 
   def stopped(self, message: str) -> Stopped:
     return Stopped(message, self.requested or signal.SIGINT)

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mcti_jax import conditioning, config_checks, export, generate, parallel, phases, plots, runs, subspace, token_init
+from mcti_jax import conditioning, config_checks, distributed, export, generate, parallel, phases, plots, runs, subspace, token_init
 from mcti_jax import data as D
 from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax import tokens as tok
@@ -81,7 +81,9 @@ class Setup:
   class_tokens: tok.ClassTokens
   template_ids: dict[str, np.ndarray]  # per phase: [T, L] prompt ids of its templates ([K', T, L] per class, with
                                        # "{name}" or when classes use different numbers of vectors)
-  shots: D.FewShot | None  # None when no phase trains on shots (DCT)
+  shots: D.FewShot | None  # this process's classes' shots (all, with one process); None when no phase trains on shots
+  shot_positions: np.ndarray | None  # [K, N] every class's shots' positions in the source
+  shots_manifest: dict[str, Any] | None  # which images every class's shots are (export manifests record it)
   data: ShotData
   classifier: Any  # classifiers.Classifier, for methods that need one; else None
   targets: np.ndarray | None  # [K] class k's class in the classifier
@@ -107,7 +109,10 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   """
   config_checks.check_train_config(config)
   plan = phases.plan(config)
-  mesh = parallel.make_mesh(config.num_devices)
+  mesh = parallel.make_mesh(config.num_devices, data=config.mesh.data)
+  if config.mesh.data > 1 and (draws := [p.name for p in plan if hasattr(p.method, "class_terms")]):
+    raise ConfigError(f"mesh.data={config.mesh.data} splits a class's per-class batch of shots, but phase(s) "
+                      f"{draws} draw their own images instead; train them with mesh.data=1")
   needs = {need for p in plan for need in p.method.needs}
   needs_clip, uses_shots = "clip" in needs, any(getattr(p.method, "uses_shots", True) for p in plan)
   classifier = targets = None
@@ -128,16 +133,19 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   def sharded(local_rows: np.ndarray) -> jax.Array:
     return parallel.shard_by_class(parallel.pad_rows(local_rows, len(local)), mesh, num_padded)
 
-  shots, data_fingerprint = None, None
+  shots, data_fingerprint, shot_positions, shots_manifest = None, None, None, None
   if uses_shots:
     shots = D.sample_few_shot(labeled, config.data.n_shots, config.data.shot_seed, class_indices=local_real,
                               resolution=config.data.resolution)
+    everyone = np.arange(num_classes)  # named, not loaded: each process loads only its own classes' images
+    shot_positions = D.choose_shots(labeled, config.data.n_shots, config.data.shot_seed, everyone)
+    shots_manifest = D.shots_manifest(labeled, shot_positions, config.data.shot_seed, everyone)
     local_digests = runs.shot_digests(shots.class_names, shots.shot_ids, shots.shots)
     digests = np.asarray(replicate(sharded(local_digests)))[:num_classes]  # gathered: every process's classes
     data_fingerprint = runs.data_fingerprint(digests)
   log(f"{num_classes} classes" + (f" x {config.data.n_shots} shots at {config.data.resolution}px" if uses_shots
                                   else " (no shots: generations judged by the classifier)")
-      + f" on {mesh.devices.size} device(s) ({num_padded - num_classes} padded classes)")
+      + f" on {mesh.devices.size} device(s){_mesh_text(mesh)} ({num_padded - num_classes} padded classes)")
   captions = _check_token_init(config, plan, class_names, uses_shots)
   loads_clip = needs_clip or config.tokens.init == "label"  # a label is CLIP's zero-shot pick on the shots
   signature = runs.signature(config, num_classes=num_classes, data=data_fingerprint,
@@ -200,8 +208,13 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   init_tokens = parallel.shard_by_class(parallel.pad_rows(init, num_padded)[local], mesh, num_padded)
   span = (subspace.from_words(sd.tokenizer, tok.token_table(sd.text_encoder), tuple(config.tokens.subspace_words))
           if in_subspace else None)
-  return Setup(config, plan, mesh, sd, clip_model, class_names, class_tokens, template_ids, shots, data, classifier,
-               targets, init_tokens, signature, span)
+  return Setup(config, plan, mesh, sd, clip_model, class_names, class_tokens, template_ids, shots, shot_positions,
+               shots_manifest, data, classifier, targets, init_tokens, signature, span)
+
+
+def _mesh_text(mesh) -> str:
+  shape = dict(mesh.shape)
+  return "" if len(shape) == 1 else " as a mesh " + " x ".join(f"{n} {axis}" for axis, n in shape.items())
 
 
 def templates_of(config, phase: phases.Phase) -> tuple[str, ...]:
@@ -323,7 +336,8 @@ def step_config(setup: Setup, phase: phases.Phase) -> StepConfig:
                     first_placeholder_id=int(setup.class_tokens.ids[0, 0]), num_vectors=setup.class_tokens.num_vectors,
                     num_train_timesteps=int(setup.sd.schedule.num_train_timesteps), pooling=c.model.pooling,
                     batch_per_class=c.batch_per_class, grad_accum=c.grad_accum,
-                    latent_shape=generate.latent_shape(setup.sd), subspace=phase.settings.subspace)
+                    latent_shape=generate.latent_shape(setup.sd), subspace=phase.settings.subspace,
+                    data_shards=parallel.data_size(setup.mesh))
 
 
 def compile_step(setup: Setup, phase: phases.Phase, optimizer, state: TrainState, backbone: Backbone, template_ids,
@@ -348,13 +362,15 @@ class TrainResult:
   """What a finished run hands to evaluation: its tokens and what they were learned from.
 
   tokens[phase] [K, V, D] are also in exports[phase] (export/<phase>/); shot_features [K, N, P] are the CLIP
-  image features of the (unflipped) shots where a method needed CLIP, else None.
+  image features of the (unflipped) shots where a method needed CLIP, else None. `shots` holds the images of this
+  process's classes (every class with one process); shot_positions [K, N] says where every class's shots are.
   """
   workdir: Path
   class_names: tuple[str, ...]
   tokens: dict[str, np.ndarray]
   exports: dict[str, Path]
   shots: D.FewShot
+  shot_positions: np.ndarray | None
   shot_features: np.ndarray | None
   metrics: Path
   plot: Path
@@ -375,11 +391,12 @@ def train(config: ml_collections.ConfigDict, *, on_step: Callable[[int], None] |
           log: Callable[[str], None] = print) -> TrainResult:
   """Train (or resume, or find finished) the run in config.workdir; export its tokens."""
   workdir = Path(config.workdir)
+  log = distributed.main_only(log)
   with StopOnSignal(log) as stop:
     setup = prepare(config, log, check_signature=lambda sig: runs.check_resumable(workdir, sig))
-    if _is_main_process():
+    if distributed.is_main():
       runs.record(workdir, setup.signature)
-    if stop.requested is not None:  # while the models loaded
+    if stop.agreed() is not None:  # while the models loaded
       raise stop.stopped("stopped before training; nothing to save. Run the same command again to start.")
     return _run(setup, workdir, stop, on_step, log)
 
@@ -424,7 +441,7 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
     log(f"resumed from the checkpoint at step {start}/{total}" if start < total else
         f"{workdir} already holds a finished run ({total} steps); not training again")
   metrics_path = workdir / "metrics.jsonl"
-  if _is_main_process():
+  if distributed.is_main():
     _truncate_metrics(metrics_path, start)
 
   # Placed on the mesh once; left on one device they would be copied to every device at each step.
@@ -460,14 +477,14 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
                                    clocks[phase.name])
       log(f"compiled the {phase.name} step in {time.time() - t:.0f} s")
     steps[phase.name] = compiled[key]
-  if stop.requested is not None and start < total:
+  if stop.agreed() is not None and start < total:
     raise stop.stopped(f"stopped before step {start + 1}/{total}; nothing new to save. Run the same command "
                        "again to resume.")
   finish_tokens = jax.jit(final_tokens, static_argnums=0, out_shardings=by_class)
 
   from tqdm.auto import tqdm
   bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-             disable=start >= total or not _is_main_process())
+             disable=start >= total or not distributed.is_main())
   pending, t0 = [], time.time()
   s = start
   while s < total:
@@ -488,12 +505,12 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
       if index + 1 < len(plan):
         state = begin(state, plan[index + 1], ended[phase.index])
     if done % config.log_every == 0 or done == phase.end:
-      if _is_main_process():
+      if distributed.is_main():
         row = _log_metrics(metrics_path, pending, done, phase.name, time.time() - t0, setup.num_classes)
         bar.set_postfix(phase=phase.name, **{k: f"{v:.4g}" for k, v in row.items() if k in metrics
                                              and not isinstance(v, dict)})
       pending = []
-    stopping = stop.requested is not None and done < total
+    stopping = done < total and stop.agreed() is not None  # the same step on every process
     if done % config.checkpoint_every == 0 or done == phase.end or stopping:
       save(done, state, ended)
     bar.update(1)
@@ -556,7 +573,7 @@ def _finish(setup: Setup, workdir: Path, plan: list[phases.Phase], ended, metric
   ended = np.asarray(gather(ended))  # a collective: all processes
   tokens = {p.name: ended[p.index] for p in plan}
   info = {"base_model": str(c.model.sd_path), "clip_model": str(c.model.clip_path), "pooling": c.model.pooling,
-          "shots": setup.shots.manifest() if setup.shots is not None else None}
+          "shots": setup.shots_manifest}
   if setup.classifier is not None:
     from mcti_jax import classifiers
     fields = ("type",) + sum(classifiers.TYPES[c.classifier.type], ())
@@ -565,7 +582,7 @@ def _finish(setup: Setup, workdir: Path, plan: list[phases.Phase], ended, metric
   phase_info = {p.name: {"method": p.settings.method, "templates": list(templates_of(c, p))} for p in plan}
   plot = workdir / "loss.png"
   exports = {name: workdir / "export" / name for name in tokens}
-  if _is_main_process():
+  if distributed.is_main():
     export.export_phases(workdir / "export", tokens, setup.class_tokens, setup.class_names, info, phase_info)
     titles = {k: v for p in plan for k, v in p.method.metric_titles.items()}
     plots.loss_curves(metrics_path, plot, boundaries=[p.end for p in plan[:-1]], titles=titles)
@@ -577,9 +594,4 @@ def _finish(setup: Setup, workdir: Path, plan: list[phases.Phase], ended, metric
     features = np.asarray(gather(setup.data.image_features))[: setup.num_classes, :, 0]
   return TrainResult(workdir=workdir, class_names=tuple(setup.class_names),
                      tokens={name: value[: setup.num_classes] for name, value in tokens.items()}, exports=exports,
-                     shots=setup.shots, shot_features=features, metrics=metrics_path, plot=plot)
-
-
-def _is_main_process() -> bool:
-  """Files (run.json, metrics, exports, plots) are written by process 0 only; orbax coordinates its own."""
-  return jax.process_index() == 0
+                     shots=setup.shots, shot_positions=setup.shot_positions, shot_features=features, metrics=metrics_path, plot=plot)

@@ -22,6 +22,11 @@ stopping): a class whose state says it is not "training" gets no update,
 in the same compiled step. In a phase with `subspace=True` the state holds
 the tokens' coordinates in the span of chosen words (subspace.py); the
 loss sees the vectors they map to, so the gradient is the coordinates'.
+
+On a (classes, data) mesh (parallel.py) the devices of a class shard each
+draw their slice of every class's batch (the same items as on a 1-D mesh);
+the terms are averaged over the slices before the loss, and the gradient is
+the chain rule through that average, so any loss of the terms' means is exact.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 from mcti_jax import tokens as tok
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import Frozen
-from mcti_jax.parallel import CLASS_AXIS
+from mcti_jax.parallel import CLASS_AXIS, DATA_AXIS
 
 
 @struct.dataclass
@@ -134,6 +139,7 @@ class StepConfig:
   grad_accum: int = 1
   latent_shape: tuple[int, ...] = ()
   subspace: bool = False  # the state holds coordinates in backbone.subspace, not vectors
+  data_shards: int = 1  # devices that split a class's batch (the mesh's data axis)
 
 
 class Settings:
@@ -187,7 +193,11 @@ def class_objective(vectors, k, key, latent_mean, latent_logvar, ctx: Context, s
     item = sample_item(key, k, vectors, ctx.backbone, latent_mean, latent_logvar, ctx.template_ids, cfg)
     return cfg.method.item_terms(item, ctx, settings), item
 
-  terms, items = jax.vmap(one_item)(jax.random.split(key, cfg.batch_per_class))
+  keys = jax.random.split(key, cfg.batch_per_class)
+  if cfg.data_shards > 1:  # this device's slice of the class's batch
+    per_device = cfg.batch_per_class // cfg.data_shards
+    keys = jax.lax.dynamic_slice_in_dim(keys, jax.lax.axis_index(DATA_AXIS) * per_device, per_device)
+  terms, items = jax.vmap(one_item)(keys)
   return {name: value.mean() for name, value in terms.items()}, items
 
 
@@ -202,27 +212,46 @@ def _shard_grads(tokens, class_ids, latent_mean, latent_logvar, step_key, backbo
                 step=phase_step, run_key=run_key, pooling=cfg.pooling, first_placeholder_id=cfg.first_placeholder_id,
                 latent_shape=cfg.latent_shape)
 
-  def loss_fn(tokens, micro_key):
+  def shard_terms(tokens, micro_key):
+    """Per-class terms [Kc] of this shard's classes, over this device's slice of their batches."""
     vectors = backbone.subspace.to_vectors(tokens) if cfg.subspace else tokens
     keys = jax.vmap(lambda k: jax.random.fold_in(micro_key, k))(class_ids)
     per_class = jax.vmap(class_objective, in_axes=(0, 0, 0, 0, 0, None, None, None))
     terms, items = per_class(vectors, class_ids, keys, latent_mean, latent_logvar, ctx, settings, cfg)
     if method.cross_class:
+      target = jax.lax.stop_gradient(items.target)  # [Kc, B / data_shards, ...]
+      if cfg.data_shards > 1:  # every item of the class, in the order of its batch
+        target = jax.lax.all_gather(target, DATA_AXIS, axis=1, tiled=True)
       gather = lambda x: jax.lax.all_gather(x, CLASS_AXIS, tiled=True)  # noqa: E731
       all_ids = gather(class_ids)
-      everyone = Everyone(target=gather(jax.lax.stop_gradient(items.target)), class_ids=all_ids,
-                          valid=valid_all[all_ids])
+      everyone = Everyone(target=gather(target), class_ids=all_ids, valid=valid_all[all_ids])
       cross = jax.vmap(method.cross_terms, in_axes=(0, 0, None, None))(items, class_ids, everyone, settings)
       terms = {**terms, **cross}
-    loss = masked_sum(jax.vmap(lambda t: method.loss(t, settings))(terms))
-    return loss, terms
+    return terms
+
+  def total_loss(terms):
+    return masked_sum(jax.vmap(lambda t: method.loss(t, settings))(terms))
+
+  def terms_and_grads(micro_key):
+    if cfg.data_shards == 1:
+      def loss_fn(tokens):
+        terms = shard_terms(tokens, micro_key)
+        return total_loss(terms), terms
+      (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(tokens)
+      return terms, grads
+    # The batch's terms are the mean of the slices'; the loss's gradient flows back through that mean by hand
+    # (no differentiation through a collective): d loss / d tokens = mean over slices of (dL/dterms . dterms/dtokens).
+    terms, pullback = jax.vjp(lambda t: shard_terms(t, micro_key), tokens)
+    terms = jax.lax.pmean(terms, DATA_AXIS)
+    (grads,) = pullback(jax.grad(total_loss)(terms))
+    return terms, jax.lax.pmean(grads, DATA_AXIS)
 
   def micro_step(carry, micro):
     grads, terms = carry
-    (_, micro_terms), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(tokens, jax.random.fold_in(step_key, micro))
+    micro_terms, micro_grads = terms_and_grads(jax.random.fold_in(step_key, micro))
     return (grads + micro_grads, jax.tree.map(jnp.add, terms, micro_terms)), None
 
-  shapes = jax.eval_shape(lambda: loss_fn(tokens, step_key)[1])
+  shapes = jax.eval_shape(lambda: shard_terms(tokens, step_key))
   init = (jnp.zeros_like(tokens), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
   (grads, terms), _ = jax.lax.scan(micro_step, init, jnp.arange(cfg.grad_accum))
   terms = jax.tree.map(lambda t: t / cfg.grad_accum, terms)  # [Kc] per class of this shard

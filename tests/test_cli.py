@@ -154,3 +154,14 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
   monkeypatch.setattr(cli, "_train", bug)
   with pytest.raises(ZeroDivisionError):
     cli.main(["mcti", "train"])
+
+
+@pytest.mark.parametrize("env, message", [
+    ({}, "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID"),
+    ({"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' must be an integer"),
+])
+def test_distributed_without_a_cluster_is_one_message_naming_the_settings(env, message):
+  out = mcti("train", "--distributed", "--config", "configs/mcti.py:tiny", **env)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith("mcti train: error: "), out.stderr
+  assert message in lines[0]

@@ -9,7 +9,8 @@
 
 from mcti_jax.data.cache import cache_digest, cache_path, encode_cached
 from mcti_jax.data.errors import DataError
-from mcti_jax.data.labeled import FewShot, LabeledImages, class_rng, sample_few_shot, threaded_reader
+from mcti_jax.data.labeled import (FewShot, LabeledImages, choose_shots, class_rng, sample_few_shot, shots_manifest,
+                                  threaded_reader)
 from mcti_jax.data.preprocess import (IMAGE_EXTENSIONS, INTERPOLATIONS, center_crop_resize, flip_horizontal,
                                       read_image, to_model_range, to_rgb)
 from mcti_jax.data.sources import (digits_images, digits_split, from_digits, from_file_lists, from_folder,

@@ -152,6 +152,27 @@ class FewShot:
     }
 
 
+def choose_shots(labeled: LabeledImages, n_shots: int, seed: int, classes: Sequence[int]) -> np.ndarray:
+  """Positions int64 [K, N] (sorted per class) of the shots of `classes`; class c's depend on (seed, c) only. Loads
+  nothing: with several processes, each loads its own classes' shots but can name every class's."""
+  chosen = []
+  for c in classes:
+    members = labeled.positions_of_class(c)
+    if len(members) < n_shots:
+      raise DataError(f"class {labeled.class_names[c]!r} (index {c}) of {labeled.source} has {len(members)} "
+                      f"image(s), fewer than n_shots={n_shots}; add images to it or lower n_shots")
+    chosen.append(members[np.sort(class_rng(seed, c).choice(len(members), n_shots, replace=False))])
+  return np.stack(chosen).astype(np.int64)
+
+
+def shots_manifest(labeled: LabeledImages, positions: np.ndarray, seed: int, classes: Sequence[int]
+                   ) -> dict[str, Any]:
+  """FewShot.manifest() of the shots at `positions` [K, N] of `classes`, without loading them."""
+  return {"source": labeled.source, "seed": int(seed),
+          "classes": [{"index": int(c), "name": labeled.class_names[c], "shots": [labeled.ids[i] for i in row]}
+                      for c, row in zip(classes, positions)]}
+
+
 def class_rng(seed: int, class_index: int) -> np.random.Generator:
   """The random stream of one class: depends on (seed, class index) only."""
   return np.random.default_rng([int(seed), int(class_index)])
@@ -188,16 +209,8 @@ def sample_few_shot(labeled: LabeledImages, n_shots: int, seed: int,
   if n_shots < 1:
     raise DataError(f"n_shots must be at least 1, got {n_shots}")
   classes = _check_class_indices(labeled, class_indices)
-  chosen, rest = [], []
-  for c in classes:
-    members = labeled.positions_of_class(c)
-    if len(members) < n_shots:
-      raise DataError(f"class {labeled.class_names[c]!r} (index {c}) of {labeled.source} has {len(members)} "
-                      f"image(s), fewer than n_shots={n_shots}; add images to it or lower n_shots")
-    pick = np.sort(class_rng(seed, c).choice(len(members), n_shots, replace=False))
-    chosen.append(members[pick])
-    rest.append(np.delete(members, pick))
-  positions = np.stack(chosen).astype(np.int64)  # [K, N]
+  positions = choose_shots(labeled, n_shots, seed, classes)
+  rest = [np.setdiff1d(labeled.positions_of_class(c), row) for c, row in zip(classes, positions)]
   shots = labeled.load(positions.reshape(-1), resolution, interpolation)
   return FewShot(
       class_names=tuple(labeled.class_names[c] for c in classes),

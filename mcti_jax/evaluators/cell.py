@@ -91,6 +91,9 @@ class Cell:
     if self.result.shot_features is not None:
       return self.result.shot_features
     shots = self.result.shots
+    if shots.num_classes != self.result.num_classes:  # several processes: each holds its own classes' images
+      raise ValueError("this evaluator needs every class's shot features, but no training phase used CLIP and this "
+                       "process holds only its own classes' shots; run it in one process (without --distributed)")
     k, n = shots.shots.shape[:2]
     flat = shots.shots.reshape(k * n, *shots.shots.shape[2:])
     return np.asarray(jax.jit(clip_head.encode_images)(self.models.clip, flat)).reshape(k, n, -1)

@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 
+from mcti_jax import distributed
 from mcti_jax.classify import clip_head
 
 
@@ -27,7 +28,7 @@ class Evaluator:
 
   def run(self, cell, name: str):
     text = cell.token_text_features(self.phase, self.templates())
-    if self.save_head:
+    if self.save_head and distributed.is_main():
       clip_head.save_linear_head(cell.out_dir / "heads" / name / cell.name, text, cell.result.class_names,
                                  {"template": self.template, "ensemble": self.ensemble, "phase": self.phase})
     return cell.scored(np.asarray(clip_head.cosine_scores(cell.test_features, text)))
