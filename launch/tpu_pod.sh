@@ -256,23 +256,21 @@ nohup setsid bash -c '"$@" & echo $! >logs/mcti.pid; wait $! && rc=0 || rc=$?; e
 echo "$(hostname): started; log: ~/$dir/logs/mcti.log"
 EOF
 
-cmd_train() {
+# start_mcti COMMAND CONFIG CACHE_FIELD [mcti args...]: `mcti COMMAND --distributed` on every worker at once.
+start_mcti() {
   need TPU_NAME WORKDIR
+  local command=$1 config=$2 cache_field=$3
+  shift 3
   local cache_dir=${CACHE_DIR:-$(dirname "$WORKDIR")/cache} shared=""
   if [[ $CHECK_SHARED == 1 ]]; then shared=$WORKDIR; fi
-  local argv=(mcti train --distributed --config "$TRAIN_CONFIG" "--config.workdir=$WORKDIR" \
-    "--config.data.cache_dir=$cache_dir" "$@")
+  local argv=(mcti "$command" --distributed --config "$config" "--config.workdir=$WORKDIR" \
+    "--config.$cache_field=$cache_dir" "$@")
   on_workers all "$JOB" "$REMOTE_DIR" "$FOREGROUND" "$shared" env "${job_env[@]}" "${argv[@]}"
 }
 
-cmd_eval() {
-  need TPU_NAME WORKDIR
-  local cache_dir=${CACHE_DIR:-$(dirname "$WORKDIR")/cache} shared=""
-  if [[ $CHECK_SHARED == 1 ]]; then shared=$WORKDIR; fi
-  local argv=(mcti eval --distributed --config "$EVAL_CONFIG" "--config.workdir=$WORKDIR" \
-    "--config.train.data.cache_dir=$cache_dir" "$@")
-  on_workers all "$JOB" "$REMOTE_DIR" "$FOREGROUND" "$shared" env "${job_env[@]}" "${argv[@]}"
-}
+cmd_train() { start_mcti train "$TRAIN_CONFIG" data.cache_dir "$@"; }
+
+cmd_eval() { start_mcti eval "$EVAL_CONFIG" train.data.cache_dir "$@"; }
 
 cmd_logs() {
   local args=("$@")

@@ -1,5 +1,7 @@
 """The (classes, data) mesh: a class's batch split over devices trains the tokens of the 1-D mesh."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -9,12 +11,11 @@ from mcti_jax.errors import ConfigError
 
 
 def _config(checkpoint, workdir, data: int):
-  """MC-TI (TI's loss and CLIP's) and CoMPLe (its negatives gathered over both axes), 2 items per class, 5 classes."""
+  """CoMPLe: TI's noise MSE plus negatives gathered over both axes; 2 items per class, 5 classes, 3 steps."""
   c = tiny_train_config(checkpoint, workdir, batch_per_class=2, **{"data.num_classes": 5, "mesh.data": data})
-  c.phases = ("mcti", "comple")
-  c.phase.mcti.steps = 2
-  c.phase.comple = methods.phase("comple", steps=2, lr=c.phase.ti.lr, lam=1e-2, templates="ti")
-  c.log_every = c.checkpoint_every = 2
+  c.phases = ("comple",)
+  c.phase.comple = methods.phase("comple", steps=3, lr=1e-2, lam=1e-2, templates="ti")
+  c.log_every = 1
   return c
 
 
@@ -26,17 +27,15 @@ def meshes(tiny_checkpoint, tmp_path_factory):
 
 
 def test_classes_by_data_mesh_gives_the_tokens_of_the_1d_mesh(meshes):
-  for phase in ("mcti", "comple"):
-    one, two = meshes[1].tokens[phase], meshes[2].tokens[phase]
-    np.testing.assert_allclose(two, one, atol=2e-6, rtol=0, err_msg=phase)
-  assert np.abs(meshes[2].tokens["comple"] - meshes[2].tokens["mcti"]).max() > 1e-5  # every phase trained
+  one, two = meshes[1].tokens["comple"], meshes[2].tokens["comple"]
+  np.testing.assert_allclose(two, one, atol=2e-6, rtol=0)
+  assert np.abs(two[0] - two[1]).max() > 1e-4  # it trained: the classes started from one word and moved apart
 
 
 def test_metrics_are_those_of_the_whole_batch(meshes):
-  import json
   rows = {d: [json.loads(line) for line in r.metrics.read_text().splitlines()] for d, r in meshes.items()}
   for a, b in zip(rows[1], rows[2]):
-    for key in ("mse", "reg", "neg"):
+    for key in ("mse", "neg", "neg_raw"):
       if key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
