@@ -35,7 +35,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mcti_jax import conditioning, config_checks, distributed, export, generate, parallel, phases, plots, runs, subspace, token_init
+from mcti_jax import (conditioning, config_checks, distributed, export, generate, parallel, phases, plots, runs,
+                      subspace, token_init)
 from mcti_jax import data as D
 from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax import tokens as tok
@@ -594,4 +595,5 @@ def _finish(setup: Setup, workdir: Path, plan: list[phases.Phase], ended, metric
     features = np.asarray(gather(setup.data.image_features))[: setup.num_classes, :, 0]
   return TrainResult(workdir=workdir, class_names=tuple(setup.class_names),
                      tokens={name: value[: setup.num_classes] for name, value in tokens.items()}, exports=exports,
-                     shots=setup.shots, shot_positions=setup.shot_positions, shot_features=features, metrics=metrics_path, plot=plot)
+                     shots=setup.shots, shot_positions=setup.shot_positions, shot_features=features,
+                     metrics=metrics_path, plot=plot)

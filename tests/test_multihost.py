@@ -77,8 +77,7 @@ def _launch(args: list[str], log_dir: Path) -> list[subprocess.Popen]:
   for rank in range(PROCESSES):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_EACH}",
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(PROCESSES),
-           "JAX_PROCESS_ID": str(rank), "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-           "TQDM_DISABLE": "1"}
+           "JAX_PROCESS_ID": str(rank), "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
     out = open(log_dir / f"process{rank}.log", "ab")
     procs.append(subprocess.Popen([sys.executable, "-m", "mcti_jax.cli", *args, "--distributed"], env=env,
                                   stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
