@@ -145,10 +145,20 @@ def test_two_processes_make_the_diffusion_classifiers_predictions(runs):
     assert rows["two"][method]["confusion"] == rows["one"][method]["confusion"], method
 
 
-def test_only_process_0_writes_the_reports(runs):
+def test_each_process_encodes_only_its_classes_and_process_0_alone_reports(runs):
+  """5 classes on 8 devices: process 0's devices hold classes 0-3, process 1's class 4 (and 3 padded ones)."""
+  encoded = []
+  for path in sorted((runs["base"] / "two" / "cache").glob("shots-*.npz")):
+    with np.load(path) as f:
+      encoded.append(json.loads(str(f["__meta__"]))["classes"])
+  one = json.loads((next(runs["one"].glob("**/export/mcti")) / "manifest.json").read_text())
+  names = [c["name"] for c in one["shots"]["classes"]]  # the source's class names, as the cache records them
+  assert sorted(encoded, key=len) == [names[4:], names[:4]]
   log = (runs["base"] / "two" / "process1.log").read_text()
   assert "top-1" not in log  # process 1 neither prints the rows nor writes them
   assert (runs["two"] / "results.md").is_file()
+  two = json.loads((next(runs["two"].glob("**/export/mcti")) / "manifest.json").read_text())
+  assert two["shots"] == one["shots"] and len(two["shots"]["classes"]) == 5  # every class's, not process 0's
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(runs, tmp_path):
