@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mcti_jax import distributed
 from mcti_jax.classify.dic.config import DiCConfig
 from mcti_jax.classify.dic.stages import Ranking
 
@@ -99,7 +100,7 @@ class ResultCache:
 
   def put(self, result: ImageResult) -> None:
     self._results[(result.id, result.index)] = result
-    if jax.process_index() != 0:
+    if not distributed.is_main():
       return
     line = json.dumps({"settings": self.key, **dataclasses.asdict(result)}) + "\n"
     with open(self.path, "a", encoding="utf-8") as f:
