@@ -326,6 +326,8 @@ def make_backbone(setup: Setup) -> Backbone:
                  targets=jnp.asarray(parallel.pad_rows(setup.targets, setup.num_padded)))
   if setup.subspace is not None:
     extra.update(subspace=setup.subspace)
+  if setup.clip is not None:  # SD 1.x with CLIP ViT-L/14: one text transformer pass gives both features
+    extra.update(text_shared=clip_lib.same_text_tower(sd.text_encoder, setup.clip))
   return Backbone(text_encoder=text_encoder, unet=freeze(sd.unet), schedule=sd.schedule,
                   clip=freeze(setup.clip) if setup.clip is not None else None, scaling_factor=sd.scaling_factor,
                   shift_factor=sd.vae.config.shift_factor, **extra)

@@ -61,6 +61,9 @@ class Backbone:
   targets: jax.Array | None = None  # [Kp] int: class k's class in the classifier
   uncond_context: jax.Array | None = None  # [1, L, D] the encoded "" prompt (classifier-free guidance)
   subspace: object = None  # subspace.Subspace: what phases with subspace=True map their coordinates through
+  # CLIP's text tower is the text encoder (clip.same_text_tower): a prompt's CLIP text feature is the projection of
+  # the text encoder's pooled output (Item.pooled), so the transformer runs once for both.
+  text_shared: bool = struct.field(pytree_node=False, default=False)
 
 
 @struct.dataclass
@@ -99,6 +102,7 @@ class Item:
   vectors: jax.Array  # [V, D] class k's tokens
   ids: jax.Array  # [L] the prompt's token ids
   placeholder_ids: jax.Array  # [V] the ids that `vectors` replace
+  pooled: jax.Array  # [D] the text encoder's pooled output of the prompt
   prediction: jax.Array  # the UNet output
   target: jax.Array  # what it should be (noise or v)
   keys: jax.Array  # [2] keys left for the method's own draws
@@ -178,10 +182,10 @@ def sample_item(key, k, vectors, backbone: Backbone, latent_mean, latent_logvar,
   template = jax.random.randint(keys[5], (), 0, class_templates.shape[0])
   ids = tok.ids_for_class(class_templates[template], cfg.first_placeholder_id, cfg.num_vectors, k)
   embeds = tok.splice(tok.token_table(text_encoder), ids, placeholder_ids, vectors)
-  hidden, _ = text_encoder(ids[None], inputs_embeds=embeds[None], pooling=cfg.pooling)
+  hidden, pooled = text_encoder(ids[None], inputs_embeds=embeds[None], pooling=cfg.pooling)
   prediction = unet(x_t[None], t[None], hidden)[0]
-  return Item(k=k, vectors=vectors, ids=ids, placeholder_ids=placeholder_ids, prediction=prediction, target=target,
-              keys=keys[6:8])
+  return Item(k=k, vectors=vectors, ids=ids, placeholder_ids=placeholder_ids, pooled=pooled[0], prediction=prediction,
+              target=target, keys=keys[6:8])
 
 
 def class_objective(vectors, k, key, latent_mean, latent_logvar, ctx: Context, settings: Settings, cfg: StepConfig):

@@ -168,6 +168,104 @@ def test_preset_plans_compute_every_sample_once():
   np.testing.assert_array_equal(pets.timesteps, 2 + 4 * np.arange(250))
 
 
+# ---------------------------------------------------- sequential elimination
+
+
+def test_sample_order_is_a_stratified_permutation():
+  order = dic.sample_order(250)
+  np.testing.assert_array_equal(np.sort(order), np.arange(250))
+  for n in (2, 4, 8, 16, 32):  # every power-of-two prefix has one id in each of n equal bins of [0, 256)
+    np.testing.assert_array_equal(np.sort(order[:n] * n // 256), np.arange(n))
+
+
+def test_the_paired_test_drops_what_scipy_calls_significant():
+  from scipy import stats
+  rng = np.random.default_rng(0)
+  errors = 1 + rng.normal(0, 0.3, (6, 12)) + np.array([0, 0.05, 0.1, 0.3, 0.6, 0.0])[:, None]
+  classes = np.array([4, 1, 2, 0, 5, 3])
+  for confidence in (0.9, 0.99):
+    worse = dic.significantly_worse(errors, classes, confidence)
+    leader = np.argmin(errors.mean(1))
+    for k in range(6):
+      expected = k != leader and stats.ttest_rel(errors[k], errors[leader], alternative="greater").pvalue < 1 - confidence
+      assert worse[k] == expected, (confidence, k)
+    assert 0 < worse.sum() < 5  # the data decide some, not all
+  tied = np.ones((2, 4))  # equal errors: the lower class index leads, nothing is worse
+  np.testing.assert_array_equal(dic.significantly_worse(tied, np.array([7, 3]), 0.99), [False, False])
+
+
+def _elimination_table():
+  """Errors [2 images, 4 classes, 16 sample ids]. Image 0: class 2 is clearly best, class 0 clearly worst after
+  4 samples, class 1 and 3 only slightly worse than 2 (with noise). Image 1: every class equal but for noise."""
+  rng = np.random.default_rng(5)
+  noise = rng.normal(0, 0.02, (2, 4, 16))
+  image0 = np.array([2.0, 1.05, 1.0, 1.3])[:, None] + noise[0]
+  image1 = np.ones((4, 1)) + noise[1]
+  return np.stack([image0, image1])
+
+
+def test_elimination_asks_each_item_once_and_stops_when_one_class_is_left():
+  table = _elimination_table()
+  asked = []
+
+  def score(rows, classes, ids):
+    asked.extend(zip(rows.tolist(), classes.tolist(), ids.tolist()))
+    return table[rows, classes, ids]
+
+  cfg = dic.DiCConfig(keep=(1,), samples=(16,), strategy="eliminate", confidence=0.99, round_samples=2,
+                      min_samples=4)
+  rankings = dic.run_elimination(score, np.tile(np.arange(4), (2, 1)), cfg)
+  assert len(asked) == len(set(asked))  # no item twice
+  order = dic.sample_order(16)
+  for image, ranking in enumerate(rankings):  # replay the rule by hand from the table
+    alive, dropped, n = [0, 1, 2, 3], [], 0
+    while len(alive) > 1 and n < 16:
+      n += 2
+      if n < 4:
+        continue
+      e = table[image][np.ix_(alive, order[:n])]
+      worse = dic.significantly_worse(e, np.array(alive), 0.99)
+      dropped = [(n, k, e[i].mean()) for i, k in enumerate(alive) if worse[i]] + dropped
+      alive = [k for i, k in enumerate(alive) if not worse[i]]
+    means = table[image][np.ix_(alive, order[:n])].mean(1)
+    survivors = [alive[i] for i in np.lexsort((alive, means))]
+    dropped.sort(key=lambda d: (-d[0], d[2]))
+    assert list(ranking.ranking) == survivors + [k for _, k, _ in dropped]
+    assert list(ranking.num_samples) == [n] * len(survivors) + [m for m, _, _ in dropped]
+    assert sum(1 for r, _, _ in asked if r == image) == sum(ranking.num_samples)  # only what was needed
+  assert rankings[0].prediction == 2 and rankings[0].num_samples[0] < 16  # decided early
+  assert rankings[1].num_samples[0] == 16  # a tie runs the whole budget
+
+
+def test_elimination_and_shortlist_on_the_unet_equal_the_rules_on_its_error_table(small):
+  unet, schedule, contexts = small
+  x0 = np.random.default_rng(6).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  mesh = parallel.make_mesh(8)
+  cfg = dic.DiCConfig(keep=(1,), samples=(8,), strategy="eliminate", confidence=0.9, round_samples=2, min_samples=2,
+                      batch_size=1, images_per_call=2)
+  table = np.stack([dic.error_grid(unet, schedule, contexts, x, i, cfg, mesh) for x, i in zip(x0, [20, 21])])
+  from_table = lambda rows, classes, ids: table[rows, classes, ids]  # noqa: E731
+  expected = dic.run_elimination(from_table, np.tile(np.arange(3), (2, 1)), cfg)
+  programs = dic.scorer._score_items._cache_size()
+  got = dic.classify(unet, schedule, contexts, x0, [20, 21], cfg, mesh)
+  for e, g in zip(expected, got):
+    assert g.ranking == e.ranking.tolist() and g.num_samples == e.num_samples.tolist()
+    assert max_abs_diff(g.mean_error, e.mean_error) <= 1e-5
+
+  # A shortlist of 2 from a prior ranking: stages among those two, the third class last, unscored.
+  prior = np.array([[2, 0, 1], [1, 2, 0]])
+  stages = dataclasses.replace(cfg, strategy="stages", keep=(2, 1), samples=(2, 8), shortlist=2)
+  expected = dic.run_stages(lambda c, ids: table[np.arange(2)[:, None, None], c[:, :, None], ids], 2, 3,
+                            dic.make_plan(stages, 1000), prior[:, :2])
+  got = dic.classify(unet, schedule, contexts, x0, [20, 21], stages, mesh, prior=prior)
+  for e, g, p in zip(expected, got, prior):
+    assert g.ranking == e.ranking.tolist() + [int(p[2])] and g.num_samples == e.num_samples.tolist() + [0]
+  with pytest.raises(ValueError, match="needs prior"):
+    dic.classify(unet, schedule, contexts, x0, [20, 21], stages, mesh)
+  # Rounds of every size and both stages ran one compiled program (none if another test compiled it).
+  assert dic.scorer._score_items._cache_size() - programs <= 1
+
+
 # ------------------------------------------------------- sharding, batching
 
 

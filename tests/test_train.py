@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from conftest import ROOT, tiny_train_config
@@ -26,6 +27,7 @@ from mcti_jax import runs as run_record  # `runs` is the fixture below
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax.methods import mcti
+from mcti_jax.models import clip as clip_lib
 from mcti_jax.models import pipeline
 from mcti_jax.models.frozen import freeze
 from mcti_jax.train_step import (Context, Settings, ShotData, TrainState, class_objective, make_optimizer,
@@ -403,6 +405,28 @@ def test_reg_gradient_reaches_the_tokens(tiny_checkpoint, tmp_path):
 
   grad = jax.jit(jax.grad(reg_of_class_1))(setup.init_tokens[1])  # one compiled program, not op by op
   assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 1e-6
+
+  # The tiny SD's text encoder is its CLIP's text tower, as SD 1.x's is CLIP ViT-L/14's: detected by content, and
+  # MC-TI then takes g_k from the text encoder's pass. Both ways must give the same terms and gradients.
+  shared = backbone
+  assert shared.text_shared
+  other = nnx.clone(setup.clip)
+  other.text_model.final_layer_norm.bias.value += 1e-3
+  assert not clip_lib.same_text_tower(setup.sd.text_encoder, other)
+
+  def terms_and_grad(backbone):
+    def loss(vectors):
+      terms, _ = class_objective(vectors, 1, jax.random.PRNGKey(0), d.latent_mean[1], d.latent_logvar[1],
+                                 ctx.replace(backbone=backbone), settings, cfg)
+      return mcti.loss(terms, settings), terms
+    return jax.jit(jax.grad(loss, has_aux=True))(setup.init_tokens[1])
+
+  grad_shared, terms_shared = terms_and_grad(shared)
+  grad_full, terms_full = terms_and_grad(shared.replace(text_shared=False))
+  for name in ("mse", "reg"):
+    np.testing.assert_allclose(terms_shared[name], terms_full[name], rtol=1e-6)
+  np.testing.assert_allclose(grad_shared, grad_full, atol=1e-6 * np.abs(grad_full).max())
+  assert np.abs(grad_shared).max() > 1e-6
 
 
 def test_reg_train_accuracy_equals_a_loop_by_hand():

@@ -51,8 +51,14 @@ def reg_loss(text_feature, image_features, target, valid, scale):
 
 
 def text_feature(item, ctx):
-  """g_k: the CLIP text feature [P] of the item's prompt, with class k's vectors spliced into CLIP's text tower."""
+  """g_k: the CLIP text feature [P] of the item's prompt, with class k's vectors spliced into CLIP's text tower.
+
+  When that tower is SD's text encoder (`Backbone.text_shared`), the item's pooled output already is its pooled
+  output: only the projection is left to apply.
+  """
   clip = ctx.backbone.clip.module
+  if ctx.backbone.text_shared:
+    return clip.text_projection(item.pooled[None])[0]
   clip_embeds = tok.splice(tok.token_table(clip), item.ids, item.placeholder_ids, item.vectors)
   return clip.get_text_features(item.ids[None], inputs_embeds=clip_embeds[None], pooling=ctx.pooling)[0]
 

@@ -334,6 +334,20 @@ class CLIPTextModel(nnx.Module):
     return self.text_projection(pooled)
 
 
+def same_text_tower(text_encoder: CLIPTextModel, clip: CLIPModel) -> bool:
+  """Whether `clip`'s text tower IS `text_encoder`: the same config, EOS id and weights (by content hash).
+
+  SD 1.x's text encoder is CLIP ViT-L/14's text tower. Then the CLIP text
+  feature of a prompt is the text encoder's pooled output times CLIP's
+  text_projection, and MC-TI need not run the transformer twice.
+  """
+  from mcti_jax.models.frozen import content_hash
+  a, b = text_encoder.text_model, clip.text_model
+  if a.config != b.config or a.eos_token_id != b.eos_token_id:
+    return False
+  return content_hash(nnx.state(a)) == content_hash(nnx.state(b))
+
+
 # --------------------------------------------------------------------- vision
 
 

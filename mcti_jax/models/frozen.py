@@ -21,3 +21,17 @@ class Frozen:
 def freeze(module: nnx.Module) -> Frozen:
   graphdef, params = nnx.split(module)
   return Frozen(graphdef, params)
+
+
+def content_hash(state) -> str:
+  """A sha256 of a pytree of arrays (paths, shapes, dtypes and bytes): equal weights, equal hash."""
+  import hashlib
+
+  import jax
+  import numpy as np
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    h.update(f"{jax.tree_util.keystr(path)}|{a.shape}|{a.dtype}|".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()

@@ -21,7 +21,8 @@ huber_loss); the target is the noise, or v for v_prediction schedules.
   print(result.summary())  # accuracy, images/s, UNet evaluations/s, ...
 
 One idea per module: config (the settings and the DiC paper's presets), stages
-(which samples each stage scores, which classes survive; pure numpy), scorer
+(which samples each stage scores, which classes survive; pure numpy),
+elimination (the sequential paired test instead of a fixed schedule), scorer
 (the UNet error grid, sharded over the mesh), cache (per-image results in a
 resumable JSONL), classifier (classify and evaluate) and inputs (image
 latents, class contexts).
@@ -29,7 +30,8 @@ latents, class contexts).
 
 from mcti_jax.classify.dic.cache import ImageResult, ResultCache, settings_key
 from mcti_jax.classify.dic.classifier import EvalResult, classify, evaluate
-from mcti_jax.classify.dic.config import ERRORS, PRESETS, DiCConfig, preset
+from mcti_jax.classify.dic.config import ERRORS, PRESETS, STRATEGIES, DiCConfig, preset
+from mcti_jax.classify.dic.elimination import FlatScoreFn, run_elimination, sample_order, significantly_worse
 from mcti_jax.classify.dic.inputs import class_contexts, latent_encoder
 from mcti_jax.classify.dic.scorer import Scorer, error_grid, prediction_errors, sample_noise
 from mcti_jax.classify.dic.stages import (Plan, Ranking, ScoreFn, make_plan, run_stages, stage_sample_ids,

@@ -12,18 +12,22 @@ import numpy as np
 from mcti_jax.classify.dic.cache import ImageResult, ResultCache
 from mcti_jax.classify.dic.config import DiCConfig
 from mcti_jax.classify.dic.scorer import Scorer
-from mcti_jax.classify.dic.stages import make_plan, run_stages
+from mcti_jax.classify.dic.elimination import run_elimination
+from mcti_jax.classify.dic.stages import Ranking, make_plan, run_stages
 from mcti_jax.models.frozen import Frozen
 
 
 def classify(unet: Frozen | None, schedule, contexts, x0_batch, image_indices: Sequence[int], cfg: DiCConfig, mesh,
              cache: ResultCache | None = None, *, image_ids: Sequence[str] | None = None,
-             labels: Sequence[int] | None = None, scorer: Scorer | None = None) -> list[ImageResult]:
+             labels: Sequence[int] | None = None, scorer: Scorer | None = None,
+             prior: np.ndarray | None = None) -> list[ImageResult]:
   """Classify images x0 [B, h, w, c] (VAE latent mean x scaling factor) with dataset indices [B].
 
   Images already in `cache` are not scored again (`unet` may then be None);
   new results are appended to it. Pass a `scorer` to reuse placed weights
-  across calls (`evaluate` does).
+  across calls (`evaluate` does). With `cfg.shortlist` = m, `prior` [B, K]
+  ranks every image's classes (best first, e.g. by the CLIP-token head):
+  DiC decides among its first m, and the rest follow in the prior's order.
   """
   image_indices = [int(i) for i in image_indices]
   image_ids = [str(i) for i in image_indices] if image_ids is None else [str(i) for i in image_ids]
@@ -33,6 +37,9 @@ def classify(unet: Frozen | None, schedule, contexts, x0_batch, image_indices: S
                      f"{len(labels)} labels")
   num_classes = int(np.shape(contexts)[0])
   cfg.check(schedule.num_train_timesteps, num_classes)
+  if cfg.shortlist and (prior is None or np.shape(prior) != (len(x0_batch), num_classes)):
+    raise ValueError(f"DiC shortlist={cfg.shortlist} needs prior, each image's ranking of the {num_classes} classes "
+                     f"[{len(x0_batch)}, {num_classes}], got {None if prior is None else np.shape(prior)}")
   results: list[ImageResult | None] = [cache.get(i, n) if cache is not None else None
                                            for i, n in zip(image_ids, image_indices)]
   todo = [p for p, r in enumerate(results) if r is None]
@@ -49,12 +56,29 @@ def classify(unet: Frozen | None, schedule, contexts, x0_batch, image_indices: S
     part = todo[start:start + group]
     rows = part + [part[0]] * (group - len(part))  # pad with copies: every call has the same shapes
     scorer.set_images(x0_batch[rows], [image_indices[p] for p in rows], num_real=len(part))
-    rankings = run_stages(scorer, group, num_classes, plan)
+    rankings = _rank(scorer, cfg, plan, num_classes, None if prior is None else np.asarray(prior)[rows])
     for p, ranking in zip(part, rankings):
       results[p] = ImageResult.from_ranking(image_ids[p], image_indices[p], ranking, labels[p])
       if cache is not None:
         cache.put(results[p])
   return results
+
+
+def _rank(scorer: Scorer, cfg: DiCConfig, plan, num_classes: int, prior: np.ndarray | None) -> list[Ranking]:
+  """The rankings of the scorer's images: stages or elimination, among all classes or the prior's shortlist."""
+  num_images = scorer.x0.shape[0]
+  candidates = prior[:, :cfg.shortlist] if cfg.shortlist else np.tile(np.arange(num_classes), (num_images, 1))
+  if cfg.strategy == "eliminate":
+    rankings = run_elimination(scorer.flat, candidates, cfg)
+  else:
+    rankings = run_stages(scorer, num_images, num_classes, plan, candidates)
+  if not cfg.shortlist:
+    return rankings
+  rest = prior[:, cfg.shortlist:]  # not shortlisted: after DiC's, in the prior's order, unscored
+  return [Ranking(ranking=np.concatenate([r.ranking, others]),
+                  mean_error=np.concatenate([r.mean_error, np.full(len(others), np.nan)]),
+                  num_samples=np.concatenate([r.num_samples, np.zeros(len(others), int)]))
+          for r, others in zip(rankings, rest)]
 
 
 @dataclasses.dataclass
@@ -76,7 +100,7 @@ class EvalResult:
 def evaluate(unet: Frozen | None, schedule, contexts, batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
              cfg: DiCConfig, *, encode: Callable[[np.ndarray], np.ndarray], mesh,
              cache: ResultCache | None = None, image_ids: Sequence[str] | None = None, total: int | None = None,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, prior: np.ndarray | None = None) -> EvalResult:
   """Accuracy of the Diffusion Classifier over (uint8 images [B, R, R, 3], labels [B], dataset indices [B]) batches.
 
   `LabeledImages.batches(resolution, batch_size)` yields exactly these. Labels
@@ -84,7 +108,8 @@ def evaluate(unet: Frozen | None, schedule, contexts, batches: Iterable[tuple[np
   `latent_encoder`); every batch is padded to the first one's size so it
   compiles once. `image_ids[index]` names images in the cache (e.g.
   `labeled.ids`); by default the index itself. `total` (image count) sizes the
-  progress bar and its ETA.
+  progress bar and its ETA. `prior[index]`: the image's class ranking, for
+  `cfg.shortlist` (see `classify`).
   """
   num_classes = int(np.shape(contexts)[0])
   cfg.check(schedule.num_train_timesteps, num_classes)
@@ -114,7 +139,8 @@ def evaluate(unet: Frozen | None, schedule, contexts, batches: Iterable[tuple[np
         padded = np.concatenate([images, np.repeat(images[:1], max(first_size - len(images), 0), 0)])
         x0 = np.asarray(encode(padded))[:len(images)]
         new = classify(unet, schedule, contexts, x0[pending], indices[pending], cfg, mesh, cache,
-                       image_ids=[ids[p] for p in pending], labels=labels[pending], scorer=scorer)
+                       image_ids=[ids[p] for p in pending], labels=labels[pending], scorer=scorer,
+                       prior=None if prior is None else np.asarray(prior)[indices[pending]])
         for p, r in zip(pending, new):
           batch[p] = r
         computed += len(pending)

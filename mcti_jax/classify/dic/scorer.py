@@ -4,11 +4,11 @@ The noise of sample j of an image is normal(fold_in(fold_in(key(seed),
 image_index), j)): it depends on the image's index in the dataset, not on its
 place in a batch, the device count or the stage configuration.
 
-Speed: the [images x classes x new samples] grid of UNet calls of a stage is
-flattened, padded to a multiple of (devices x chunk), sharded over the mesh and
-run in chunks of `batch_size` per device by `lax.map`, in ONE jitted call.
-Its shapes depend only on the stage, so a whole evaluation compiles once per
-stage.
+Speed: the (image, class, sample) items of a stage or round are flattened
+and scored in jitted calls of exactly devices x batch_size items (the last
+padded), sharded over the mesh: the calls' shapes never change, so a whole
+evaluation compiles once, whatever the stages, rounds or survivors. The
+calls are dispatched back to back and read once at the end.
 """
 
 from __future__ import annotations
@@ -48,25 +48,17 @@ def sample_noise(seed, image_index, sample_id, shape) -> jax.Array:
   return jax.random.normal(key, shape, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "chunk", "error"))
+@functools.partial(jax.jit, static_argnames=("mesh", "error"))
 def _score_items(unet: Frozen, schedule, contexts, x0, image_indices, seed, item_image, item_class, item_sample,
-                 item_t, *, mesh, chunk: int, error: str):
-  """Errors [P] of P (image, class, sample) items; items sharded over the mesh, `chunk` UNet calls at a time."""
+                 item_t, *, mesh, error: str):
+  """Errors [P] of P (image, class, sample) items, sharded over the mesh: one UNet batch per device."""
 
-  def local(unet, schedule, contexts, x0, image_indices, seed, item_image, item_class, item_sample, item_t):
-    model = unet.module
-
-    def one_chunk(args):
-      b, c, j, t = args
-      x = x0[b].astype(jnp.float32)
-      noise = jax.vmap(lambda i, s: sample_noise(seed, i, s, x0.shape[1:]))(image_indices[b], j)
-      x_t = schedule.add_noise(x, noise, t)
-      prediction = model(x_t, t, contexts[c])
-      return prediction_errors(prediction, schedule.training_target(x, noise, t), error)
-
-    n = item_image.shape[0]
-    chunks = [a.reshape(n // chunk, chunk) for a in (item_image, item_class, item_sample, item_t)]
-    return jax.lax.map(one_chunk, chunks).reshape(n)
+  def local(unet, schedule, contexts, x0, image_indices, seed, b, c, j, t):
+    x = x0[b].astype(jnp.float32)
+    noise = jax.vmap(lambda i, s: sample_noise(seed, i, s, x0.shape[1:]))(image_indices[b], j)
+    x_t = schedule.add_noise(x, noise, t)
+    prediction = unet.module(x_t, t, contexts[c])
+    return prediction_errors(prediction, schedule.training_target(x, noise, t), error)
 
   shard = P(parallel.CLASS_AXIS)
   errors = jax.shard_map(local, mesh=mesh, in_specs=(P(),) * 6 + (shard,) * 4, out_specs=shard,
@@ -101,24 +93,34 @@ class Scorer:
     self.image_indices = jax.device_put(np.asarray(image_indices, np.int32), replicated)
     self.num_real = len(image_indices) if num_real is None else num_real
 
+  def flat(self, rows: np.ndarray, classes: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
+    """Errors [P] of items (image row of the batch, class, sample id), each [P]: `run_elimination`'s score_fn."""
+    rows, classes, sample_ids = (np.asarray(a, np.int32).reshape(-1) for a in (rows, classes, sample_ids))
+    items = len(rows)
+    if not items:
+      return np.zeros(0, np.float32)
+    call = self.mesh.devices.size * self.cfg.batch_size
+    padded = -(-items // call) * call
+    pad = lambda a: np.concatenate([a, np.repeat(a[:1], padded - items)])  # noqa: E731
+    items_arrays = [pad(rows), pad(classes), pad(sample_ids), pad(self.timesteps[sample_ids])]
+    sharding = parallel.class_sharding(self.mesh)
+    seed = jax.device_put(np.uint32(self.cfg.seed), parallel.replicated(self.mesh))
+    outputs = []
+    for start in range(0, padded, call):  # dispatched back to back; read once below
+      part = slice(start, start + call)
+      args = [jax.device_put(a[part], sharding) for a in items_arrays]
+      outputs.append(_score_items(self.unet, self.schedule, self.contexts, self.x0, self.image_indices, seed, *args,
+                                  mesh=self.mesh, error=self.cfg.error))
+    self.unet_evals += int(np.sum(rows < self.num_real))
+    return np.concatenate([np.asarray(e) for e in jax.device_get(outputs)])[:items]
+
   def __call__(self, classes: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
+    """Errors [B, Kc, n] of every image's classes [B, Kc] on the sample ids [n]: `run_stages`' score_fn."""
     classes, sample_ids = np.asarray(classes, np.int32), np.asarray(sample_ids, np.int32)
     num_images, num_classes = classes.shape
-    b = np.repeat(np.arange(num_images, dtype=np.int32), num_classes * len(sample_ids))
-    c = np.repeat(classes.ravel(), len(sample_ids))
-    j = np.tile(sample_ids, num_images * num_classes)
-    items = len(b)
-    devices = self.mesh.devices.size
-    chunk = min(self.cfg.batch_size, -(-items // devices))  # small grids: don't pad to a full batch
-    padded = -(-items // (devices * chunk)) * devices * chunk
-    pad = lambda a: np.concatenate([a, np.repeat(a[:1], padded - items)])
-    sharding = parallel.class_sharding(self.mesh)
-    args = [jax.device_put(pad(a), sharding) for a in (b, c, j, self.timesteps[j])]
-    seed = jax.device_put(np.uint32(self.cfg.seed), parallel.replicated(self.mesh))
-    errors = _score_items(self.unet, self.schedule, self.contexts, self.x0, self.image_indices, seed, *args,
-                          mesh=self.mesh, chunk=chunk, error=self.cfg.error)
-    self.unet_evals += self.num_real * num_classes * len(sample_ids)
-    return np.asarray(jax.device_get(errors))[:items].reshape(num_images, num_classes, len(sample_ids))
+    rows = np.repeat(np.arange(num_images, dtype=np.int32), num_classes * len(sample_ids))
+    errors = self.flat(rows, np.repeat(classes.ravel(), len(sample_ids)), np.tile(sample_ids, num_images * num_classes))
+    return errors.reshape(num_images, num_classes, len(sample_ids))
 
 
 def error_grid(unet: Frozen, schedule, contexts, x0, image_index: int, cfg: DiCConfig, mesh,

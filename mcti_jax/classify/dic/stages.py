@@ -75,19 +75,24 @@ class Ranking:
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def run_stages(score_fn: ScoreFn, num_images: int, num_classes: int, plan: Plan) -> list[Ranking]:
+def run_stages(score_fn: ScoreFn, num_images: int, num_classes: int, plan: Plan,
+               candidates: np.ndarray | None = None) -> list[Ranking]:
   """The adaptive stages for a batch of images; `score_fn` is asked only for samples not scored before.
 
-  Pure numpy around the scorer, so it can be tested on a hand-made error table.
-  Means are taken in float64; NaN errors rank last.
+  `candidates` [B, m]: the classes each image starts from (default: all); a
+  stage then keeps at most m. Pure numpy around the scorer, so it can be
+  tested on a hand-made error table. Means are taken in float64; NaN errors
+  rank last.
   """
-  if plan.keep[0] > num_classes:
-    raise ValueError(f"keep={plan.keep} keeps {plan.keep[0]} classes of only {num_classes}")
+  if candidates is None:
+    if plan.keep[0] > num_classes:
+      raise ValueError(f"keep={plan.keep} keeps {plan.keep[0]} classes of only {num_classes}")
+    candidates = np.tile(np.arange(num_classes), (num_images, 1))
   rows = np.arange(num_images)[:, None]
   errors = np.full((num_images, num_classes, len(plan.timesteps)), np.nan)
-  candidates = np.tile(np.arange(num_classes), (num_images, 1))
   dropped = []  # per stage: (classes, means, count), each [B, dropped]
   for keep, new, scored in zip(plan.keep, plan.new, plan.scored):
+    keep = min(keep, candidates.shape[1])
     if len(new):
       e = np.asarray(score_fn(candidates, new), np.float64)
       if e.shape != (num_images, candidates.shape[1], len(new)):
