@@ -69,10 +69,15 @@ def scheduler_config() -> schedule.SchedulerConfig:
 # ------------------------------------------------------------------ our models
 
 
+def create(build: Callable[[], nnx.Module], seed: int, abstract: bool = False) -> nnx.Module:
+  """Random weights, or with `abstract` only their shapes and dtypes (`nnx.eval_shape`: nothing is allocated)."""
+  return nnx.eval_shape(build) if abstract else init.create(build, seed)
+
+
 def jax_unet(config: unet.UNetConfig, dtype: str, seed: int = 0, *, param_dtype: str | None = None,
-             remat: bool = False) -> unet.UNet2DConditionModel:
+             remat: bool = False, abstract: bool = False) -> unet.UNet2DConditionModel:
   kw = dict(dtype=pipeline.dtype_of(dtype), param_dtype=pipeline.dtype_of(param_dtype or dtype))
-  return init.create(lambda: unet.UNet2DConditionModel(config, remat=remat, rngs=nnx.Rngs(0), **kw), seed)
+  return create(lambda: unet.UNet2DConditionModel(config, remat=remat, rngs=nnx.Rngs(0), **kw), seed, abstract)
 
 
 def jax_vae(config: vae.VAEConfig, dtype: str, seed: int = 0) -> vae.AutoencoderKL:
@@ -81,15 +86,17 @@ def jax_vae(config: vae.VAEConfig, dtype: str, seed: int = 0) -> vae.Autoencoder
 
 
 def jax_text(config: clip.CLIPTextConfig, dtype: str, seed: int = 0, *, param_dtype: str | None = None,
-             eos_token_id: int | None = None) -> clip.CLIPTextModel:
+             eos_token_id: int | None = None, abstract: bool = False) -> clip.CLIPTextModel:
   """`eos_token_id`: the tokenizer's EOS, which SD 1.5's legacy config does not give (clip.py's "Pooling trap")."""
   kw = dict(dtype=pipeline.dtype_of(dtype), param_dtype=pipeline.dtype_of(param_dtype or dtype))
-  return init.create(lambda: clip.CLIPTextModel(config, eos_token_id=eos_token_id, rngs=nnx.Rngs(0), **kw), seed)
+  return create(lambda: clip.CLIPTextModel(config, eos_token_id=eos_token_id, rngs=nnx.Rngs(0), **kw), seed,
+                abstract)
 
 
-def jax_clip(config: clip.CLIPConfig, dtype: str, seed: int = 0, *, param_dtype: str | None = None) -> clip.CLIPModel:
+def jax_clip(config: clip.CLIPConfig, dtype: str, seed: int = 0, *, param_dtype: str | None = None,
+             abstract: bool = False) -> clip.CLIPModel:
   kw = dict(dtype=pipeline.dtype_of(dtype), param_dtype=pipeline.dtype_of(param_dtype or dtype))
-  return init.create(lambda: clip.CLIPModel(config, rngs=nnx.Rngs(0), **kw), seed)
+  return create(lambda: clip.CLIPModel(config, rngs=nnx.Rngs(0), **kw), seed, abstract)
 
 
 # ------------------------------------------------------------------ torch twins
