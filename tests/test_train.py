@@ -1,6 +1,7 @@
 """The vectorised trainer on tiny random models and 8 simulated CPU devices."""
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -411,6 +412,8 @@ def test_reg_gradient_reaches_the_tokens(tiny_checkpoint, tmp_path):
   shared = backbone
   assert shared.text_shared
   other = nnx.clone(setup.clip)
+  other.text_model.config = dataclasses.replace(other.text_model.config, bos_token_id=0, eos_token_id=2)
+  assert clip_lib.same_text_tower(setup.sd.text_encoder, other)  # SD 1.5's legacy ids: the pooling id decides
   other.text_model.final_layer_norm.bias.value += 1e-3
   assert not clip_lib.same_text_tower(setup.sd.text_encoder, other)
 

@@ -335,15 +335,19 @@ class CLIPTextModel(nnx.Module):
 
 
 def same_text_tower(text_encoder: CLIPTextModel, clip: CLIPModel) -> bool:
-  """Whether `clip`'s text tower IS `text_encoder`: the same config, EOS id and weights (by content hash).
+  """Whether `clip`'s text tower IS `text_encoder`: the same computation, pooling id and weights (by content hash).
 
   SD 1.x's text encoder is CLIP ViT-L/14's text tower. Then the CLIP text
   feature of a prompt is the text encoder's pooled output times CLIP's
-  text_projection, and MC-TI need not run the transformer twice.
+  text_projection, and MC-TI need not run the transformer twice. Only the
+  config fields that change the computation are compared (SD 1.5's config
+  has the legacy bos/eos ids 0/2, CLIP's may not; both pool at the
+  tokenizer's EOS, which `eos_token_id` holds); the hash covers the shapes.
   """
   from mcti_jax.models.frozen import content_hash
   a, b = text_encoder.text_model, clip.text_model
-  if a.config != b.config or a.eos_token_id != b.eos_token_id:
+  computation = lambda c: (c.num_attention_heads, c.hidden_act, c.layer_norm_eps)  # noqa: E731
+  if computation(a.config) != computation(b.config) or a.eos_token_id != b.eos_token_id:
     return False
   return content_hash(nnx.state(a)) == content_hash(nnx.state(b))
 
