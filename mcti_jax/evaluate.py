@@ -86,15 +86,8 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
       todo = [name for name in evals if (name, n_shots, seed) not in done]
       if not todo:
         continue
-      tcfg = _train_config(config, n_shots, seed)
-      log(f"== {n_shots}-shot, seed {seed}: training {tcfg.workdir}")
-      trained = train.train(tcfg, log=log)
-      if models is None:  # once for the whole evaluation
-        models = evaluators.Models.load(config.train, trained.num_classes, log)
-      test = test_images(config, trained)
-      features = _test_features(models, test, tcfg.data.resolution, features_cache)
-      cell = evaluators.Cell(models=models, result=trained, train_config=tcfg, test=test, test_features=features,
-                             out_dir=workdir, n_shots=n_shots, seed=seed)
+      cell = make_cell(config, n_shots, seed, models, features_cache, log)
+      models, trained = cell.models, cell.result
       for name in todo:
         out = evals[name].run(cell, name)
         if isinstance(out, dict):  # a retrieval evaluator: its metrics are the row (no classification report)
@@ -122,6 +115,23 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
   if not main:
     return {"results": results, "table": None, "figures": {}}
   return write_reports(workdir, results, config, pca_features)
+
+
+def make_cell(config: ml_collections.ConfigDict, n_shots: int, seed: int, models: evaluators.Models | None = None,
+              features_cache: dict | None = None, log: Callable[[str], None] = print) -> evaluators.Cell:
+  """Train (or resume) the (N-shot, seed) run of `config` and gather what its evaluators share.
+
+  Pass the `models` and `features_cache` of an earlier cell to load and encode once.
+  """
+  tcfg = _train_config(config, n_shots, seed)
+  log(f"== {n_shots}-shot, seed {seed}: training {tcfg.workdir}")
+  trained = train.train(tcfg, log=log)
+  if models is None:
+    models = evaluators.Models.load(config.train, trained.num_classes, log)
+  test = test_images(config, trained)
+  features = _test_features(models, test, tcfg.data.resolution, {} if features_cache is None else features_cache)
+  return evaluators.Cell(models=models, result=trained, train_config=tcfg, test=test, test_features=features,
+                         out_dir=Path(config.workdir), n_shots=n_shots, seed=seed)
 
 
 def _retrieval_line(row: dict) -> str:

@@ -155,6 +155,7 @@ def test_stages_keep_the_right_classes_break_ties_by_index_and_reuse_samples():
   np.testing.assert_array_equal(rankings[1].ranking, [2, 3, 0, 4, 1, 5])
   np.testing.assert_array_equal(rankings[0].num_samples, [6, 6, 4, 4, 2, 2])
   np.testing.assert_allclose(rankings[0].mean_error, [1.25 / 3, 1.25 / 3, 0.5625, 0.75, 0.875, 1.0])
+  assert dic.stage_calls(plan, 6) == sum(c.shape[1] * len(ids) for c, ids in calls) == 6 * 2 + 4 * 2 + 2 * 2
 
 
 def test_preset_plans_compute_every_sample_once():
@@ -166,6 +167,9 @@ def test_preset_plans_compute_every_sample_once():
   pets = dic.make_plan(dic.preset("pets"), 1000)
   assert [len(n) for n in pets.new] == [25, 225]
   np.testing.assert_array_equal(pets.timesteps, 2 + 4 * np.arange(250))
+  # UNet calls per image, by hand: pets at 37 classes, imagenet at 1000.
+  assert dic.stage_calls(pets, 37) == 37 * 25 + 5 * 225 == 2050
+  assert dic.stage_calls(imagenet, 1000) == 1000 * 50 + 500 * 100 + 50 * 400 + 10 * 450 == 124_500
 
 
 # ---------------------------------------------------- sequential elimination

@@ -110,7 +110,7 @@ def tiny_eval(tiny_checkpoint, tmp_path_factory):
   config.workdir = str(workdir)
   config.n_shots, config.seeds = (1,), (1, 2)
   config.evals.mcti_coop.steps = 3
-  config.evals.dic_zeroshot.max_images = config.evals.dic_fewshot.max_images = 6
+  config.evals.dic_zeroshot.max_images = config.evals.dic_fewshot.max_images = config.evals.dic_fast.max_images = 6
   return evaluate.run(config, log=lambda _: None), workdir, config
 
 
@@ -121,6 +121,9 @@ def test_eval_writes_every_artefact(tiny_eval):
     assert (workdir / name).is_file(), name
   rows = json.loads((workdir / "results.json").read_text())["rows"]
   assert sorted((r["method"], r["seed"]) for r in rows) == sorted((m, s) for m in config.evals for s in (1, 2))
+  for r in rows:  # the token head's shortlist of 3: at most 3 classes x the budget of 8 samples per image
+    if r["method"] == "dic_fast":
+      assert 0 < r["unet_evals"] <= r["num_computed"] * 3 * 8
   head = workdir / "heads" / "mcti" / "1shot_seed2"
   names = json.loads((head / "classes.json").read_text())["class_names"]
   assert (head / "linear_head.safetensors").is_file() and names[3] == "three"

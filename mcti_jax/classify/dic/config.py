@@ -95,6 +95,9 @@ class DiCConfig:
     if num_train_timesteps is not None and self.max_samples > num_train_timesteps:
       raise ValueError(f"DiC samples={self.samples}: at most num_train_timesteps={num_train_timesteps} samples "
                        "(one per timestep)")
+    if self.strategy == "eliminate" and self.min_samples > self.max_samples:
+      raise ValueError(f"DiC min_samples={self.min_samples} is more than the budget of {self.max_samples} samples "
+                       "(samples[-1]): nothing would ever be tested; lower min_samples or raise samples")
     if num_classes is not None:
       if num_classes < 1:
         raise ValueError("no classes to choose from: the conditioning contexts are empty")

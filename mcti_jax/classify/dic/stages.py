@@ -91,7 +91,10 @@ def run_stages(score_fn: ScoreFn, num_images: int, num_classes: int, plan: Plan,
   rows = np.arange(num_images)[:, None]
   errors = np.full((num_images, num_classes, len(plan.timesteps)), np.nan)
   dropped = []  # per stage: (classes, means, count), each [B, dropped]
+  survivor_means, survivor_count = np.full(candidates.shape, np.nan), 0
   for keep, new, scored in zip(plan.keep, plan.new, plan.scored):
+    if candidates.shape[1] == 1:  # decided (a shortlist of one, or kept to one early): nothing left to score
+      break
     keep = min(keep, candidates.shape[1])
     if len(new):
       e = np.asarray(score_fn(candidates, new), np.float64)
@@ -103,11 +106,17 @@ def run_stages(score_fn: ScoreFn, num_images: int, num_classes: int, plan: Plan,
     order = np.stack([np.lexsort((c, m)) for c, m in zip(candidates, means)])  # by mean, then class index
     ranked, ranked_means = np.take_along_axis(candidates, order, 1), np.take_along_axis(means, order, 1)
     dropped.append((ranked[:, keep:], ranked_means[:, keep:], len(scored)))
-    candidates, survivor_means = ranked[:, :keep], ranked_means[:, :keep]
+    candidates, survivor_means, survivor_count = ranked[:, :keep], ranked_means[:, :keep], len(scored)
   out = []
   for b in range(num_images):
-    parts = [(candidates[b], survivor_means[b], len(plan.scored[-1]))] + [(c[b], m[b], n) for c, m, n in dropped[::-1]]
+    parts = [(candidates[b], survivor_means[b], survivor_count)] + [(c[b], m[b], n) for c, m, n in dropped[::-1]]
     out.append(Ranking(ranking=np.concatenate([c for c, _, _ in parts]),
                        mean_error=np.concatenate([m for _, m, _ in parts]),
                        num_samples=np.concatenate([np.full(len(c), n) for c, _, n in parts])))
   return out
+
+
+def stage_calls(plan: Plan, num_classes: int) -> int:
+  """UNet calls per image of the stage schedule on K classes: each stage's new samples for the classes entering it."""
+  entering = (num_classes, *plan.keep[:-1])
+  return int(sum(k * len(new) for k, new in zip(entering, plan.new)))
