@@ -9,9 +9,10 @@ training needs) once with `MCTI_ATTENTION=xla` and once with `auto`. Reports
 the cuDNN attention calls in each compiled program, the largest difference of
 the outputs and gradients (relative to their spread), the programs' temporary
 memory, and the seconds per call. On a CPU `auto` is XLA, so both are equal.
-On a TPU `auto` runs self-attention on the Pallas flash kernel (not counted
-as cuDNN calls). The other settings (`cudnn`, `pallas`, `pallas_interpret`)
-are described in `mcti_jax/models/attention.py`.
+On a TPU `auto` runs self-attention on the Pallas flash kernel (counted as
+`pallas_attention_calls`: the program's `tpu_custom_call`s). The other
+settings (`cudnn`, `pallas`, `pallas_interpret`) are described in
+`mcti_jax/models/attention.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from mcti_jax.models.frozen import freeze
 
 
 def compiled_for(setting: str, inputs: tuple):
-  """(cuDNN attention calls, the compiled forward + context-gradient program) under MCTI_ATTENTION=setting."""
+  """(fused attention calls: cuDNN's and Pallas TPU kernels', the compiled forward + context-gradient program) under
+  MCTI_ATTENTION=setting."""
   os.environ["MCTI_ATTENTION"] = setting
 
   def loss(context, unet, x, t):
@@ -37,7 +39,8 @@ def compiled_for(setting: str, inputs: tuple):
     return jnp.mean(out.astype(jnp.float32) ** 2), out
 
   lowered = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(*inputs)
-  return lowered.as_text().count("__cudnn$fmha"), lowered.compile()
+  text = lowered.as_text()
+  return {"cudnn": text.count("__cudnn$fmha"), "pallas_tpu": text.count("tpu_custom_call")}, lowered.compile()
 
 
 def main(argv=None) -> dict:
@@ -63,7 +66,7 @@ def main(argv=None) -> dict:
   results = {}
   for setting in ("xla", "auto"):
     t0 = time.perf_counter()
-    cudnn_calls, program = compiled_for(setting, inputs)
+    fused_calls, program = compiled_for(setting, inputs)
     compile_s = time.perf_counter() - t0
     (_, out), grad = program(*inputs)
     common.block(grad)
@@ -71,7 +74,7 @@ def main(argv=None) -> dict:
     memory = program.memory_analysis()
     results[setting] = (np.asarray(out, np.float32), np.asarray(grad, np.float32))
     report[setting] = {
-        "cudnn_attention_calls": cudnn_calls,
+        "cudnn_attention_calls": fused_calls["cudnn"], "pallas_attention_calls": fused_calls["pallas_tpu"],
         "compile_s": common.rounded(compile_s), "mean_s": common.rounded(float(np.mean(times))),
         "temp_gb": common.rounded(memory.temp_size_in_bytes / 1e9) if memory is not None else None}
   for i, name in enumerate(("output", "context_grad")):
