@@ -145,7 +145,7 @@ def plot(rows: list[dict], summary: list[dict], path: Path, title: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(8, 5))
+  fig, ax = plt.subplots(figsize=(11, 5))
   for i, s in enumerate(summary):
     mine = [r for r in rows if r["variant"] == s["variant"]]
     color = f"C{i % 10}"
@@ -158,7 +158,7 @@ def plot(rows: list[dict], summary: list[dict], path: Path, title: str) -> None:
   ax.set_ylabel("top-1 accuracy (%)")
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc="lower right")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.tight_layout()
   tmp = path.with_suffix(".tmp.png")
   fig.savefig(tmp, dpi=120)
@@ -213,8 +213,8 @@ def main(argv=None) -> None:
   os.replace(tmp, out.with_suffix(".json"))
   images = sum(info["test_images"] for info in infos.values())
   plot(rows, summary, out.with_suffix(".png"),
-       f"Diffusion Classifier on the tiny model: {images} (image, seed) pairs, seeds {args.seeds}"
-       f"{' (disjoint images)' if args.disjoint else ''}, {args.n_shots}-shot {args.phase} tokens")
+       f"DiC on the tiny model: {images} (image, seed) pairs, seeds {args.seeds}"
+       f"{' (disjoint images)' if args.disjoint else ''},\n{args.n_shots}-shot {args.phase} tokens")
   print(table(summary))
   print("analytic UNet calls per image of the DiC schedules:", json.dumps(report["analytic_calls"]))
   print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')} in {report['wall_s']:.0f} s")
