@@ -2,6 +2,7 @@
 
   mcti eval --config configs/eval.py:pets --config.train.data.data_dir=~/tensorflow_datasets
   mcti eval --config configs/eval.py:tiny      # the embedded tiny model; CPU, minutes
+  mcti eval --config configs/eval.py:synthetic --config.train.data.num_classes=1024   # scale, no accuracy claim
 
 `train` is the training config of configs/mcti.py with the same preset; each
 (N, seed) trains into <workdir>/<N>shot/seed<seed> (resumable) and is scored
@@ -27,9 +28,10 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.n_shots = (1, 2, 4, 8, 16)
   c.seeds = (1, 2, 3)
   c.class_groups = ml_collections.ConfigDict()  # name -> class indices, reported separately (e.g. known/unknown)
+  small = arg in ("tiny", "synthetic")  # the embedded tiny model
   names = "a photo of the digit {}" if arg == "tiny" else "a photo of a {}"  # zero-shot prompts of the class names
-  dic = dict(type="dic", preset=arg if arg in DIC_PRESETS + ("tiny",) else "pets", error="",
-             max_images=100 if arg == "tiny" else 200)
+  dic = dict(type="dic", preset="tiny" if small else arg if arg in DIC_PRESETS else "pets", error="",
+             max_images=100 if small else 200)
   # One row per evaluator; rows run and are shown in this order. T1 = "a photo of a S" (see classify/clip_head.py).
   c.evals = ml_collections.ConfigDict()
   c.evals.ti = dict(type="clip_tokens", label="TI", phase="ti", template="T1", ensemble=False)
@@ -44,9 +46,10 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   # elimination decides among them (benchmarks/dic_efficiency.py: ~8x fewer calls than pets' stages on the tiny model).
   c.evals.dic_fast = dict(dic, label="DiC few-shot, head top-3 + elimination", tokens="mcti",
                           template="a photo of a {}", shortlist=3, strategy="eliminate",
-                          **(dict(round_samples=2, min_samples=4) if arg == "tiny" else {}))
-  if arg == "tiny":
+                          **(dict(round_samples=2, min_samples=4) if small else {}))
+  if small:
     c.n_shots = (5,)
+  if arg == "tiny":
     c.class_groups.known = (0, 1, 2, 3, 4)
     c.class_groups.unknown = (5, 6, 7, 8, 9)
   return c

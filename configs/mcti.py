@@ -3,6 +3,7 @@
   mcti train --config configs/mcti.py:pets --config.data.data_dir=~/tensorflow_datasets
   mcti train --config configs/mcti.py:folder --config.data.root=/data/birds --config.tokens.init_word=bird
   mcti train --config configs/mcti.py:tiny     # the embedded tiny model (see `mcti pretrain-tiny`); CPU, minutes
+  mcti train --config configs/mcti.py:synthetic --config.data.num_classes=1024   # scale on CPU (no accuracy claim)
 
 The argument after ':' picks a dataset preset. Real presets expect Stable
 Diffusion 1.5 (`model.sd_path`) and CLIP ViT-L/14 (`model.clip_path`): local
@@ -53,7 +54,7 @@ PRESETS = {
     "fractal": dict(source="folder", init_word="fractal", template="{} fractal."),
     "corn_seed": dict(source="folder", init_word="seed", template="A photo of {} corn seed."),
 }
-PRESET_NAMES = (*PRESETS, "folder", "tiny")  # what may follow ':'; `mcti train --help` lists them
+PRESET_NAMES = (*PRESETS, "folder", "tiny", "synthetic")  # what may follow ':'; `mcti train --help` lists them
 
 
 def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
@@ -70,7 +71,7 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.model.remat = False  # gradient checkpointing in the UNet (full-size models on small memory)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds"  # tfds | folder | digits | split_file
+  c.data.source = "tfds"  # tfds | folder | digits | split_file | synthetic
   c.data.name = ""
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
   c.data.train_split = "train"
@@ -110,6 +111,10 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.phase.mcti = methods.phase("mcti", steps=100, lr=5e-4, alpha=1.0, beta=1.0, scale=10.0)
   c.batch_per_class = 1
   c.grad_accum = 1
+  # Classes per pass of the step on each device (mcti_jax/class_chunks.py): 0 runs all of a device's classes at
+  # once; c > 0 runs them in passes of c inside the one compiled step, so memory stays flat in K (hundreds to
+  # thousands of classes); "auto" picks the largest c that fits the accelerator's memory. Results don't depend on it.
+  c.class_chunk = ml_collections.FieldReference(0, field_type=object)
 
   # The frozen classifier of methods that learn from one (DCT; mcti_jax/classifiers/): type file (a folder of
   # classifier.json + classifier.safetensors), clip_zeroshot (clip_path, class_names, template) or clip_tokens
@@ -137,6 +142,8 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
     c.data.source = "folder"
   elif arg == "tiny":
     _tiny(c)
+  elif arg == "synthetic":
+    _synthetic(c)
   else:
     raise ValueError(f"unknown preset {arg!r}; choose one of {', '.join(PRESET_NAMES)}")
   return c
@@ -172,3 +179,15 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.phase.ti.lr = c.phase.mcti.lr = 2e-3
   c.phase.mcti.beta = 0.0075
   c.checkpoint_every = 100
+
+
+def _synthetic(c: ml_collections.ConfigDict) -> None:
+  """The tiny model on K procedurally distinct classes (mcti_jax/data/synthetic.py): memory, throughput and DiC calls
+  against K, on CPU, in minutes. It makes no accuracy claim: the tiny models never saw such images."""
+  _tiny(c)
+  c.data.source = "synthetic"
+  c.data.num_classes = 64  # K; e.g. --config.data.num_classes=1024
+  c.data.class_names = None  # "class0000", ... from the source
+  c.tokens.label_words = ()
+  c.phase.ti.steps, c.phase.mcti.steps = 20, 10
+  c.checkpoint_every = 10

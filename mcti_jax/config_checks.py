@@ -7,7 +7,7 @@ half a run behind. Each bad value is one ConfigError naming the field.
 
 from __future__ import annotations
 
-from mcti_jax import phases
+from mcti_jax import class_chunks, phases
 from mcti_jax.errors import ConfigError
 from mcti_jax.runs import config_value as _get
 
@@ -15,7 +15,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.pooling": ("eos", "argmax"),
     "tokens.init": ("word", "random", "texts", "label", "caption"),
-    "data.source": ("folder", "split_file", "tfds", "digits"),
+    "data.source": ("folder", "split_file", "tfds", "digits", "synthetic"),
 }
 AT_LEAST_1 = ("checkpoint_every", "log_every", "batch_per_class", "grad_accum", "data.n_shots", "data.resolution",
               "tokens.num_vectors", "mesh.data")
@@ -42,6 +42,8 @@ def _problems(config):
   for name, choices in CHOICES.items():
     if _get(config, name) not in choices:
       yield name, "one of " + ", ".join(choices)
+  if (want := class_chunks.problem(_get(config, "class_chunk"))) is not None:
+    yield "class_chunk", want
   data, batch = _get(config, "mesh.data"), _get(config, "batch_per_class")
   if _is_int(data) and _is_int(batch) and data > 1 and batch % data:
     yield "mesh.data", f"a divisor of batch_per_class={batch}: each of its devices draws an equal slice of a class's batch"

@@ -35,8 +35,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mcti_jax import (conditioning, config_checks, distributed, export, generate, parallel, phases, plots, runs,
-                      subspace, token_init)
+from mcti_jax import (class_chunks, conditioning, config_checks, distributed, export, generate, parallel, phases,
+                      plots, runs, subspace, token_init)
 from mcti_jax import data as D
 from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax import tokens as tok
@@ -82,7 +82,8 @@ class Setup:
   class_tokens: tok.ClassTokens
   template_ids: dict[str, np.ndarray]  # per phase: [T, L] prompt ids of its templates ([K', T, L] per class, with
                                        # "{name}" or when classes use different numbers of vectors)
-  shots: D.FewShot | None  # this process's classes' shots (all, with one process); None when no phase trains on shots
+  shots: D.FewShot | None  # this process's classes' shots (all, with one process), read on demand; None when no phase
+                           # trains on shots
   shot_positions: np.ndarray | None  # [K, N] every class's shots' positions in the source
   shots_manifest: dict[str, Any] | None  # which images every class's shots are (export manifests record it)
   data: ShotData
@@ -111,6 +112,10 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   config_checks.check_train_config(config)
   plan = phases.plan(config)
   mesh = parallel.make_mesh(config.num_devices, data=config.mesh.data)
+  if config.class_chunk == class_chunks.AUTO and class_chunks.device_memory(mesh.local_devices) is None:
+    raise ConfigError(f"config.class_chunk='auto' fits the classes per pass to the device's memory, but the "
+                      f"{mesh.devices.flat[0].platform} backend does not report it; set --config.class_chunk=N, "
+                      "a number of classes per pass (memory grows with N; 0 runs all of a device's classes at once)")
   if config.mesh.data > 1 and (draws := [p.name for p in plan if hasattr(p.method, "class_terms")]):
     raise ConfigError(f"mesh.data={config.mesh.data} splits a class's per-class batch of shots, but phase(s) "
                       f"{draws} draw their own images instead; train them with mesh.data=1")
@@ -134,21 +139,26 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   def sharded(local_rows: np.ndarray) -> jax.Array:
     return parallel.shard_by_class(parallel.pad_rows(local_rows, len(local)), mesh, num_padded)
 
-  shots, data_fingerprint, shot_positions, shots_manifest = None, None, None, None
+  loads_clip = needs_clip or config.tokens.init == "label"  # a label is CLIP's zero-shot pick on the shots
+  shots, data_fingerprint, shot_positions, shots_manifest, cache_key, cache_digests = (None,) * 6
   if uses_shots:
+    # References only: the pixels are read a chunk of classes at a time, here to hash them and after the models
+    # load to encode the classes missing from the cache, so host memory is flat in K.
     shots = D.sample_few_shot(labeled, config.data.n_shots, config.data.shot_seed, class_indices=local_real,
-                              resolution=config.data.resolution)
+                              resolution=config.data.resolution, load=False)
     everyone = np.arange(num_classes)  # named, not loaded: each process loads only its own classes' images
     shot_positions = D.choose_shots(labeled, config.data.n_shots, config.data.shot_seed, everyone)
     shots_manifest = D.shots_manifest(labeled, shot_positions, config.data.shot_seed, everyone)
-    local_digests = runs.shot_digests(shots.class_names, shots.shot_ids, shots.shots)
+    cache_key = {"sd": runs.fingerprint(config.model.sd_path),
+                 "clip": runs.fingerprint(config.model.clip_path) if loads_clip else None,
+                 "dtype": config.model.dtype, "source": labeled.source, "resolution": config.data.resolution}
+    local_digests, cache_digests = _hash_shots(shots, cache_key, config.data.flip)
     digests = np.asarray(replicate(sharded(local_digests)))[:num_classes]  # gathered: every process's classes
     data_fingerprint = runs.data_fingerprint(digests)
   log(f"{num_classes} classes" + (f" x {config.data.n_shots} shots at {config.data.resolution}px" if uses_shots
                                   else " (no shots: generations judged by the classifier)")
       + f" on {mesh.devices.size} device(s){_mesh_text(mesh)} ({num_padded - num_classes} padded classes)")
   captions = _check_token_init(config, plan, class_names, uses_shots)
-  loads_clip = needs_clip or config.tokens.init == "label"  # a label is CLIP's zero-shot pick on the shots
   signature = runs.signature(config, num_classes=num_classes, data=data_fingerprint,
                              sd=runs.weights_fingerprint(config.model.sd_path),
                              clip=runs.weights_fingerprint(config.model.clip_path) if loads_clip else None,
@@ -174,12 +184,9 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
     if needs_clip:
       _check_same_token_space(sd, clip_model, clip_tokenizer)
 
-  if uses_shots:
-    cache_key = {"sd": runs.fingerprint(config.model.sd_path),
-                 "clip": runs.fingerprint(config.model.clip_path) if loads_clip else None,
-                 "dtype": config.model.dtype, "source": labeled.source, "resolution": config.data.resolution}
-    encoded = D.encode_cached(shots, make_encoder(sd, clip_model), config.data.cache_dir, cache_key,
-                              flip=config.data.flip)
+  if uses_shots:  # reads again only the shots of classes missing from the cache
+    encoded = D.encode_by_class(shots, make_encoder(sd, clip_model), config.data.cache_dir, cache_key,
+                                flip=config.data.flip, digests=cache_digests)
     if not config.data.flip:  # a flip axis of size 1 keeps one code path
       encoded = {k: v[:, :, None] for k, v in encoded.items()}
   else:  # nothing to encode; the step's shot arguments are placeholders
@@ -211,6 +218,17 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
           if in_subspace else None)
   return Setup(config, plan, mesh, sd, clip_model, class_names, class_tokens, template_ids, shots, shot_positions,
                shots_manifest, data, classifier, targets, init_tokens, signature, span)
+
+
+def _hash_shots(shots: D.FewShot, cache_key: dict[str, Any], flip: bool) -> tuple[np.ndarray, list[str]]:
+  """Per class, reading a chunk of classes at a time: the run's shot digests (runs.shot_digests, uint8 [K, 32]) and
+  its encoding cache entries' (D.class_digest)."""
+  run_rows, cache_rows = [np.zeros((0, 32), np.uint8)], []
+  for rows, pixels in shots.chunks():
+    run_rows.append(runs.shot_digests([shots.class_names[r] for r in rows], [shots.shot_ids[r] for r in rows],
+                                      pixels))
+    cache_rows += [D.class_digest(cache_key, flip, shots.shot_ids[r], p) for r, p in zip(rows, pixels)]
+  return np.concatenate(run_rows), cache_rows
 
 
 def _mesh_text(mesh) -> str:
@@ -333,23 +351,35 @@ def make_backbone(setup: Setup) -> Backbone:
                   shift_factor=sd.vae.config.shift_factor, **extra)
 
 
-def step_config(setup: Setup, phase: phases.Phase) -> StepConfig:
+def step_config(setup: Setup, phase: phases.Phase, class_chunk: int = 0) -> StepConfig:
   c = setup.config
   return StepConfig(method=phase.method, settings=frozen_settings(phase.method_settings),
                     first_placeholder_id=int(setup.class_tokens.ids[0, 0]), num_vectors=setup.class_tokens.num_vectors,
                     num_train_timesteps=int(setup.sd.schedule.num_train_timesteps), pooling=c.model.pooling,
                     batch_per_class=c.batch_per_class, grad_accum=c.grad_accum,
                     latent_shape=generate.latent_shape(setup.sd), subspace=phase.settings.subspace,
-                    data_shards=parallel.data_size(setup.mesh))
+                    data_shards=parallel.data_size(setup.mesh), class_chunk=class_chunk)
 
 
 def compile_step(setup: Setup, phase: phases.Phase, optimizer, state: TrainState, backbone: Backbone, template_ids,
-                 clock) -> jax.stages.Compiled:
+                 clock, class_chunk: int = 0) -> jax.stages.Compiled:
   """The phase's training step, compiled for `state` (its structure and shardings); it donates the state."""
   return jax.jit(
-      functools.partial(train_step, cfg=step_config(setup, phase), optimizer=optimizer, mesh=setup.mesh),
+      functools.partial(train_step, cfg=step_config(setup, phase, class_chunk), optimizer=optimizer, mesh=setup.mesh),
       donate_argnums=(0,), out_shardings=(_state_shardings(state, setup), parallel.replicated(setup.mesh))
   ).lower(state, setup.data, backbone, template_ids, *clock).compile()
+
+
+def compile_chunked_step(setup: Setup, phase: phases.Phase, optimizer, state: TrainState, backbone: Backbone,
+                         template_ids, clock, log) -> jax.stages.Compiled:
+  """compile_step at config.class_chunk; for "auto", at the largest chunk that fits the device (class_chunks.py)."""
+  chunk = setup.config.class_chunk
+  compile_at = lambda c: compile_step(setup, phase, optimizer, state, backbone, template_ids, clock, c)  # noqa: E731
+  if chunk != class_chunks.AUTO:
+    return compile_at(chunk)
+  limit = class_chunks.device_memory(setup.mesh.local_devices)
+  per_device = setup.num_padded // setup.mesh.shape[parallel.CLASS_AXIS]
+  return class_chunks.choose(compile_at, per_device, limit, log=lambda line: log(f"{phase.name}: {line}"))[1]
 
 
 def step_offset(phase: phases.Phase) -> jax.Array:
@@ -365,8 +395,9 @@ class TrainResult:
   """What a finished run hands to evaluation: its tokens and what they were learned from.
 
   tokens[phase] [K, V, D] are also in exports[phase] (export/<phase>/); shot_features [K, N, P] are the CLIP
-  image features of the (unflipped) shots where a method needed CLIP, else None. `shots` holds the images of this
-  process's classes (every class with one process); shot_positions [K, N] says where every class's shots are.
+  image features of the (unflipped) shots where a method needed CLIP, else None. `shots` reads the images of this
+  process's classes (every class with one process) on demand; shot_positions [K, N] says where every class's shots
+  are.
   """
   workdir: Path
   class_names: tuple[str, ...]
@@ -476,8 +507,8 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
       log(f"compiling the {phase.name} step ({phase.settings.method}) ...")  # minutes for SD on a GPU
       t = time.time()
       template = state if phase is phase_at(start) else begin(state, phase, state.tokens)  # its state structure
-      compiled[key] = compile_step(setup, phase, optimizers[phase.name], template, backbone, template_ids[phase.name],
-                                   clocks[phase.name])
+      compiled[key] = compile_chunked_step(setup, phase, optimizers[phase.name], template, backbone,
+                                           template_ids[phase.name], clocks[phase.name], log)
       log(f"compiled the {phase.name} step in {time.time() - t:.0f} s")
     steps[phase.name] = compiled[key]
   if stop.agreed() is not None and start < total:

@@ -23,6 +23,11 @@ in the same compiled step. In a phase with `subspace=True` the state holds
 the tokens' coordinates in the span of chosen words (subspace.py); the
 loss sees the vectors they map to, so the gradient is the coordinates'.
 
+With `class_chunk` = c (class_chunks.py) a device runs its classes in passes
+of c inside the step (`lax.map`), so its memory is that of c classes for any
+K; a cross-class method's targets (its noises: no UNet call) are drawn for
+every class before the passes, so each pass still sees every class's items.
+
 On a (classes, data) mesh (parallel.py) the devices of a class shard each
 draw their slice of every class's batch (the same items as on a 1-D mesh);
 the terms are averaged over the slices before the loss, and the gradient is
@@ -144,6 +149,7 @@ class StepConfig:
   latent_shape: tuple[int, ...] = ()
   subspace: bool = False  # the state holds coordinates in backbone.subspace, not vectors
   data_shards: int = 1  # devices that split a class's batch (the mesh's data axis)
+  class_chunk: int = 0  # classes per pass on a device (0: all of its classes in one pass)
 
 
 class Settings:
@@ -163,12 +169,10 @@ def make_optimizer(lr: float, weight_decay: float = 1e-2) -> optax.GradientTrans
   return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
 
 
-def sample_item(key, k, vectors, backbone: Backbone, latent_mean, latent_logvar, template_ids,
-                cfg: StepConfig) -> Item:
-  """Draw one (shot, flip, t, noise, template) of class k and run the frozen text encoder and UNet on it."""
+def draw_item(key, k, latent_mean, latent_logvar, template_ids, backbone: Backbone, cfg: StepConfig):
+  """Class k's draw of one item: a shot, flip, t, noise and template; the noised latent and what the UNet should
+  predict. No network runs, so cross-class methods can draw every class's targets before the UNet passes."""
   num_shots, num_flips = latent_mean.shape[:2]
-  placeholder_ids = cfg.first_placeholder_id + k * cfg.num_vectors + jnp.arange(cfg.num_vectors)
-  text_encoder, unet = backbone.text_encoder.module, backbone.unet.module
   keys = jax.random.split(key, 8)
   shot = jax.random.randint(keys[0], (), 0, num_shots)
   flip = jax.random.randint(keys[1], (), 0, num_flips)
@@ -181,11 +185,29 @@ def sample_item(key, k, vectors, backbone: Backbone, latent_mean, latent_logvar,
   class_templates = template_ids[k] if template_ids.ndim == 3 else template_ids
   template = jax.random.randint(keys[5], (), 0, class_templates.shape[0])
   ids = tok.ids_for_class(class_templates[template], cfg.first_placeholder_id, cfg.num_vectors, k)
+  return x_t, t, target, ids, keys[6:8]
+
+
+def sample_item(key, k, vectors, backbone: Backbone, latent_mean, latent_logvar, template_ids,
+                cfg: StepConfig) -> Item:
+  """Draw one (shot, flip, t, noise, template) of class k and run the frozen text encoder and UNet on it."""
+  x_t, t, target, ids, keys = draw_item(key, k, latent_mean, latent_logvar, template_ids, backbone, cfg)
+  placeholder_ids = cfg.first_placeholder_id + k * cfg.num_vectors + jnp.arange(cfg.num_vectors)
+  text_encoder, unet = backbone.text_encoder.module, backbone.unet.module
   embeds = tok.splice(tok.token_table(text_encoder), ids, placeholder_ids, vectors)
   hidden, pooled = text_encoder(ids[None], inputs_embeds=embeds[None], pooling=cfg.pooling)
   prediction = unet(x_t[None], t[None], hidden)[0]
   return Item(k=k, vectors=vectors, ids=ids, placeholder_ids=placeholder_ids, pooled=pooled[0], prediction=prediction,
-              target=target, keys=keys[6:8])
+              target=target, keys=keys)
+
+
+def batch_keys(key, cfg: StepConfig) -> jax.Array:
+  """The keys of class k's per-class batch (from its key), this device's slice of them on a (classes, data) mesh."""
+  keys = jax.random.split(key, cfg.batch_per_class)
+  if cfg.data_shards > 1:
+    per_device = cfg.batch_per_class // cfg.data_shards
+    keys = jax.lax.dynamic_slice_in_dim(keys, jax.lax.axis_index(DATA_AXIS) * per_device, per_device)
+  return keys
 
 
 def class_objective(vectors, k, key, latent_mean, latent_logvar, ctx: Context, settings: Settings, cfg: StepConfig):
@@ -197,69 +219,105 @@ def class_objective(vectors, k, key, latent_mean, latent_logvar, ctx: Context, s
     item = sample_item(key, k, vectors, ctx.backbone, latent_mean, latent_logvar, ctx.template_ids, cfg)
     return cfg.method.item_terms(item, ctx, settings), item
 
-  keys = jax.random.split(key, cfg.batch_per_class)
-  if cfg.data_shards > 1:  # this device's slice of the class's batch
-    per_device = cfg.batch_per_class // cfg.data_shards
-    keys = jax.lax.dynamic_slice_in_dim(keys, jax.lax.axis_index(DATA_AXIS) * per_device, per_device)
-  terms, items = jax.vmap(one_item)(keys)
+  terms, items = jax.vmap(one_item)(batch_keys(key, cfg))
   return {name: value.mean() for name, value in terms.items()}, items
+
+
+def class_targets(key, k, latent_mean, latent_logvar, template_ids, backbone: Backbone, cfg: StepConfig):
+  """The training targets of class k's batch (this device's slice), as `class_objective`'s items hold them."""
+  draw = lambda key: draw_item(key, k, latent_mean, latent_logvar, template_ids, backbone, cfg)[2]  # noqa: E731
+  return jax.vmap(draw)(batch_keys(key, cfg))
+
+
+def chunk_size(class_chunk: int, num_local: int) -> int:
+  """Classes per pass of the step on a device holding `num_local` classes: all of them for 0 (or more)."""
+  return num_local if class_chunk <= 0 or class_chunk >= num_local else class_chunk
 
 
 def _shard_grads(tokens, class_ids, latent_mean, latent_logvar, step_key, backbone, image_features, valid_all,
                  template_ids, phase_step, run_key, cfg: StepConfig):
-  """Gradients and per-class terms for the classes of one shard, and metric sums over all shards."""
+  """Gradients and per-class terms for the classes of one shard, and metric sums over all shards.
+
+  With cfg.class_chunk = c the shard's classes run in passes of c (`lax.map`): a pass's activations are all that
+  is live, so memory does not grow with the classes per device. Each pass takes the gradient of its classes'
+  summed loss, which for class k is class k's own, as in one pass. The last pass is filled up with the shard's
+  last class, masked out of the loss and dropped.
+  """
   settings = Settings(cfg.settings)
   valid = valid_all[class_ids]
-  masked_sum = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731  (padded classes may hold inf)
+  masked_sum = lambda x, mask: jnp.sum(jnp.where(mask, x, 0.0))  # noqa: E731  (padded classes may hold inf)
   method = cfg.method
   ctx = Context(backbone=backbone, image_features=image_features, valid=valid_all, template_ids=template_ids,
                 step=phase_step, run_key=run_key, pooling=cfg.pooling, first_placeholder_id=cfg.first_placeholder_id,
                 latent_shape=cfg.latent_shape)
+  num_local = tokens.shape[0]
+  chunk = chunk_size(cfg.class_chunk, num_local)
+  num_chunks = -(-num_local // chunk)
+  fold = lambda key, ids: jax.vmap(lambda k: jax.random.fold_in(key, k))(ids)  # noqa: E731
 
-  def shard_terms(tokens, micro_key):
-    """Per-class terms [Kc] of this shard's classes, over this device's slice of their batches."""
+  def everyone_of(micro_key) -> Everyone:
+    """Every class's training targets of the step over the mesh (cross-class methods): drawn, not predicted."""
+    targets = jax.vmap(class_targets, in_axes=(0, 0, 0, 0, None, None, None))(
+        fold(micro_key, class_ids), class_ids, latent_mean, latent_logvar, template_ids, backbone, cfg)
+    targets = jax.lax.stop_gradient(targets)  # [Kc, B / data_shards, ...]
+    if cfg.data_shards > 1:  # every item of the class, in the order of its batch
+      targets = jax.lax.all_gather(targets, DATA_AXIS, axis=1, tiled=True)
+    gather = lambda x: jax.lax.all_gather(x, CLASS_AXIS, tiled=True)  # noqa: E731
+    all_ids = gather(class_ids)
+    return Everyone(target=gather(targets), class_ids=all_ids, valid=valid_all[all_ids])
+
+  def pass_terms(tokens, ids, mean, logvar, micro_key, everyone):
+    """Per-class terms [c] of some of this shard's classes, over this device's slice of their batches."""
     vectors = backbone.subspace.to_vectors(tokens) if cfg.subspace else tokens
-    keys = jax.vmap(lambda k: jax.random.fold_in(micro_key, k))(class_ids)
     per_class = jax.vmap(class_objective, in_axes=(0, 0, 0, 0, 0, None, None, None))
-    terms, items = per_class(vectors, class_ids, keys, latent_mean, latent_logvar, ctx, settings, cfg)
+    terms, items = per_class(vectors, ids, fold(micro_key, ids), mean, logvar, ctx, settings, cfg)
     if method.cross_class:
-      target = jax.lax.stop_gradient(items.target)  # [Kc, B / data_shards, ...]
-      if cfg.data_shards > 1:  # every item of the class, in the order of its batch
-        target = jax.lax.all_gather(target, DATA_AXIS, axis=1, tiled=True)
-      gather = lambda x: jax.lax.all_gather(x, CLASS_AXIS, tiled=True)  # noqa: E731
-      all_ids = gather(class_ids)
-      everyone = Everyone(target=gather(target), class_ids=all_ids, valid=valid_all[all_ids])
-      cross = jax.vmap(method.cross_terms, in_axes=(0, 0, None, None))(items, class_ids, everyone, settings)
+      cross = jax.vmap(method.cross_terms, in_axes=(0, 0, None, None))(items, ids, everyone, settings)
       terms = {**terms, **cross}
     return terms
 
-  def total_loss(terms):
-    return masked_sum(jax.vmap(lambda t: method.loss(t, settings))(terms))
-
-  def terms_and_grads(micro_key):
+  def pass_grads(tokens, ids, mean, logvar, mask, micro_key, everyone):
+    """One pass: its classes' terms, and the gradient of their summed loss."""
+    terms_of = lambda t: pass_terms(t, ids, mean, logvar, micro_key, everyone)  # noqa: E731
+    total_loss = lambda terms: masked_sum(jax.vmap(lambda t: method.loss(t, settings))(terms), mask)  # noqa: E731
     if cfg.data_shards == 1:
       def loss_fn(tokens):
-        terms = shard_terms(tokens, micro_key)
+        terms = terms_of(tokens)
         return total_loss(terms), terms
       (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(tokens)
       return terms, grads
     # The batch's terms are the mean of the slices'; the loss's gradient flows back through that mean by hand
     # (no differentiation through a collective): d loss / d tokens = mean over slices of (dL/dterms . dterms/dtokens).
-    terms, pullback = jax.vjp(lambda t: shard_terms(t, micro_key), tokens)
+    terms, pullback = jax.vjp(terms_of, tokens)
     terms = jax.lax.pmean(terms, DATA_AXIS)
     (grads,) = pullback(jax.grad(total_loss)(terms))
     return terms, jax.lax.pmean(grads, DATA_AXIS)
+
+  def terms_and_grads(micro_key):
+    everyone = everyone_of(micro_key) if method.cross_class else None
+    if num_chunks == 1:
+      return pass_grads(tokens, class_ids, latent_mean, latent_logvar, valid, micro_key, everyone)
+
+    def one_pass(i):
+      slots = i * chunk + jnp.arange(chunk)
+      rows = jnp.minimum(slots, num_local - 1)  # the last pass's spare slots repeat the last class, masked
+      return pass_grads(tokens[rows], class_ids[rows], latent_mean[rows], latent_logvar[rows],
+                        valid[rows] & (slots < num_local), micro_key, everyone)
+
+    terms, grads = jax.lax.map(one_pass, jnp.arange(num_chunks))
+    by_class = lambda x: x.reshape(-1, *x.shape[2:])[:num_local]  # noqa: E731  [passes, c, ...] -> [Kc, ...]
+    return jax.tree.map(by_class, terms), by_class(grads)
 
   def micro_step(carry, micro):
     grads, terms = carry
     micro_terms, micro_grads = terms_and_grads(jax.random.fold_in(step_key, micro))
     return (grads + micro_grads, jax.tree.map(jnp.add, terms, micro_terms)), None
 
-  shapes = jax.eval_shape(lambda: shard_terms(tokens, step_key))
+  shapes = jax.eval_shape(lambda: terms_and_grads(step_key)[0])
   init = (jnp.zeros_like(tokens), jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
   (grads, terms), _ = jax.lax.scan(micro_step, init, jnp.arange(cfg.grad_accum))
   terms = jax.tree.map(lambda t: t / cfg.grad_accum, terms)  # [Kc] per class of this shard
-  sums = {name: jax.lax.psum(masked_sum(value), CLASS_AXIS) for name, value in terms.items()}
+  sums = {name: jax.lax.psum(masked_sum(value, valid), CLASS_AXIS) for name, value in terms.items()}
   return grads / cfg.grad_accum, terms, sums
 
 

@@ -7,7 +7,9 @@ costs nothing until it is evaluated.
 Few-shot sampling draws each class's shots from its own random stream, seeded
 by (seed, class index). So a process that loads only some classes (multi-host
 training, where each process holds its own classes) gets exactly the shots a
-full load would give for those classes.
+full load would give for those classes. A `FewShot` sampled with load=False
+holds no pixels: it reads them a chunk of classes at a time (`chunks`), so a
+thousand classes x 16 shots at 512 px (12.6 GB) never sit in memory at once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from mcti_jax.data.errors import DataError
 
 # Reads a batch of items (paths, record indices, ...) -> raw uint8 RGB images of any size.
 ReadFn = Callable[[Sequence[Any]], list[np.ndarray]]
+SHOT_CHUNK = 64  # classes whose shots are read at once when streaming (64 x 16 shots at 512 px: 800 MB)
 
 
 def threaded_reader(read_one: Callable[[Any], np.ndarray], num_workers: int = 8) -> ReadFn:
@@ -109,27 +112,37 @@ class LabeledImages:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FewShot:
-  """N shots of each of K classes, at the model resolution.
+  """N shots of each of K classes, at the model resolution: held, or read from the source when asked for.
 
   Attributes:
     class_names: [K] names of the sampled classes.
     class_indices: int32 [K], their class index in the source.
-    shots: uint8 [K, N, R, R, 3].
     shot_ids: [K][N] where each shot came from (see LabeledImages.ids).
     shot_positions: int64 [K, N], positions of the shots in the source.
     seed: the sampling seed.
     source: LabeledImages.source of the source.
+    resolution: R.
     remaining: the source's other images of these classes (for evaluation),
       when asked for; labels stay the source's class indices.
+    pixels: uint8 [K, N, R, R, 3] when held (sample_few_shot(load=True)); else None and `images` reads them.
+    images: the source, where pixels are read on demand.
+    interpolation: the resize filter they are read with.
   """
   class_names: tuple[str, ...]
   class_indices: np.ndarray
-  shots: np.ndarray
   shot_ids: tuple[tuple[str, ...], ...]
   shot_positions: np.ndarray
   seed: int
   source: str
+  resolution: int
   remaining: LabeledImages | None = None
+  pixels: np.ndarray | None = None
+  images: LabeledImages | None = None
+  interpolation: str = "bicubic"
+
+  def __post_init__(self):
+    if self.pixels is None and self.images is None:
+      raise ValueError("a FewShot needs its pixels or the images to read them from")
 
   @property
   def num_classes(self) -> int:
@@ -137,10 +150,36 @@ class FewShot:
 
   @property
   def num_shots(self) -> int:
-    return self.shots.shape[1]
+    return self.shot_positions.shape[1]
+
+  @property
+  def shots(self) -> np.ndarray:
+    """uint8 [K, N, R, R, 3], every class's shots; read again on each use when not held (prefer `chunks`)."""
+    return self.pixels if self.pixels is not None else self.load_classes(np.arange(self.num_classes))
+
+  def load_classes(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+    """uint8 [len(rows), N, R, R, 3]: the shots of the classes at `rows` (positions in class_names)."""
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    if self.pixels is not None:
+      return self.pixels[rows]
+    r = self.resolution
+    flat = self.images.load(self.shot_positions[rows].reshape(-1), r, self.interpolation)
+    return flat.reshape(len(rows), self.num_shots, r, r, 3)
+
+  def chunks(self, size: int | None = None, rows: Sequence[int] | np.ndarray | None = None
+             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (rows [C], uint8 [C, N, R, R, 3]) for `size` (default SHOT_CHUNK) classes at a time (of `rows`,
+    default all): memory bounded by the chunk, not by K."""
+    size = size or SHOT_CHUNK
+    rows = np.arange(self.num_classes) if rows is None else np.asarray(rows, np.int64).reshape(-1)
+    for start in range(0, len(rows), size):
+      part = rows[start:start + size]
+      yield part, self.load_classes(part)
 
   def __repr__(self) -> str:
-    return f"FewShot({self.source!r}, seed={self.seed}, shots {self.shots.shape}, remaining={self.remaining!r})"
+    held = "" if self.pixels is not None else ", read on demand"
+    return (f"FewShot({self.source!r}, seed={self.seed}, {self.num_classes} classes x {self.num_shots} shots at "
+            f"{self.resolution}px{held}, remaining={self.remaining!r})")
 
   def manifest(self) -> dict[str, Any]:
     """A JSON-ready record of which images were used, for run reports."""
@@ -193,8 +232,9 @@ def _check_class_indices(labeled: LabeledImages, class_indices) -> np.ndarray:
 
 def sample_few_shot(labeled: LabeledImages, n_shots: int, seed: int,
                     class_indices: Sequence[int] | None = None, *, resolution: int,
-                    interpolation: str = "bicubic", with_remaining: bool = False) -> FewShot:
-  """Draws n_shots images of each class reproducibly and loads them at `resolution`.
+                    interpolation: str = "bicubic", with_remaining: bool = False, load: bool = True) -> FewShot:
+  """Draws n_shots images of each class reproducibly and loads them at `resolution` (or, with load=False, reads
+  them when asked for: `FewShot.chunks`).
 
   Args:
     labeled: the source.
@@ -205,20 +245,23 @@ def sample_few_shot(labeled: LabeledImages, n_shots: int, seed: int,
     resolution: the model's image size R.
     interpolation: resize filter (see preprocess.INTERPOLATIONS).
     with_remaining: also return the non-shot images of these classes.
+    load: read the pixels now; False keeps only the references, for many classes.
   """
   if n_shots < 1:
     raise DataError(f"n_shots must be at least 1, got {n_shots}")
   classes = _check_class_indices(labeled, class_indices)
   positions = choose_shots(labeled, n_shots, seed, classes)
   rest = [np.setdiff1d(labeled.positions_of_class(c), row) for c, row in zip(classes, positions)]
-  shots = labeled.load(positions.reshape(-1), resolution, interpolation)
-  return FewShot(
+  few = FewShot(
       class_names=tuple(labeled.class_names[c] for c in classes),
       class_indices=classes,
-      shots=shots.reshape(len(classes), n_shots, resolution, resolution, 3),
       shot_ids=tuple(tuple(labeled.ids[i] for i in row) for row in positions),
       shot_positions=positions,
       seed=int(seed),
       source=labeled.source,
+      resolution=int(resolution),
       remaining=labeled.subset(np.sort(np.concatenate(rest))) if with_remaining else None,
+      images=labeled,
+      interpolation=interpolation,
   )
+  return dataclasses.replace(few, pixels=few.shots, images=None) if load else few

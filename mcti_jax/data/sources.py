@@ -17,6 +17,7 @@ import numpy as np
 from mcti_jax.data import preprocess
 from mcti_jax.data.errors import DataError
 from mcti_jax.data.labeled import LabeledImages, threaded_reader
+from mcti_jax.data.synthetic import from_synthetic
 from mcti_jax.data.tfds_source import from_tfds
 from mcti_jax.errors import ConfigError
 
@@ -193,7 +194,13 @@ def load_labeled(data_cfg, split: str) -> LabeledImages:
     return from_tfds(data_cfg.name, split=name_of_split, data_dir=data_cfg.data_dir)
   if source == "digits":
     return from_digits("heldout")  # shots and test images both come from the held-out half
-  raise DataError(f"unknown data.source {source!r}; use folder, split_file, tfds or digits")
+  if source == "synthetic":
+    k = data_cfg.get("num_classes")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+      raise ConfigError(f"data.source='synthetic' makes data.num_classes classes, but data.num_classes={k!r}; "
+                        "set it, e.g. --config.data.num_classes=1024")
+    return from_synthetic(k, split)
+  raise DataError(f"unknown data.source {source!r}; use folder, split_file, tfds, digits or synthetic")
 
 
 def num_classes_of(labeled: LabeledImages, data_cfg) -> int:

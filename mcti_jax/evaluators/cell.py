@@ -94,9 +94,12 @@ class Cell:
     if shots.num_classes != self.result.num_classes:  # several processes: each holds its own classes' images
       raise ValueError("this evaluator needs every class's shot features, but no training phase used CLIP and this "
                        "process holds only its own classes' shots; run it in one process (without --distributed)")
-    k, n = shots.shots.shape[:2]
-    flat = shots.shots.reshape(k * n, *shots.shots.shape[2:])
-    return np.asarray(jax.jit(clip_head.encode_images)(self.models.clip, flat)).reshape(k, n, -1)
+    encode = jax.jit(clip_head.encode_images)
+    parts = []
+    for rows, pixels in shots.chunks():  # a chunk of classes at a time: the trainer keeps no pixels
+      features = encode(self.models.clip, pixels.reshape(-1, *pixels.shape[2:]))
+      parts.append(np.asarray(features).reshape(len(rows), shots.num_shots, -1))
+    return np.concatenate(parts)
 
   def token_text_features(self, phase: str, templates: tuple[str, ...]) -> jax.Array:
     """The CLIP text features [K, P] of a phase's tokens, each class's prompts holding its own V_k vectors."""
