@@ -23,12 +23,14 @@ def _cpu() -> str:
   return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
 
 
-def test_ti_and_mcti_tokens_equal_mains_bit_for_bit(tmp_path):
+def test_ti_and_mcti_tokens_equal_mains(tmp_path):
   """The tiny preset, 6 + 6 steps on 8 devices: the tokens main (dc331ad) made before the redesign.
 
-  Bit for bit where the fixture was made (same CPU model, same jax); XLA's CPU code differs between CPU models,
-  so elsewhere to float32 rounding. MC-TI's only to float32 rounding anywhere since its text feature comes from
-  the text encoder's pass (the tiny SD's text encoder is its CLIP's text tower, `Backbone.text_shared`): the same
+  Within 1e-6 on the fixture's CPU model and jax (bit for bit where it was made), 1e-5 elsewhere: XLA's CPU code
+  differs between CPUs, and AdamW's normalised steps carry a rounding difference through the 12 steps. A VM's CPU model name ("AMD EPYC") doesn't tell the
+  CPUs apart: on another EPYC VM (2026-12-06) TI's tokens were 3.7e-7 and MC-TI's 2.9e-7 from the fixture, while
+  main at 7b26816 and the trainer with class chunks gave the same bits there. MC-TI's only to float32 rounding
+  anywhere since its text feature comes from the text encoder's pass (`Backbone.text_shared`): the same
   computation in another order (measured: at most 2.2e-8 apart where the fixture was made).
   """
   import mcti
@@ -43,10 +45,8 @@ def test_ti_and_mcti_tokens_equal_mains_bit_for_bit(tmp_path):
   assert sorted(got) == sorted(want) == ["mcti", "ti"]
   same_machine = (meta["cpu"], meta["jax"], meta["machine"]) == (_cpu(), jax.__version__, platform.machine())
   for phase in want:
-    if same_machine and jax.device_count() == int(meta["devices"]) and phase == "ti":
-      np.testing.assert_array_equal(got[phase], want[phase], err_msg=phase)
-    elif same_machine and jax.device_count() == int(meta["devices"]):
-      np.testing.assert_allclose(got[phase], want[phase], rtol=0, atol=1e-7, err_msg=phase)
+    if same_machine and jax.device_count() == int(meta["devices"]):
+      np.testing.assert_allclose(got[phase], want[phase], rtol=0, atol=1e-6, err_msg=phase)
     else:
       np.testing.assert_allclose(got[phase], want[phase], rtol=0, atol=1e-5, err_msg=phase)
 
