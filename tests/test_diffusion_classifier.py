@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -268,6 +269,75 @@ def test_elimination_and_shortlist_on_the_unet_equal_the_rules_on_its_error_tabl
     dic.classify(unet, schedule, contexts, x0, [20, 21], stages, mesh)
   # Rounds of every size and both stages ran one compiled program (none if another test compiled it).
   assert dic.scorer._score_items._cache_size() - programs <= 1
+
+
+# ------------------------------------------------------- large class sets
+
+
+class _TableScorer:
+  """A stand-in for dic.Scorer: errors from a table [images, K, S] by dataset index; counts the items asked for."""
+
+  def __init__(self, table):
+    self.table, self.asked = table, 0
+
+  def set_images(self, x0, image_indices, num_real=None):
+    self.x0, self.images = np.asarray(x0), np.asarray(image_indices)
+
+  def flat(self, rows, classes, ids):
+    self.asked += len(rows)
+    return self.table[self.images[rows], classes, ids]
+
+  def __call__(self, classes, ids):
+    rows, classes_, ids_ = np.broadcast_arrays(np.arange(len(classes))[:, None, None], classes[:, :, None], ids)
+    return self.flat(rows.ravel(), classes_.ravel(), ids_.ravel()).reshape(*classes.shape, len(ids))
+
+
+def test_auto_picks_the_heads_shortlist_and_elimination_from_large_k_and_explicit_settings_win():
+  from mcti_jax.evaluators.dic import LARGE_K_SHORTLIST, Evaluator
+  pick = lambda K, **kw: (lambda c: (c.strategy, c.shortlist))(Evaluator(large_k=50, **kw).config(K))  # noqa: E731
+  assert pick(20) == pick(49) == ("stages", 0)  # the preset's stages over every class
+  assert pick(50) == pick(1000) == ("eliminate", LARGE_K_SHORTLIST) == ("eliminate", 5)
+  assert pick(1000, shortlist=0) == ("eliminate", 0)  # explicit: every class (not bounded)
+  assert pick(1000, strategy="stages") == ("stages", 5)
+  assert pick(1000, strategy="stages", shortlist=0) == ("stages", 0)
+  assert pick(20, shortlist=3) == ("stages", 3) and pick(20, strategy="eliminate") == ("eliminate", 0)
+  assert Evaluator(large_k=3).config(4).shortlist == 4  # never more than there are
+  # The tiny preset's budget (8) is under the default min_samples (10): auto tests from 4, in rounds of 2.
+  tiny = Evaluator(preset="tiny", large_k=3).config(10)
+  assert (tiny.min_samples, tiny.round_samples, tiny.max_samples) == (4, 2, 8)
+  assert Evaluator().config(10).settings() == dic.preset("pets").settings()  # small K: as before
+  for bad in (dict(strategy="fast"), dict(shortlist=-1), dict(shortlist="top5"), dict(large_k=0)):
+    with pytest.raises(ValueError, match="dic "):
+      Evaluator(**bad)
+
+
+@pytest.mark.parametrize("spread", [0.0, 0.5])  # 0: every class ties, elimination runs the whole budget
+def test_calls_per_image_at_large_k_are_bounded_by_the_shortlist_times_the_budget(spread):
+  from mcti_jax.evaluators.dic import Evaluator, calls_info
+  schedule = types.SimpleNamespace(num_train_timesteps=1000)
+  rng = np.random.default_rng(7)
+  per_image = {}
+  for K in (20, 200, 2000):
+    cfg = Evaluator(large_k=50).config(K)
+    labels = rng.integers(0, K, 3)
+    table = rng.normal(1.0, 0.1, (3, 1, 250)) + np.zeros((1, K, 1))  # shared per sample: a paired design
+    table += spread * (np.arange(K)[None, :, None] != labels[:, None, None])  # the true class predicts best
+    prior = np.stack([np.concatenate([[y], rng.permutation(np.delete(np.arange(K), y))]) for y in labels])
+    scorer = _TableScorer(table)
+    results = dic.classify(None, schedule, np.zeros((K, 1, 1)), np.zeros((3, 1, 1, 1)), [0, 1, 2], cfg, None,
+                           labels=labels, scorer=scorer, prior=prior if cfg.shortlist else None)
+    calls = [sum(r.num_samples) for r in results]
+    assert sum(calls) == scorer.asked
+    info = calls_info(cfg, K, results, "mcti")
+    assert info["unet_calls_max"] == max(calls) <= info["unet_calls_bound"] == dic.max_calls(cfg, K)
+    per_image[K] = (max(calls), info["unet_calls_bound"])
+    assert all(r.correct for r in results) or spread == 0
+  assert per_image[20] == (20 * 25 + 5 * 225,) * 2  # pets' stages on all 20 classes: exactly this many
+  assert per_image[200][1] == per_image[2000][1] == 5 * 250  # head top 5 x the budget, whatever K
+  if spread == 0:
+    assert per_image[200][0] == per_image[2000][0] == 5 * 250  # ties: the bound is reached
+  else:
+    assert per_image[2000][0] < 5 * 250  # clear winners drop the rest early
 
 
 # ------------------------------------------------------- sharding, batching

@@ -111,6 +111,7 @@ def tiny_eval(tiny_checkpoint, tmp_path_factory):
   config.n_shots, config.seeds = (1,), (1, 2)
   config.evals.mcti_coop.steps = 3
   config.evals.dic_zeroshot.max_images = config.evals.dic_fewshot.max_images = config.evals.dic_fast.max_images = 6
+  config.evals.dic_zeroshot.large_k = 10  # K = 10 counts as large: CLIP zero-shot's top 5, then elimination
   return evaluate.run(config, log=lambda _: None), workdir, config
 
 
@@ -124,6 +125,14 @@ def test_eval_writes_every_artefact(tiny_eval):
   for r in rows:  # the token head's shortlist of 3: at most 3 classes x the budget of 8 samples per image
     if r["method"] == "dic_fast":
       assert 0 < r["unet_evals"] <= r["num_computed"] * 3 * 8
+    if r["method"].startswith("dic_"):  # each row says what it ran and paid
+      assert r["unet_calls_per_image"] * r["num_computed"] == r["unet_evals"]
+      assert r["unet_calls_max"] <= r["unet_calls_bound"]
+  what = {r["method"]: (r["strategy"], r["shortlist"], r["shortlist_from"], r["unet_calls_bound"]) for r in rows
+          if r["method"].startswith("dic_")}
+  assert what == {"dic_fewshot": ("stages", 0, "every class", 10 * 4 + 3 * 4),
+                  "dic_fast": ("eliminate", 3, "mcti token head", 3 * 8),
+                  "dic_zeroshot": ("eliminate", 5, "CLIP zero-shot names", 5 * 8)}
   head = workdir / "heads" / "mcti" / "1shot_seed2"
   names = json.loads((head / "classes.json").read_text())["class_names"]
   assert (head / "linear_head.safetensors").is_file() and names[3] == "three"

@@ -29,7 +29,7 @@ latents, class contexts).
 """
 
 from mcti_jax.classify.dic.cache import ImageResult, ResultCache, settings_key
-from mcti_jax.classify.dic.classifier import EvalResult, classify, evaluate
+from mcti_jax.classify.dic.classifier import EvalResult, classify, evaluate, max_calls
 from mcti_jax.classify.dic.config import ERRORS, PRESETS, STRATEGIES, DiCConfig, preset
 from mcti_jax.classify.dic.elimination import FlatScoreFn, run_elimination, sample_order, significantly_worse
 from mcti_jax.classify.dic.inputs import class_contexts, latent_encoder

@@ -81,6 +81,21 @@ def _rank(scorer: Scorer, cfg: DiCConfig, plan, num_classes: int, prior: np.ndar
           for r, others in zip(rankings, rest)]
 
 
+def max_calls(cfg: DiCConfig, num_classes: int) -> int:
+  """The most UNet calls `classify` makes per image on K classes; with a shortlist of m, independent of K.
+
+  Elimination scores each candidate on at most the budget (samples[-1]); the stages score the classes entering
+  each stage (at most the candidates) on the stage's new samples. Exact for the stages, a bound for elimination.
+  """
+  classes = min(cfg.shortlist or num_classes, num_classes)
+  if classes <= 1:  # decided without the UNet
+    return 0
+  if cfg.strategy == "eliminate":
+    return classes * cfg.max_samples
+  entering = np.minimum((classes, *cfg.keep[:-1]), classes)
+  return int(sum(k * len(new) for k, new in zip(entering, make_plan(cfg, cfg.max_samples).new) if k > 1))
+
+
 @dataclasses.dataclass
 class EvalResult:
   accuracy: float

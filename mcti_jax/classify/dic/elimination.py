@@ -54,7 +54,7 @@ def significantly_worse(errors: np.ndarray, classes: np.ndarray, confidence: flo
   errors = np.where(np.isnan(errors), np.inf, errors)  # a NaN error loses
   means = errors.mean(1)
   leader = np.lexsort((classes, means))[0]
-  with np.errstate(invalid="ignore"):  # inf - inf: only where both are inf, and then not worse
+  with np.errstate(invalid="ignore", divide="ignore"):  # inf - inf, or no spread: settled by `certain` below
     d = errors - errors[leader]
     mean_d, std_d = d.mean(1), d.std(1, ddof=1)
     stat = mean_d / (std_d / np.sqrt(errors.shape[1]))
