@@ -1,6 +1,5 @@
 """The synthetic large-K world: distinct classes, reproducible pixels, disjoint splits, free to enumerate."""
 
-import time
 
 import numpy as np
 import pytest
@@ -52,12 +51,22 @@ def test_a_thousand_classes_enumerate_without_drawing_a_pixel(monkeypatch):
     raise AssertionError("a pixel was drawn")
 
   monkeypatch.setattr(synthetic, "render", no_pixels)
-  t = time.perf_counter()
   labeled = D.from_synthetic(1000)
   few = D.sample_few_shot(labeled, 16, seed=0, resolution=16, load=False)
-  elapsed = time.perf_counter() - t
   assert len(labeled) == 20_000 and labeled.num_classes == 1000 and few.num_shots == 16
-  assert elapsed < 1.0, f"{elapsed:.2f} s"
+
+
+def test_a_50000_image_test_split_is_read_a_batch_at_a_time(monkeypatch):
+  """Evaluation streams its test set: reading two batches of 64 draws 128 images, not 50,000."""
+  drawn = []
+  render = synthetic.render
+  monkeypatch.setattr(synthetic, "render", lambda *a: drawn.append(a) or render(*a))
+  test = D.from_synthetic(1000, "test", images_per_class=50)
+  batches = test.batches(16, 64)
+  for _ in range(2):
+    images, labels, positions = next(batches)
+    assert images.shape == (64, 16, 16, 3) and np.array_equal(labels, test.labels[positions])
+  assert len(test) == 50_000 and len(drawn) == 128
 
 
 def test_the_synthetic_preset_loads_with_k_from_the_config():
