@@ -302,15 +302,17 @@ def text_forward_program(models: Models):
   return jax.jit(lambda text, ids: text.module(ids)).lower, (models.text, sds((1, TEXT_LENGTH), jnp.int32))
 
 
-def step_program(models: Models, mesh, method: str, classes: int, text_shared: bool = False):
-  """(lower, abstract args): `train_step` as `mcti train` compiles it, for `classes` classes, batch 1 each."""
+def step_program(models: Models, mesh, method: str, classes: int, text_shared: bool = False, class_chunk: int = 0,
+                 flips: int = 1):
+  """(lower, abstract args): `train_step` as `mcti train` compiles it, for `classes` classes, batch 1 each, in passes
+  of `class_chunk` classes (0: one pass), with `flips` encodings per shot (2: data.flip, the config's default)."""
   mcti = method == "mcti"
   text_cfg, cfg = models.text_config, models.unet_config
   backbone = Backbone(text_encoder=models.text, unet=models.unet, clip=models.clip if mcti else None,
                       schedule=abstract_schedule(), scaling_factor=common.SD_SCALING_FACTOR, text_shared=text_shared)
   k, size = classes, cfg.sample_size
-  latents = sds((k, SHOTS, 1, size, size, cfg.in_channels))
-  features = sds((k, SHOTS, 1, models.clip_config.projection_dim) if mcti else (k, 1, 1, 1))
+  latents = sds((k, SHOTS, flips, size, size, cfg.in_channels))
+  features = sds((k, SHOTS, flips, models.clip_config.projection_dim) if mcti else (k, 1, 1, 1))
   data = ShotData(class_ids=sds((k,), jnp.int32), latent_mean=latents, latent_logvar=latents,
                   image_features=features, valid=sds((k,), jnp.bool_))
   optimizer = make_optimizer(LR, WEIGHT_DECAY)
@@ -320,7 +322,7 @@ def step_program(models: Models, mesh, method: str, classes: int, text_shared: b
   settings = dict(alpha=1.0, beta=1.0, scale=SCALE) if mcti else {}
   step_cfg = StepConfig(method=methods.get(method), settings=frozen_settings(settings),
                         first_placeholder_id=text_cfg.vocab_size, num_vectors=1, num_train_timesteps=1000,
-                        pooling="eos", batch_per_class=1)
+                        pooling="eos", batch_per_class=1, class_chunk=class_chunk)
   step = jax.jit(functools.partial(train_step, cfg=step_cfg, optimizer=optimizer, mesh=mesh), donate_argnums=(0,))
   return step.lower, (state, data, backbone, sds((NUM_TEMPLATES, TEXT_LENGTH), jnp.int32))
 
