@@ -186,7 +186,7 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
 
   if uses_shots:  # reads again only the shots of classes missing from the cache
     encoded = D.encode_by_class(shots, make_encoder(sd, clip_model), config.data.cache_dir, cache_key,
-                                flip=config.data.flip, digests=cache_digests)
+                                flip=config.data.flip, digests=cache_digests, note={"process": jax.process_index()})
     if not config.data.flip:  # a flip axis of size 1 keeps one code path
       encoded = {k: v[:, :, None] for k, v in encoded.items()}
   else:  # nothing to encode; the step's shot arguments are placeholders

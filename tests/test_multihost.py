@@ -147,13 +147,14 @@ def test_two_processes_make_the_diffusion_classifiers_predictions(runs):
 
 def test_each_process_encodes_only_its_classes_and_process_0_alone_reports(runs):
   """5 classes on 8 devices: process 0's devices hold classes 0-3, process 1's class 4 (and 3 padded ones)."""
-  encoded = []
-  for path in sorted((runs["base"] / "two" / "cache").glob("shots-*.npz")):
+  encoded = {}  # process -> the classes whose cache entries it wrote (one entry per class)
+  for path in sorted((runs["base"] / "two" / "cache" / "classes").glob("class-*.npz")):
     with np.load(path) as f:
-      encoded.append(json.loads(str(f["__meta__"]))["classes"])
+      meta = json.loads(str(f["__meta__"]))
+    encoded.setdefault(meta["process"], []).append(meta["class"])
   one = json.loads((next(runs["one"].glob("**/export/mcti")) / "manifest.json").read_text())
   names = [c["name"] for c in one["shots"]["classes"]]  # the source's class names, as the cache records them
-  assert sorted(encoded, key=len) == [names[4:], names[:4]]
+  assert {p: sorted(c) for p, c in encoded.items()} == {0: names[:4], 1: names[4:]}
   log = (runs["base"] / "two" / "process1.log").read_text()
   assert "top-1" not in log  # process 1 neither prints the rows nor writes them
   assert (runs["two"] / "results.md").is_file()

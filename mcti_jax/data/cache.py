@@ -163,7 +163,8 @@ def class_cache_path(cache_dir: str | os.PathLike, digest: str) -> str:
 
 def encode_by_class(few_shot: FewShot, encode_fn: EncodeFn, cache_dir: str | os.PathLike, key: Mapping[str, Any],
                     *, flip: bool = False, batch_size: int = 8, chunk: int = SHOT_CHUNK,
-                    digests: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+                    digests: Sequence[str] | None = None, note: Mapping[str, Any] | None = None
+                    ) -> dict[str, np.ndarray]:
   """encode_fn over every shot, one cache file per class, reading the shots `chunk` classes at a time.
 
   A class's entry is keyed by class_digest (key, flip, its shot ids and pixels): classes already in the cache are
@@ -177,6 +178,7 @@ def encode_by_class(few_shot: FewShot, encode_fn: EncodeFn, cache_dir: str | os.
     chunk: classes whose shots are read (and encoded) at once.
     digests: [K] class_digest of each class, if already computed from its pixels (the trainer hashes the shots
       before the models load); then the shots of classes in the cache are not read again.
+    note: more JSON-ready facts for the entries' metadata (the trainer records which process encoded them).
 
   Returns:
     {name: array [K, N, ...]}, or [K, N, 2, ...] with flip (index 1 = mirrored).
@@ -213,7 +215,7 @@ def encode_by_class(few_shot: FewShot, encode_fn: EncodeFn, cache_dir: str | os.
       row = int(rows[i])
       entry = {name: value[j] for name, value in encoded.items()}
       meta = json.dumps({"key": key, "flip": flip, "source": few_shot.source, "class": few_shot.class_names[row],
-                         "shots": few_shot.shot_ids[row]})
+                         "shots": few_shot.shot_ids[row], **(note or {})})
       files[paths[row]] = _npz(entry, meta)
       put(row, entry)
       encoded_here.add(row)
