@@ -74,24 +74,46 @@ def setups(tiny_checkpoint, tmp_path_factory, classifier_folder):
 
 def run_steps(setup, phase_name: str, chunk: int, steps: int = STEPS):
   """`steps` steps of one phase from the initial tokens at class_chunk=chunk: tokens [K, V, D] and metrics."""
+  step = compiled_step(setup, phase_name, chunk)
+  state, clock, template_ids = _inputs(setup, phase_name)
+  metrics = []
+  for _ in range(steps):
+    state, m = step(state, setup.data, _backbone(setup), template_ids, *clock)
+    metrics.append(jax.device_get(m))
+  return np.asarray(state.tokens)[:setup.num_classes], metrics
+
+
+_PROGRAMS = {}
+
+
+def compiled_step(setup, phase_name: str, chunk: int):
+  """The phase's step as the trainer compiles it (train.compile_step), once per setup, phase and chunk."""
+  key = (id(setup), phase_name, chunk)
+  if key not in _PROGRAMS:
+    phase = next(p for p in setup.plan if p.name == phase_name)
+    state, clock, template_ids = _inputs(setup, phase_name)
+    _PROGRAMS[key] = train.compile_step(setup, phase, _optimizer(phase), state, _backbone(setup), template_ids, clock,
+                                        chunk)
+  return _PROGRAMS[key]
+
+
+def _optimizer(phase):
+  return train.make_optimizer(phase.settings.lr, phase.settings.weight_decay)
+
+
+def _inputs(setup, phase_name: str):
+  """A fresh state at the phase's start (the step donates it), its clock and template ids, on the mesh."""
   phase = next(p for p in setup.plan if p.name == phase_name)
-  backbone = _backbone(setup)
-  optimizer = train.make_optimizer(phase.settings.lr, phase.settings.weight_decay)
   tokens = setup.init_tokens.copy()
   if phase.settings.subspace:  # the phase trains coordinates in the span of the words
     tokens = jax.jit(setup.subspace.to_coords, out_shardings=parallel.class_sharding(setup.mesh))(tokens)
-  state = TrainState(step=jnp.int32(phase.start), tokens=tokens, opt_state=optimizer.init(tokens),
+  state = TrainState(step=jnp.int32(phase.start), tokens=tokens, opt_state=_optimizer(phase).init(tokens),
                      key=jax.random.PRNGKey(0), class_state=train.init_class_state(phase.method, tokens,
                                                                                    phase.method_settings))
   state = jax.device_put(state, train._state_shardings(state, setup))
   clock = jax.device_put((jnp.int32(0), jnp.int32(phase.start)), parallel.replicated(setup.mesh))
   template_ids = jax.device_put(jnp.asarray(setup.template_ids[phase.name]), parallel.replicated(setup.mesh))
-  step = train.compile_step(setup, phase, optimizer, state, backbone, template_ids, clock, chunk)
-  metrics = []
-  for _ in range(steps):
-    state, m = step(state, setup.data, backbone, template_ids, *clock)
-    metrics.append(jax.device_get(m))
-  return np.asarray(state.tokens)[:setup.num_classes], metrics
+  return state, clock, template_ids
 
 
 _BACKBONES = {}
@@ -140,27 +162,32 @@ def _initial_vectors(setup, phase_name: str) -> np.ndarray:
 
 
 def test_a_run_resumed_with_another_chunk_equals_the_uninterrupted_run(tiny_checkpoint, tmp_path):
-  """5 classes on one device: steps 1-5 in passes of 2, then the rest in passes of 3, against one pass."""
-  config = lambda workdir, chunk: tiny_train_config(  # noqa: E731
-      tiny_checkpoint, workdir, num_devices=1, class_chunk=chunk, **{"data.num_classes": 5})
+  """5 classes on one device, 6 TI steps: steps 1-3 in passes of 2 (killed after 3, saved at 2), then the rest in
+  passes of 3, against one pass."""
+  def config(workdir, chunk):
+    c = tiny_train_config(tiny_checkpoint, workdir, num_devices=1, class_chunk=chunk,
+                          **{"data.num_classes": 5, "phase.ti.steps": 6})
+    c.phases = ("ti",)
+    return c
+
   whole = train.train(config(tmp_path / "whole", 0), log=lambda _: None)
 
   class Killed(Exception):
     pass
 
-  def kill_at_5(step):
-    if step == 5:
+  def kill_at_3(step):
+    if step == 3:
       raise Killed
 
   with pytest.raises(Killed):
-    train.train(config(tmp_path / "run", 2), on_step=kill_at_5, log=lambda _: None)
+    train.train(config(tmp_path / "run", 2), on_step=kill_at_3, log=lambda _: None)
   logs = []
   resumed = train.train(config(tmp_path / "run", 3), log=logs.append)
-  assert any("resumed from the checkpoint at step 4" in line for line in logs)
-  for phase in ("ti", "mcti"):
-    np.testing.assert_allclose(resumed.tokens[phase], whole.tokens[phase], rtol=0, atol=1e-6)
+  assert any("resumed from the checkpoint at step 2" in line for line in logs)
+  np.testing.assert_allclose(resumed.tokens["ti"], whole.tokens["ti"], rtol=0, atol=1e-6)
+  assert np.abs(whole.tokens["ti"] - whole.tokens["ti"][:1]).max() > 1e-5  # it trained: the classes moved apart
   rows = [[json.loads(line) for line in r.metrics.read_text().splitlines()] for r in (resumed, whole)]
-  assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
+  assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [2, 4, 6]
   for a, b in zip(*rows):
     assert a["mse"] == pytest.approx(b["mse"], rel=1e-6, abs=1e-7)
 
@@ -203,8 +230,8 @@ def _compile_abstract(setup, phase_name: str, num_classes: int, chunk: int):
   return step.lower(state, data, _backbone(setup), template_ids).compile()
 
 
-@pytest.mark.parametrize("phase", ["ti", "mcti"])
-def test_compiled_temp_memory_at_1024_classes_is_that_at_64(setups, phase):
+def test_compiled_temp_memory_at_1024_classes_is_that_at_64(setups, phase="mcti"):
+  """MC-TI (TI's step plus its CLIP term over every class's shot features), 8 devices, 4 classes per pass."""
   setup = setups["shots", 8]
   small, large = (_abstract_step_memory(setup, phase, k, chunk=4) for k in (64, 1024))
   assert large.temp_size_in_bytes <= 1.1 * small.temp_size_in_bytes, (small, large)
@@ -248,16 +275,16 @@ def test_auto_lowers_the_chunk_until_the_compiled_step_fits():
 
 
 def test_auto_on_the_compiled_tiny_step_fits_the_budget(setups):
-  """The real step (MC-TI, 1 device, 25 classes): the pick fits its budget and a chunk twice as large does not."""
+  """The trainer's step (MC-TI, 1 device, 25 classes): with a limit at which the line through 1 and 2 classes per
+  pass says 3 fit, auto runs 9 passes of 3 (25 = 8 x 3 + 1) and that step fits."""
   setup = setups["shots", 1]
-  need = lambda c: class_chunks.need(SimpleNamespace(  # noqa: E731
-      memory_analysis=lambda: _abstract_step_memory(setup, "mcti", NUM_CLASSES, c)))
-  need_of = {c: need(c) for c in (1, 2)}
-  assert need_of[2] > need_of[1]
-  limit = need_of[1] + 4.5 * (need_of[2] - need_of[1])  # the line says 5 classes per pass fit
-  compile_at = lambda c: _Program(bytes=need(c))  # noqa: E731
-  chunk, program = class_chunks.choose(compile_at, NUM_CLASSES, int(limit), margin=1.0, log=lambda _: None)
-  assert 1 <= chunk <= 5 and program.bytes <= limit  # 5 passes of 5, or fewer classes if XLA's need isn't linear
+  compile_at = lambda c: compiled_step(setup, "mcti", c)  # noqa: E731  (those of the tests above, when they ran)
+  need = {c: class_chunks.need(compile_at(c)) for c in (1, 2)}
+  assert need[2] > need[1]
+  limit = int(need[1] + 2.5 * (need[2] - need[1]))
+  chunk, program = class_chunks.choose(compile_at, NUM_CLASSES, limit, margin=1.0, log=lambda _: None)
+  assert 1 <= chunk <= 3 and class_chunks.need(program) <= limit  # 3, or fewer if XLA's need isn't linear
+  assert program is compile_at(chunk)
 
 
 # ------------------------------------------------------------------ bad input
