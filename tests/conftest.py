@@ -61,6 +61,21 @@ def tiny_train_config(checkpoint: Path, workdir: Path, **overrides):
   return set_fields(c, overrides)
 
 
+def crash_after(config, step: int) -> None:
+  """train.train(config), crashing right after `step` (as a killed process would: its last checkpoint stays)."""
+  from mcti_jax import train
+
+  class Crashed(Exception):
+    pass
+
+  def crash(done):
+    if done == step:
+      raise Crashed
+
+  with pytest.raises(Crashed):
+    train.train(config, on_step=crash, log=lambda _: None)
+
+
 def set_fields(config, overrides: dict):
   """config with each dotted field of `overrides` ("phase.ti.steps": 2) set; returns it."""
   for key, value in overrides.items():

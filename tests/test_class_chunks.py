@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import set_fields, tiny_train_config
+from conftest import crash_after, set_fields, tiny_train_config
 from mcti_jax import class_chunks, classifiers, methods, parallel, train
 from mcti_jax.classifiers import file as classifier_file
 from mcti_jax.errors import ConfigError, MctiError
@@ -172,15 +172,7 @@ def test_a_run_resumed_with_another_chunk_equals_the_uninterrupted_run(tiny_chec
 
   whole = train.train(config(tmp_path / "whole", 0), log=lambda _: None)
 
-  class Killed(Exception):
-    pass
-
-  def kill_at_3(step):
-    if step == 3:
-      raise Killed
-
-  with pytest.raises(Killed):
-    train.train(config(tmp_path / "run", 2), on_step=kill_at_3, log=lambda _: None)
+  crash_after(config(tmp_path / "run", 2), 3)
   logs = []
   resumed = train.train(config(tmp_path / "run", 3), log=logs.append)
   assert any("resumed from the checkpoint at step 2" in line for line in logs)

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import ROOT, tiny_train_config
+from conftest import ROOT, crash_after, tiny_train_config
 from mcti_jax import data as D
 from mcti_jax import export, phases, tiny, train
 from mcti_jax import runs as run_record  # `runs` is the fixture below
@@ -104,15 +104,7 @@ def test_interrupted_run_resumes_to_the_same_tokens(runs, tmp_path):
   config = runs["config8"].copy_and_resolve_references()
   config.workdir = str(tmp_path / "run")
 
-  class Killed(Exception):
-    pass
-
-  def kill_at_5(step):
-    if step == 5:
-      raise Killed
-
-  with pytest.raises(Killed):
-    train.train(config, on_step=kill_at_5, log=lambda _: None)
+  crash_after(config, 5)
   steps_done = []
   logs = []
   result = train.train(config, on_step=steps_done.append, log=logs.append)
