@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/RESULTS.md, one after another, from the repository root.
 #
-#   benchmarks/gpu_suite.sh OUT_DIR GROUP...     GROUP: smoke attention train dic generate extra
+#   benchmarks/gpu_suite.sh OUT_DIR GROUP...     GROUP: smoke attention train dic generate extra large_k
 #
 # Every report is appended as one JSON line to OUT_DIR/reports.jsonl, every
 # log to OUT_DIR/suite.log. A run that fails, runs out of memory or passes
@@ -48,6 +48,10 @@ for group in "$@"; do
       run train-ti-k74 train_benchmark.py --full --dtype bfloat16 --classes 74 --steps 5 --no_torch
       run train-ti-fp32-k8-remat train_benchmark.py --full --dtype float32 --classes 8 --steps 5 --remat \
         --no_torch ;;
+    large_k)  # issue 25: K = 1000 on one device in passes that fit (class_chunk=auto), against K = 37 in one pass
+      run train-ti-k37 train_benchmark.py --full --dtype bfloat16 --classes 37 --steps 5 --no_torch
+      RUN_LIMIT=900 run train-ti-k1000-auto train_benchmark.py --full --dtype bfloat16 --classes 1000 --steps 2 \
+        --class_chunk auto --no_torch ;;
     *) echo "unknown group $group" >&2; exit 2 ;;
   esac
 done

@@ -30,6 +30,7 @@ speed-up reported is if anything an underestimate.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from mcti_jax import methods, parallel
+from mcti_jax import class_chunks, methods, parallel
 from mcti_jax.models import schedule as schedule_lib
 from mcti_jax.models.frozen import freeze
 from mcti_jax.train_step import (Backbone, ShotData, StepConfig, TrainState, frozen_settings, make_optimizer,
@@ -69,7 +70,8 @@ def ids_for_class(template_ids: np.ndarray, first_placeholder_id: int, num_vecto
 
 
 def build_jax(args, mesh, inputs):
-  """(jitted step, state, data, backbone, template ids), every array placed on the mesh as the trainer does."""
+  """(the step jitted at a class chunk, state, data, backbone, template ids), every array placed on the mesh as the
+  trainer does."""
   text_cfg, clip_cfg = inputs["text_config"], inputs["clip_config"]
   num_padded = parallel.padded_num_classes(args.classes, mesh)
   # As mcti train: frozen weights in float32, compute in --dtype.
@@ -102,25 +104,38 @@ def build_jax(args, mesh, inputs):
   cfg = StepConfig(method=method, settings=frozen_settings(settings), first_placeholder_id=inputs["first_placeholder_id"],
                    num_vectors=args.num_vectors, num_train_timesteps=1000, pooling="eos",
                    batch_per_class=args.batch_per_class)
-  step = jax.jit(functools.partial(train_step, cfg=cfg, optimizer=optimizer, mesh=mesh), donate_argnums=(0,),
-                 out_shardings=(shardings, replicated))
+  step_at = lambda chunk: jax.jit(  # noqa: E731
+      functools.partial(train_step, cfg=dataclasses.replace(cfg, class_chunk=chunk), optimizer=optimizer, mesh=mesh),
+      donate_argnums=(0,), out_shardings=(shardings, replicated))
   template_ids = jax.device_put(inputs["template_ids"], replicated)
-  return step, state, data, backbone, template_ids
+  return step_at, state, data, backbone, template_ids
 
 
 def run_jax(args, mesh, inputs) -> dict:
   t0 = time.perf_counter()
-  step, state, data, backbone, template_ids = build_jax(args, mesh, inputs)
+  step_at, state, data, backbone, template_ids = build_jax(args, mesh, inputs)
   build_s = time.perf_counter() - t0
+  auto = args.class_chunk == class_chunks.AUTO
   t0 = time.perf_counter()
-  lowered = step.lower(state, data, backbone, template_ids)
+  lowered = step_at(0 if auto else int(args.class_chunk)).lower(state, data, backbone, template_ids)
   trace_s = time.perf_counter() - t0
   out = {"build_s": common.rounded(build_s), "trace_s": common.rounded(trace_s)}
   if args.trace_only:
     return out
   t0 = time.perf_counter()
-  compiled = lowered.compile()
+  if auto:  # as `mcti train --config.class_chunk=auto`: the largest chunk whose step fits the device
+    limit = class_chunks.device_memory(mesh.local_devices)
+    if limit is None:
+      raise SystemExit("--class_chunk auto needs a backend that reports its memory (a GPU or TPU)")
+    per_device = parallel.padded_num_classes(args.classes, mesh) // mesh.devices.size
+    chunk, compiled = class_chunks.choose(lambda c: step_at(c).lower(state, data, backbone, template_ids).compile(),
+                                          per_device, limit)
+    out.update(class_chunk=chunk, device_bytes_limit_gb=common.rounded(limit / 2**30))
+  else:
+    compiled = lowered.compile()
+    out["class_chunk"] = int(args.class_chunk)
   out["compile_s"] = common.rounded(time.perf_counter() - t0)
+  out["step_need_gb"] = common.rounded(class_chunks.need(compiled) / 2**30)
   t0 = time.perf_counter()
   state, metrics = compiled(state, data, backbone, template_ids)  # warm-up
   common.block(state)
@@ -132,9 +147,12 @@ def run_jax(args, mesh, inputs) -> dict:
   seconds = time.perf_counter() - t0
   metrics = jax.device_get(metrics)
   steps_per_s = args.steps / seconds
+  peak = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.local_devices]
+  if all(p is not None for p in peak):
+    out["peak_device_gb"] = common.rounded(max(peak) / 2**30)
   out.update(timed_steps=args.steps, timed_s=common.rounded(seconds), steps_per_s=common.rounded(steps_per_s),
              class_steps_per_s=common.rounded(args.classes * steps_per_s),
-             last_mse=common.rounded(float(metrics["mse"])), last_reg=common.rounded(float(metrics["reg"])))
+             **{f"last_{name}": common.rounded(float(metrics[name])) for name in ("mse", "reg") if name in metrics})
   return out
 
 
@@ -274,12 +292,15 @@ def main(argv=None) -> dict:
   p.add_argument("--num_vectors", type=int, default=1, help="token vectors per class")
   p.add_argument("--shots", type=int, default=16, help="cached shots per class")
   p.add_argument("--num_devices", type=int, default=None, help="devices of the class mesh (default: all)")
+  p.add_argument("--class_chunk", default="0", help="classes per pass on a device: 0 (all at once), N, or auto")
   common.add_torch_flags(p)
   p.add_argument("--trace_only", action="store_true", help="build and trace, run nothing (checks --full on a CPU)")
   common.add_output_flag(p)
   args = p.parse_args(argv)
   args.classes = args.classes or (37 if args.full else 8)
   args.steps = args.steps or 10
+  if args.class_chunk != class_chunks.AUTO and not args.class_chunk.isdigit():
+    p.error(f"--class_chunk {args.class_chunk!r}: a whole number of classes per pass (0: all at once) or auto")
 
   torch_device = common.setup_torch(args)
   mesh = parallel.make_mesh(args.num_devices)
