@@ -53,6 +53,16 @@ def main_only(log):
   return log if is_main() else (lambda *args, **kwargs: None)
 
 
+def agreed_min(value: int) -> int:
+  """The smallest of every process's `value` (an int32: JAX gathers without 64-bit types), on every process (a
+  collective; with one process, `value`). So that choices made from local facts (class_chunk="auto" from a
+  device's memory) compile one program everywhere."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.process_allgather(np.int32(value)).min())
+
+
 def agreed_signal(signum: int | None) -> int | None:
   """The stop signal some process received (the largest number if several), on every process; `signum` is this
   process's (None: none). With one process, `signum` itself. A collective: all processes call it at the same

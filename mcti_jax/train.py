@@ -377,7 +377,8 @@ def compile_chunked_step(setup: Setup, phase: phases.Phase, optimizer, state: Tr
   compile_at = lambda c: compile_step(setup, phase, optimizer, state, backbone, template_ids, clock, c)  # noqa: E731
   if chunk != class_chunks.AUTO:
     return compile_at(chunk)
-  limit = class_chunks.device_memory(setup.mesh.local_devices)
+  mib = 2**20  # one program on every host: the smallest device's memory, gathered in MiB (int32)
+  limit = distributed.agreed_min(class_chunks.device_memory(setup.mesh.local_devices) // mib) * mib
   per_device = setup.num_padded // setup.mesh.shape[parallel.CLASS_AXIS]
   return class_chunks.choose(compile_at, per_device, limit, log=lambda line: log(f"{phase.name}: {line}"))[1]
 

@@ -161,9 +161,9 @@ def _initial_vectors(setup, phase_name: str) -> np.ndarray:
   return np.asarray(setup.subspace.to_coords(tokens)) if phase.settings.subspace else tokens
 
 
-def test_a_run_resumed_with_another_chunk_equals_the_uninterrupted_run(tiny_checkpoint, tmp_path):
+def test_a_run_resumed_with_another_chunk_equals_the_uninterrupted_run(tiny_checkpoint, tmp_path, monkeypatch):
   """5 classes on one device, 6 TI steps: steps 1-3 in passes of 2 (killed after 3, saved at 2), then the rest in
-  passes of 3, against one pass."""
+  passes of 3, against one pass. Then "auto" in the trainer, on a device said to hold any chunk: one pass."""
   def config(workdir, chunk):
     c = tiny_train_config(tiny_checkpoint, workdir, num_devices=1, class_chunk=chunk,
                           **{"data.num_classes": 5, "phase.ti.steps": 6})
@@ -182,6 +182,12 @@ def test_a_run_resumed_with_another_chunk_equals_the_uninterrupted_run(tiny_chec
   assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [2, 4, 6]
   for a, b in zip(*rows):
     assert a["mse"] == pytest.approx(b["mse"], rel=1e-6, abs=1e-7)
+
+  monkeypatch.setattr(class_chunks, "device_memory", lambda devices: 2**40)
+  logs = []
+  auto = train.train(config(tmp_path / "auto", "auto"), log=logs.append)
+  assert any("ti: class_chunk='auto': 5 of each device's 5 classes per pass (1 pass)" in line for line in logs), logs
+  np.testing.assert_array_equal(auto.tokens["ti"], whole.tokens["ti"])  # the one-pass program
 
 
 # ------------------------------------------------------------------ memory flat in K
