@@ -81,8 +81,8 @@ def choose(compile_at: Callable[[int], jax.stages.Compiled], num_local: int, lim
   one = need(compiled(1))
   if one > budget:
     raise MctiError(f"class_chunk='auto': even one class per pass needs {gb(one)} of the device's "
-                      f"{gb(limit)} ({margin:.0%} usable: {gb(budget)}). Lower the memory per class: "
-                      "--config.model.dtype=bfloat16, --config.model.remat=True, or a smaller batch_per_class.")
+                    f"{gb(limit)} ({margin:.0%} usable: {gb(budget)}). Lower the memory per class: "
+                    "--config.model.dtype=bfloat16, --config.model.remat=True, or a smaller batch_per_class.")
   chunk = 1
   if num_local > 1:
     per_class = max(need(compiled(2)) - one, 1)

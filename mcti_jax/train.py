@@ -149,6 +149,9 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
     everyone = np.arange(num_classes)  # named, not loaded: each process loads only its own classes' images
     shot_positions = D.choose_shots(labeled, config.data.n_shots, config.data.shot_seed, everyone)
     shots_manifest = D.shots_manifest(labeled, shot_positions, config.data.shot_seed, everyone)
+    if Path(config.data.cache_dir).exists() and not Path(config.data.cache_dir).is_dir():
+      raise ConfigError(f"data.cache_dir={config.data.cache_dir} is a file, not a folder; give a folder for the shots' "
+                        "encodings (it is created if missing)")
     cache_key = {"sd": runs.fingerprint(config.model.sd_path),
                  "clip": runs.fingerprint(config.model.clip_path) if loads_clip else None,
                  "dtype": config.model.dtype, "source": labeled.source, "resolution": config.data.resolution}

@@ -306,7 +306,8 @@ def test_auto_picks_the_heads_shortlist_and_elimination_from_large_k_and_explici
   tiny = Evaluator(preset="tiny", large_k=3).config(10)
   assert (tiny.min_samples, tiny.round_samples, tiny.max_samples) == (4, 2, 8)
   assert Evaluator().config(10).settings() == dic.preset("pets").settings()  # small K: as before
-  for bad in (dict(strategy="fast"), dict(shortlist=-1), dict(shortlist="top5"), dict(large_k=0)):
+  for bad in (dict(strategy="fast"), dict(shortlist=-1), dict(shortlist="top5"), dict(large_k=0),
+              dict(large_k=float("nan"))):
     with pytest.raises(ValueError, match="dic "):
       Evaluator(**bad)
 

@@ -13,6 +13,7 @@ from conftest import tiny_train_config
 from mcti_jax import data as D
 from mcti_jax import runs, train
 from mcti_jax.data import cache
+from mcti_jax.errors import ConfigError
 
 
 class Recorder:
@@ -206,3 +207,11 @@ def test_prepare_encodes_only_the_classes_a_bigger_run_adds(tiny_checkpoint, tmp
   a, b = np.asarray(first.data.image_features), np.asarray(second.data.image_features)
   np.testing.assert_array_equal(b[:6], a[:6])
   assert first.signature["fingerprints"]["data"] != second.signature["fingerprints"]["data"]
+
+
+def test_a_file_as_cache_dir_is_refused_before_the_models_load(tiny_checkpoint, tmp_path, monkeypatch):
+  monkeypatch.setattr(train.pipeline, "load_stable_diffusion", lambda *a, **k: pytest.fail("models loaded"))
+  (tmp_path / "cache").write_text("not a folder")
+  config = tiny_train_config(tiny_checkpoint, tmp_path / "run", **{"data.cache_dir": str(tmp_path / "cache")})
+  with pytest.raises(ConfigError, match=r"cache is a file, not a folder"):
+    train.prepare(config, log=lambda _: None)

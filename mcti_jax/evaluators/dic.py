@@ -62,8 +62,8 @@ class Evaluator:
       raise ValueError(f"dic strategy={self.strategy!r}: one of 'auto', {', '.join(map(repr, dic.STRATEGIES))}")
     if self.shortlist != "auto" and not (isinstance(self.shortlist, int) and self.shortlist >= 0):
       raise ValueError(f"dic shortlist={self.shortlist!r}: 'auto', 0 (every class) or the number of classes to keep")
-    if self.large_k < 1:
-      raise ValueError(f"dic large_k={self.large_k} must be at least 1")
+    if isinstance(self.large_k, bool) or not isinstance(self.large_k, int) or self.large_k < 1:
+      raise ValueError(f"dic large_k={self.large_k!r} must be a whole number of classes, at least 1")
 
   def config(self, num_classes: int) -> dic.DiCConfig:
     """The DiC settings for K classes: the preset with this row's fields, "auto" ones chosen by K (see above)."""
