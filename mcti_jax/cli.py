@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
       raise KeyboardInterrupt
     if multi_process:  # before anything touches a device
       from mcti_jax import distributed
-      distributed.initialize()
+      distributed.initialize(prog)
     work()
   except (Exception, KeyboardInterrupt) as e:
     if (stop := _interrupt(e)) is not None:  # Ctrl-C; the trainer's own stop (stopping.Stopped) says where it saved

@@ -446,3 +446,59 @@ def test_slurm_layouts_and_settings(slurm):
   assert "WORKDIR is not set" in slurm(WORKDIR=None).stderr
   assert "submit it with sbatch" in slurm(SLURM_JOB_ID=None).stderr
   assert "must be train or eval" in slurm(MCTI_COMMAND="demo").stderr
+
+
+# ------------------------------------------------------------------ joining: --distributed never hangs silently
+
+
+def _join(address: str, process_id: int, timeout: str | None, tmp_path: Path
+          ) -> tuple[subprocess.CompletedProcess, float]:
+  """`mcti train --distributed` as process `process_id` of 2, with nobody else; (the finished process, seconds)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
+         "JAX_PROCESS_ID": str(process_id)}
+  env.pop("MCTI_DISTRIBUTED_TIMEOUT", None)
+  if timeout is not None:
+    env["MCTI_DISTRIBUTED_TIMEOUT"] = timeout
+  t = time.time()
+  done = subprocess.run([sys.executable, "-m", "mcti_jax.cli", "train", "--config", "configs/mcti.py:tiny",
+                         f"--config.workdir={tmp_path / 'run'}", "--distributed"], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  return done, time.time() - t
+
+
+def _unused_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("process_id", [1, 0], ids=["no coordinator", "a lone process 0"])
+def test_a_join_nobody_answers_ends_within_the_timeout_with_one_line(process_id, tmp_path):
+  """Process 1 against a port nobody listens on, and process 0 whose partner never comes: each exits 1 within
+  MCTI_DISTRIBUTED_TIMEOUT (+ the start-up) with one line naming the address (JAX alone: 5 minutes, a C++ abort)."""
+  from mcti_jax import distributed
+  assert distributed.DEFAULT_TIMEOUT_S < 60
+  address = f"127.0.0.1:{_unused_port()}"
+  done, seconds = _join(address, process_id, "3", tmp_path)
+  assert done.returncode == 1, done.stderr
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("mcti train: error: --distributed: the run's processes did not all "
+                                                 "join within 3 s"), done.stderr
+  assert f"JAX_COORDINATOR_ADDRESS={address}, JAX_NUM_PROCESSES=2, JAX_PROCESS_ID={process_id}" in lines[0]
+  assert seconds < 3 + 30, seconds  # the start-up (imports) on a loaded 2-core machine, not JAX's 300 s
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("address, timeout, message", [
+    ("127.0.0.1:http", None, "JAX_COORDINATOR_ADDRESS='127.0.0.1:http' must be host:port with a port number"),
+    ("127.0.0.1", None, "JAX_COORDINATOR_ADDRESS='127.0.0.1' must be host:port"),
+    ("127.0.0.1:99999", None,
+     "JAX_COORDINATOR_ADDRESS='127.0.0.1:99999' must be host:port with a port number 1-65535"),
+    ("127.0.0.1:1234", "soon", "MCTI_DISTRIBUTED_TIMEOUT='soon' must be a number of seconds > 0"),
+])
+def test_a_bad_address_or_timeout_is_refused_at_once(address, timeout, message, tmp_path):
+  done, _ = _join(address, 1, timeout, tmp_path)
+  assert done.returncode == 1, done.stderr
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"mcti train: error: {message}"), done.stderr
