@@ -7,15 +7,15 @@ import os
 import re
 import sys
 
+from mcti_jax import paths
 from mcti_jax.errors import ConfigError
 
 
 def load_config(spec: str):
   """`FILE[:preset]` -> (the config file as a module, its get_config(preset)); a bad file or preset is a ConfigError."""
   file, *preset = spec.split(":", 1)
-  if not os.path.isfile(file):
-    raise ConfigError(f"no config file {file} (a relative path starts at the working directory; configs/ is in the "
-                      "repository root)")
+  paths.input_file(file, "config file", "a relative path starts at the working directory; configs/ is in the "
+                   "repository root")
   name = "mcti_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(file))[0])
   module_spec = importlib.util.spec_from_file_location(name, file)
   module = importlib.util.module_from_spec(module_spec)

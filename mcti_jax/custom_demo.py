@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mcti_jax import evaluate, init_convergence, retrieval, subspace
+from mcti_jax import evaluate, init_convergence, paths, retrieval, subspace
 from mcti_jax.classify import gair
 from mcti_jax.models import hf_io
 from mcti_jax.models import tokenizer as tokenizer_lib
@@ -34,6 +34,7 @@ from mcti_jax.models import tokenizer as tokenizer_lib
 
 def run(config, log: Callable[[str], None] = print) -> dict:
   workdir = Path(config.workdir)
+  paths.output_folder(workdir, "config.workdir")  # before any part trains
   out: dict[str, Any] = {}
   if "composition" in config.parts:
     out = composition(config, workdir, log)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcti_jax import classifiers, demo, generate, train
+from mcti_jax import classifiers, demo, generate, paths, train
 from mcti_jax.conditioning import LearnedTokens
 from mcti_jax.models import hf_io, pipeline
 from mcti_jax.tiny import captions, guide
@@ -34,6 +34,7 @@ from mcti_jax.tiny import captions, guide
 
 def run(config, log: Callable[[str], None] = print) -> dict:
   workdir = Path(config.workdir)
+  paths.output_folder(workdir, "config.workdir")  # before the judges fit and the runs train
   results = {"seeds": list(config.seeds), "digits": {}, "attribute": {}}
   logistic, logistic_accuracy = demo.fit_judge()
   knn, knn_accuracy = guide.pixel_knn_judge()

@@ -30,6 +30,7 @@ from mcti_jax.conditioning import LearnedTokens
 from mcti_jax.models import hf_io
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import Frozen, freeze
+from mcti_jax.paths import output_folder
 
 CLASS_PROMPT = "a photo of a {}"  # MC-TI's generation metric prompt
 
@@ -203,6 +204,7 @@ def generate_main(argv: list[str]) -> None:
   if not args.prompt and not args.tokens:
     raise SystemExit(f"{prog}: give --prompt (and --tokens to use learned classes)")
   try:
+    output_folder(args.out, "--out")  # before SD loads and the images are drawn
     sd = pipeline.load_stable_diffusion(args.sd, dtype=args.dtype)
     learned = None
     if args.tokens:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mcti_jax import paths
 from mcti_jax.errors import ConfigError
 from mcti_jax.models.tokenizer import MAX_LENGTH
 
@@ -116,10 +117,8 @@ def read_captions(path, num_classes: int, num_shots: int) -> list[str]:
     raise ConfigError("tokens.init='caption' needs tokens.caption_file: a text file with one caption per class "
                       f"({num_classes} lines) or per shot ({num_classes * num_shots} lines, class-major)")
   file = Path(path).expanduser()
-  if not file.is_file():
-    raise ConfigError(f"tokens.caption_file={str(path)!r} does not exist: write one caption per class "
-                      f"({num_classes} lines) or per shot ({num_classes * num_shots} lines, class-major)")
-  lines = file.read_text(encoding="utf-8").splitlines()
+  lines = paths.read_text(path, "tokens.caption_file", f"write one caption per class ({num_classes} lines) or per "
+                          f"shot ({num_classes * num_shots} lines, class-major)").splitlines()
   if len(lines) not in (num_classes, num_classes * num_shots):
     raise ConfigError(f"{file} has {len(lines)} lines, but needs one caption per class ({num_classes} lines) or per "
                       f"shot ({num_classes} classes x {num_shots} shots = {num_classes * num_shots} lines, "

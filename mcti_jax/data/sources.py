@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mcti_jax import paths
 from mcti_jax.data import preprocess
 from mcti_jax.data.errors import DataError
 from mcti_jax.data.labeled import LabeledImages, threaded_reader
@@ -33,9 +34,11 @@ def _read_paths(num_workers: int = 8):
 def _check_files_exist(paths: Sequence[str], what: str, fix: str) -> None:
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
-    shown = "\n  ".join(missing[:5])
+    folders = [p for p in missing if os.path.isdir(p)]
+    shown = "\n  ".join(p + (" (a folder, not a file)" if p in folders else "") for p in missing[:5])
     more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
-    raise DataError(f"{what}: {len(missing)} of {len(paths)} listed image files do not exist:\n  {shown}{more}\n{fix}")
+    kind = "do not exist or are folders" if folders else "do not exist"
+    raise DataError(f"{what}: {len(missing)} of {len(paths)} listed image files {kind}:\n  {shown}{more}\n{fix}")
 
 
 def from_folder(root: str | os.PathLike) -> LabeledImages:
@@ -45,8 +48,7 @@ def from_folder(root: str | os.PathLike) -> LabeledImages:
   preprocess.IMAGE_EXTENSIONS); other files and deeper folders are ignored.
   """
   root = os.fspath(root)
-  if not os.path.isdir(root):
-    raise DataError(f"image folder {root} does not exist (or is not a folder); it should hold one subfolder per class")
+  paths.input_folder(root, "image folder", "it should hold one subfolder per class", DataError)
   class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
   if not class_names:
     raise DataError(f"image folder {root} has no class subfolders; put each class's images in {root}/<class name>/")
@@ -74,7 +76,7 @@ def from_file_lists(lists: Mapping[str, Sequence[str]] | str | os.PathLike,
   where = "file lists"
   if not isinstance(lists, Mapping):
     where = os.fspath(lists)
-    lists = _read_json(where)
+    lists = _read_json(where, "file lists")
     if not isinstance(lists, dict):
       raise DataError(f"{where} should hold a JSON object {{class name: [image paths]}}, got {type(lists).__name__}")
     if root is None:
@@ -93,13 +95,10 @@ def from_file_lists(lists: Mapping[str, Sequence[str]] | str | os.PathLike,
   return LabeledImages(list(lists), items, ids, np.asarray(labels, np.int32), _read_paths(), source=f"lists:{where}")
 
 
-def _read_json(path: str):
-  if not os.path.isfile(path):
-    raise DataError(f"{path} does not exist")
+def _read_json(path: str, what: str):
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    return json.loads(paths.read_text(path, what, error=DataError))
+  except json.JSONDecodeError as e:
     raise DataError(f"{path} is not valid JSON: {e}") from e
 
 
@@ -111,7 +110,7 @@ def from_split_file(split_file: str | os.PathLike, split: str, image_root: str |
   has the same class list; labels must be 0..K-1.
   """
   split_file, image_root = os.fspath(split_file), os.fspath(image_root)
-  data = _read_json(split_file)
+  data = _read_json(split_file, "split file")
   if not isinstance(data, dict) or split not in data:
     have = sorted(data) if isinstance(data, dict) else type(data).__name__
     raise DataError(f"{split_file} has no split {split!r} (it has {have})")

@@ -29,6 +29,7 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
   """`mcti pretrain-tiny [--config FILE[:preset]] [--quick] [--out DIR] [--seed N] [--clip-steps N ...]`."""
   from mcti_jax.config_files import load_config
   from mcti_jax.errors import ConfigError
+  from mcti_jax.paths import output_folder
   from mcti_jax.tiny.pretrain import pretrain
 
   args = _parser().parse_args(argv)
@@ -40,6 +41,10 @@ def pretrain_main(argv: Sequence[str] | None = None) -> int:
   for name in ("out", "seed", *_STEPS):
     if getattr(args, name) is not None:
       config[name] = str(getattr(args, name)) if name == "out" else getattr(args, name)
+  try:
+    output_folder(config.out, "--out")  # before half an hour of pretraining, not after
+  except ConfigError as e:
+    raise SystemExit(f"mcti pretrain-tiny: {e}") from None
   stats = pretrain(config, progress=not args.no_progress)
   print(json.dumps({"losses": stats["losses"], "seconds": stats["seconds"]}, indent=2))
   return 0
