@@ -6,7 +6,8 @@ never some phases without the others. `mcti export` (reexport.py) rewrites an
 older export in today's formats.
 
   <folder>/tokens.safetensors         {"tokens": float32 [K, V, D], "num_vectors": int32 [K]}: all classes at once
-  <folder>/manifest.json              class index, token string, class name, V_k, init text, per-class files
+  <folder>/manifest.json              class index, token string, class name, V_k, init text, per-class files,
+                                      and a digest of names, counts and tokens (`digest`, checked on re-export)
   <folder>/classes/<k>/learned_embeds.safetensors   {"<cls-k>": float32 [V_k, D]}: diffusers
   <folder>/a1111/<word>.safetensors   {"emb_params": float32 [V_k, D]}: AUTOMATIC1111 webui, kohya sd-scripts
 
@@ -40,6 +41,7 @@ What their loaders do with it (checked in tests/test_export_formats.py):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import unicodedata
@@ -48,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from mcti_jax.errors import MctiError
 from mcti_jax.models import hf_io
 from mcti_jax.tokens import ClassTokens
 
@@ -78,6 +81,7 @@ def token_files(tokens: np.ndarray, class_tokens: ClassTokens, class_names: list
                      f"{class_tokens.num_vectors} vectors")
   counts = class_tokens.counts
   phase = (info or {}).get("phase")
+  _check_finite(tokens, class_names, phase)
   files: dict[str, Any] = {COMBINED: hf_io.tensors({"tokens": tokens, "num_vectors": counts.astype(np.int32)})}
   classes = []
   for k, name in enumerate(class_names):
@@ -94,8 +98,36 @@ def token_files(tokens: np.ndarray, class_tokens: ClassTokens, class_names: list
       entry["init_text"] = class_tokens.init_texts[k]
     classes.append(entry)
   files[MANIFEST] = {"num_classes": len(classes), "num_vectors": class_tokens.num_vectors,
-                     "width": int(tokens.shape[-1]), "classes": classes, **(info or {})}
+                     "width": int(tokens.shape[-1]), "classes": classes, **(info or {}),
+                     "digest": digest(tokens, class_names, counts, phase)}
   return files
+
+
+def digest(tokens: np.ndarray, class_names: list[str], counts: np.ndarray, phase: str | None) -> str:
+  """sha256 of what an export means: its phase, each class's name and vector count, and the token array [K, V, D].
+
+  The manifest records it when the export is written (`mcti train`, `mcti export`), and `mcti export` checks it
+  before writing the export again (reexport.read_export): a manifest edited by hand (class names swapped) or put
+  beside another export's tokens.safetensors no longer matches it. It travels with the export, so a copy made
+  with --out is checked as well as the run's own export/. It is a checksum, not a signature: whoever rewrites the
+  manifest on purpose can recompute it (as they could rewrite run.json).
+  """
+  h = hashlib.sha256(json.dumps({"phase": phase, "names": list(class_names),
+                                 "counts": [int(n) for n in counts]}, sort_keys=True).encode())
+  tokens = np.ascontiguousarray(tokens, np.float32)
+  h.update(json.dumps(list(tokens.shape)).encode())
+  h.update(tokens.tobytes())
+  return h.hexdigest()
+
+
+def _check_finite(tokens: np.ndarray, class_names: list[str], phase: str | None) -> None:
+  """Refuse NaN/inf tokens: the last line of defence behind the trainer's own divergence check."""
+  bad = np.flatnonzero(~np.isfinite(tokens.reshape(tokens.shape[0], -1)).all(axis=1))
+  if bad.size:
+    shown = ", ".join(f"class {k} ({class_names[k]})" for k in bad[:5]) + (
+        f" and {bad.size - 5} more" if bad.size > 5 else "")
+    raise MctiError(f"phase {phase or 'tokens'}: the tokens of {shown} are non-finite (NaN or inf), so they are "
+                    "not exported: the training diverged; lower the learning rate and train again")
 
 
 def export_tokens(folder: str | Path, tokens: np.ndarray, class_tokens: ClassTokens, class_names: list[str],

@@ -9,6 +9,15 @@ bit for bit from each folder's tokens.safetensors, the source of truth, and the
 manifest's other fields (base model, shots, templates...) are kept. Each
 destination is replaced in one step (hf_io.write_folder), so a crash leaves the
 old export, never a mix.
+
+What it writes is vouched for: each manifest's digest (export.digest, recorded
+when the run exported) must match its class names, counts and tokens, so an
+edited manifest is refused, not spread into every format. An export from before
+digests has none; it is refused too, unless --trust-manifest says its names are
+right (re-training, the other way out, costs hours for what is usually a good
+old export; the rewritten export then records a digest). --out replaces only a
+new or empty folder or this run's own export, i.e. one holding the same phases
+with the same tokens and names, whose replacement loses nothing.
 """
 
 from __future__ import annotations
@@ -20,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from mcti_jax import export
+from mcti_jax import export, paths
 from mcti_jax import tokens as tok
 from mcti_jax.errors import MctiError
 from mcti_jax.models import hf_io
 
 # Manifest fields that token_files computes; everything else in a manifest is the run's info and is kept.
-_COMPUTED = ("num_classes", "num_vectors", "width", "classes")
+_COMPUTED = ("num_classes", "num_vectors", "width", "classes", "digest")
 _UNFINISHED = "run the same `mcti train` command to finish it (it resumes from its checkpoint and exports)"
 _REWRITE = "run the same `mcti train` command to write it again"
 _EXPORT_FILES = (export.COMBINED, export.MANIFEST, "classes", "a1111")  # what an export folder holds
@@ -66,8 +75,9 @@ def _refuse_others(folder: Path, names: list[str], besides: str, hint: str = "")
                       f"{'it' if len(others) == 1 else 'them'} out first, as the export is rewritten whole{hint}")
 
 
-def read_export(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
-  """(tokens [K, V, D], manifest) of one export folder, checked to agree with each other."""
+def read_export(folder: Path, trust: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+  """(tokens [K, V, D], manifest) of one export folder, checked to agree with each other and with the manifest's
+  digest (without one, only when `trust`: the manifest's names are then taken as they are)."""
   where = folder / export.MANIFEST
   try:
     manifest = json.loads(where.read_text())
@@ -96,7 +106,19 @@ def read_export(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
   if "num_vectors" in state and not np.array_equal(state["num_vectors"], counts):
     raise ExportError(f"{folder / export.COMBINED} gives {state['num_vectors'].tolist()} vectors per class but "
                       f"{where} gives {counts.tolist()}; {_REWRITE}")
+  recorded = manifest.get("digest")
+  if recorded is None and not trust:
+    raise ExportError(f"{where} records no digest (it predates them), so its class names cannot be checked against "
+                      f"its tokens: pass --trust-manifest if they are right, or {_REWRITE}")
+  if recorded is not None and recorded != _digest(tokens, manifest, counts):
+    raise ExportError(f"{where} does not match the digest the run recorded: its class names, vector counts or phase "
+                      f"were edited, or {export.COMBINED} comes from another export; restore the export's own files, "
+                      f"or {_REWRITE}")
   return tokens, manifest
+
+
+def _digest(tokens: np.ndarray, manifest: dict[str, Any], counts: np.ndarray) -> str:
+  return export.digest(tokens, [c["name"] for c in manifest["classes"]], counts, manifest.get("phase"))
 
 
 def _counts(manifest: dict[str, Any], tokens: np.ndarray, where: Path) -> np.ndarray:
@@ -110,9 +132,9 @@ def _counts(manifest: dict[str, Any], tokens: np.ndarray, where: Path) -> np.nda
   return counts
 
 
-def rebuild(folder: Path) -> dict[str, Any]:
+def rebuild(folder: Path, trust: bool = False) -> dict[str, Any]:
   """The files of one export folder in today's formats (`export.token_files`), from its own tokens and manifest."""
-  tokens, manifest = read_export(folder)
+  tokens, manifest = read_export(folder, trust)
   num_classes, num_vectors = tokens.shape[:2]
   classes = manifest["classes"]
   texts = [c.get("init_text") for c in classes]
@@ -129,35 +151,62 @@ def rebuild(folder: Path) -> dict[str, Any]:
   return files
 
 
-def reexport(path: str | Path, out: str | Path | None = None) -> dict[str | None, Path]:
-  """Rewrite the export(s) at `path` in every format, in place or into `out`; their folders by phase."""
+def reexport(path: str | Path, out: str | Path | None = None, trust_manifest: bool = False) -> dict[str | None, Path]:
+  """Rewrite the export(s) at `path` in every format, in place or into `out`; their folders by phase.
+
+  `trust_manifest`: rewrite an export whose manifest records no digest (see read_export).
+  """
   root, folders = find_exports(path)
-  files = {}
+  files, digests = {}, {}
   for phase, folder in folders.items():
-    files.update({(name if phase is None else f"{phase}/{name}"): content
-                  for name, content in rebuild(folder).items()})
-  target = root if out is None else _check_out(Path(out).expanduser(), root, single=None in folders)
+    one = rebuild(folder, trust_manifest)
+    digests[phase] = one[export.MANIFEST]["digest"]
+    files.update({(name if phase is None else f"{phase}/{name}"): content for name, content in one.items()})
+  target = root if out is None else _check_out(Path(out).expanduser(), root, digests)
   hf_io.write_folder(target, files, replace=True)
   return {phase: target if phase is None else target / phase for phase in folders}
 
 
-def _check_out(out: Path, root: Path, single: bool) -> Path:
-  """`out` is replaced whole: refuse anything but a new or empty folder, or an earlier export of the same kind."""
+def _check_out(out: Path, root: Path, digests: dict[str | None, str]) -> Path:
+  """`out` is replaced whole: refuse anything but a new or empty folder, or this run's own export.
+
+  "Its own" is judged by content, not by a name or path a copy would not keep: `out` holds the same phases (or,
+  for one export folder, one export), each with the tokens, names and counts about to be written (`digests`, by
+  phase), so that replacing it loses nothing. An older export of the same run, before it trained further, differs
+  and is refused too: nothing an export records tells it apart from another run's.
+  """
   if out.resolve() == root.resolve():
     return out
   if out.resolve().is_relative_to(root.resolve()):
     raise ExportError(f"--out {out} lies inside {root}, which is rewritten whole; pass a folder outside it")
+  paths.output_folder(out, "--out", error=ExportError)  # a file in the way, a read-only mount: before any work
   if not out.exists():
     return out
-  if not out.is_dir():
-    raise ExportError(f"--out {out} is a file; pass a new folder")
-  entries = list(out.iterdir())
-  earlier = (out / export.MANIFEST).is_file() if single else \
+  entries = [p for p in out.iterdir() if not p.name.startswith(".")]  # staging leftovers start with '.'
+  if not entries:
+    return out
+  single = None in digests
+  earlier = (out / export.MANIFEST).is_file() and all(p.name in _EXPORT_FILES for p in entries) if single else \
       all(p.is_dir() and (p / export.MANIFEST).is_file() for p in entries)
-  if entries and not earlier:
+  if not earlier:
     raise ExportError(f"--out {out} exists and holds other files than an export; it would be replaced whole: pass "
                       "a new folder")
+  theirs = {None: out} if single else {p.name: p for p in entries}
+  if theirs.keys() != digests.keys() or any(_content_digest(folder) != digests[phase]
+                                            for phase, folder in theirs.items()):
+    raise ExportError(f"--out {out} holds another export (other phases, tokens or class names than {root}'s), "
+                      "which would be replaced whole: pass a new or empty folder")
   return out
+
+
+def _content_digest(folder: Path) -> str | None:
+  """The digest of what an export folder holds, computed from its files (its recorded one may be stale or forged);
+  None when it cannot be read."""
+  try:
+    tokens, manifest = read_export(folder, trust=True)
+  except (ExportError, OSError):
+    return None
+  return _digest(tokens, manifest, export.vector_counts(manifest, tokens))
 
 
 def main(argv: list[str]) -> None:
@@ -174,11 +223,15 @@ def main(argv: list[str]) -> None:
       epilog="examples:\n  mcti export runs/pets\n  mcti export runs/pets/export/mcti --out ~/tokens/pets")
   parser.add_argument("path", help="a run's workdir (runs/<name>: every phase under its export/), or one export "
                                    "folder (runs/<name>/export/<phase>, holding manifest.json)")
+  parser.add_argument("--trust-manifest", action="store_true",
+                      help="rewrite an export whose manifest records no digest (made before mcti-jax recorded one), "
+                           "taking its class names as they are; the rewritten export records one")
   parser.add_argument("--out", metavar="DIR", help="write here instead of in place; for a workdir DIR gets one "
-                                                   "folder per phase (like export/). DIR must be new, empty or an "
-                                                   "earlier export: it is replaced whole")
+                                                   "folder per phase (like export/). DIR must be new, empty or "
+                                                   "this run's own export (the same tokens and names): it is "
+                                                   "replaced whole")
   args = parser.parse_args(argv)
-  for phase, folder in reexport(args.path, args.out).items():
+  for phase, folder in reexport(args.path, args.out, args.trust_manifest).items():
     manifest = json.loads((folder / export.MANIFEST).read_text())
     words = ", ".join(c["a1111_word"] for c in manifest["classes"][:3]) + (", ..." if manifest["num_classes"] > 3
                                                                           else "")

@@ -182,8 +182,6 @@ def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | dict | M
   JSON-able dict. Existing files not named here are kept, unless `replace`:
   then `folder` holds exactly these files afterwards.
   """
-  from safetensors.numpy import save_file
-
   with staged_folder(folder, replace=replace) as tmp:
     for name, content in files.items():
       target = tmp / name
@@ -191,13 +189,41 @@ def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | dict | M
       if isinstance(content, bytes):
         target.write_bytes(content)
       elif isinstance(content, Mapping) and "__tensors__" in content:
-        arrays = {k: np.require(v, requirements="C") for k, v in content["__tensors__"].items()}  # keeps 0-d
-        save_file(arrays, str(target), metadata={"format": "pt"})
+        save_safetensors(target, content["__tensors__"])
       else:
         target.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
+def save_safetensors(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+  """Write a safetensors file whole (a temporary sibling, then os.replace), with the mode the umask gives.
+
+  safetensors' save_file creates its file 0600, so on a shared machine others could read the manifest beside
+  it but not load the tokens; every safetensors file this project writes goes through here.
+  """
+  from safetensors.numpy import save_file
+
+  path = Path(path)
+  arrays = {k: np.require(v, requirements="C") for k, v in arrays.items()}  # keeps 0-d
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+  os.close(fd)
+  try:
+    save_file(arrays, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+
+
 def _umask() -> int:
+  """The process's umask, read without setting it where Linux says it (setting it races other threads' files)."""
+  try:
+    with open("/proc/self/status") as status:
+      for line in status:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
   mask = os.umask(0)
   os.umask(mask)
   return mask
