@@ -7,13 +7,17 @@ config.train's phases, then scores it with every evaluator of config.evals
 (mcti_jax/evaluators/) on the test images, one row each. Each finished row is added
 to results.json at once, so an interrupted evaluation resumes where it
 stopped. The markdown table and the plots are drawn from results.json alone,
-so every number in them can be traced to a row there.
+so every number in them can be traced to a row there. A rerun with other
+settings recomputes only the rows and cells they change (_drop_stale_rows).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from mcti_jax import data as D
-from mcti_jax import distributed, evaluators, metrics, phases, plots, runs, train
+from mcti_jax import distributed, evaluators, metrics, paths, phases, plots, runs, train
 from mcti_jax import tokens as tok
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError
@@ -67,6 +71,7 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
   """Fill config's grid of rows, then write the reports. With several processes (distributed.py) all compute every
   row and process 0 alone writes; the others return the results with no table."""
   workdir = Path(config.workdir)
+  paths.output_folder(workdir, "config.workdir")  # before any cell trains
   main = distributed.is_main()
   log = distributed.main_only(log)
   evals = {name: evaluators.make(name, entry) for name, entry in evals_of(config).items()}
@@ -75,8 +80,20 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
   results_path = workdir / "results.json"
   results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": []}
   made_with = _made_with(config)
-  _check_rows_reusable(results, results_path, made_with)
+  dropped = _drop_stale_rows(results, results_path, made_with, log)
+  retrain = _cells_to_retrain(config, log)
+  results["rows"] = [r for r in results["rows"] if (r["n_shots"], r["seed"]) not in retrain]
   results.update(made_with)
+  if main and (dropped or retrain):
+    _write_json(results_path, results)  # before the cells go: a rerun that finds them gone finds no rows of them
+  if main and retrain:  # set aside, not deleted: a mistaken override must not throw trained cells away
+    aside = workdir / "replaced" / time.strftime("%Y%m%d-%H%M%S")
+    for n_shots, seed in retrain:
+      cell = Path(_train_config(config, n_shots, seed).workdir)
+      (aside / cell.parent.name).mkdir(parents=True, exist_ok=True)
+      shutil.move(cell, aside / cell.parent.name / cell.name)
+    log(f"the replaced cells are kept in {aside} (delete it once the new ones are trained)")
+  distributed.agreed_min(len(retrain))  # every process waits for the stale cells to go before training
   done = {(r["method"], r["n_shots"], r["seed"]) for r in results["rows"]}
   features_cache: dict[str, np.ndarray] = {}
   models, pca_features = None, None
@@ -162,23 +179,75 @@ def _made_with(config: ml_collections.ConfigDict) -> dict[str, Any]:
                       "clip": runs.weights_fingerprint(config.train.model.clip_path)}}
 
 
-def _check_rows_reusable(results: dict, path: Path, made_with: dict) -> None:
-  """Rows made with other settings or weights must not be reused as if they were made with these."""
+def _drop_stale_rows(results: dict, path: Path, made_with: dict, log: Callable[[str], None]) -> bool:
+  """Drop the rows of results.json that these settings would make otherwise; whether any went.
+
+  results.json records the settings and weights its rows were made with, and a rerun recomputes only what a change
+  touches, never reusing a row made otherwise:
+  - a label is cosmetic: tables and plots read it from the config, so a new one recomputes nothing;
+  - a changed setting of evaluator <name> drops <name>'s rows, in every cell; an evaluator not asked for now keeps
+    its rows and their recorded settings (out of the table: back in it, unchanged, when asked for again);
+  - any other changed setting (config.train, class_groups) drops every row, as every row is made from a trained
+    cell; _cells_to_retrain then says which cells the trainer cannot resume, to train them again;
+  - other model weights are refused: nothing in the workdir would be kept, so a new workdir is as good.
+  The grid (GRID_SETTINGS) may change freely: a cell is a cell whichever grid it is part of.
+  """
   if not results["rows"]:
-    return
+    return False
   if "weights" not in results:
-    changes = "made by an older mcti-jax that did not record its weights"
-  else:
-    old = {"settings": results["settings"], "weights": results["weights"]}
-    # An evaluator's settings matter to its own rows only, and only while it is asked for: evaluators may come and
-    # go (their rows stay in results.json), and one without rows may change.
-    before, now = set(old["settings"].get("evals", {})), set(made_with["settings"]["evals"])
-    free = (before | now) - (before & now & {r["method"] for r in results["rows"]})
-    ignore = (*(f"settings.{k}" for k in GRID_SETTINGS), *(f"settings.evals.{name}" for name in free))
-    changes = runs.settings_changes(old, made_with, ignore=ignore)
-  if changes:
-    raise ConfigError(f"{path} holds results made with other settings or model weights ({changes}). "
-                     f"Use a new --config.workdir, or delete {path.parent} to start over.")
+    raise ConfigError(f"{path} holds results made by an older mcti-jax that did not record its weights. Use a new "
+                      f"--config.workdir, or delete {path.parent} to start over.")
+  if changes := runs.settings_changes({"weights": results["weights"]}, {"weights": made_with["weights"]}):
+    raise ConfigError(f"{path} holds results made with other model weights ({changes}). Use a new "
+                      f"--config.workdir, or delete {path.parent} to start over.")
+  old, new, rows = results["settings"], made_with["settings"], results["rows"]
+  if changes := runs.settings_changes(old, new, ignore=(*GRID_SETTINGS, "evals")):
+    log(f"results.json's rows were made with other settings ({changes}): every row is recomputed")
+    results["rows"] = []
+    return True
+  cosmetic = lambda entry: {k: v for k, v in entry.items() if k != "label"}  # noqa: E731
+  old_evals = old.get("evals", {})
+  for name, entry in new["evals"].items():
+    if name not in old_evals:
+      changes = "settings not recorded" if any(r["method"] == name for r in rows) else ""
+    else:
+      changes = runs.settings_changes({"evals": {name: cosmetic(old_evals[name])}},
+                                      {"evals": {name: cosmetic(entry)}})
+    if changes:
+      log(f"config.evals.{name} changed ({changes}): its rows are recomputed")
+      rows = [r for r in rows if r["method"] != name]
+  kept = {r["method"] for r in rows} - set(new["evals"])  # their rows stay, with the settings they were made with
+  new["evals"].update({name: old_evals[name] for name in kept if name in old_evals})
+  dropped, results["rows"] = len(rows) < len(results["rows"]), rows
+  return dropped
+
+
+def _cells_to_retrain(config: ml_collections.ConfigDict, log: Callable[[str], None]) -> list[tuple[int, int]]:
+  """The (N, seed) cells of config's grid whose trained run the trainer would refuse to resume (its run.json made
+  with other training settings, or by another version): they are set aside under <workdir>/replaced/ and trained
+  again, and their rows dropped. A run that only gains steps is resumed by the trainer instead. The trainer itself
+  still checks the data's and weights' fingerprints."""
+  stale: dict[str, list[str]] = {}  # what changed -> the cells it changed for
+  cells = []
+  for n_shots in config.n_shots:
+    for seed in config.seeds:
+      tcfg = _train_config(config, n_shots, seed)
+      path = Path(tcfg.workdir) / "run.json"
+      if not path.is_file():
+        continue
+      old = json.loads(path.read_text())
+      if old.get("version") != runs.SIGNATURE_VERSION:
+        changes = f"run.json version {old.get('version', 1)}, this mcti-jax writes {runs.SIGNATURE_VERSION}"
+      else:
+        changes = runs.resume_changes(old, {**old, "config": json.loads(tcfg.to_json_best_effort())})
+      if changes:
+        changes = re.sub(r"(^|, )config\.", r"\1train.", changes)  # run.json's config is config.train
+        stale.setdefault(changes, []).append(f"{n_shots}shot/seed{seed}")
+        cells.append((n_shots, seed))
+  for changes, names in stale.items():
+    log(f"cells {', '.join(names)} were trained with other settings ({changes}): they are trained again from "
+        "scratch")
+  return cells
 
 
 def _test_features(models: evaluators.Models, test, resolution: int, cache: dict) -> np.ndarray:

@@ -126,6 +126,14 @@ def extends(old: dict[str, Any], new: dict[str, Any]) -> bool:
   return a[:last] == b[:last] and a[last] <= b[last] and not any(a[last + 1:]) and not any(b[last + 1:])
 
 
+def resume_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+  """What differs between two signatures of one version beyond what a resumed run may change ('' when none)."""
+  ignore = tuple(f"config.{k}" for k in RESUMABLE)
+  if extends(old, new):
+    ignore += tuple(f"config.phase.{name}.steps" for name in new["config"]["phases"])
+  return settings_changes(old, new, ignore=ignore)
+
+
 def check_resumable(workdir: Path, new: dict[str, Any]) -> None:
   """Refuse a workdir whose run.json was made with another signature (run.json is written by `record`)."""
   path = workdir / "run.json"
@@ -137,10 +145,7 @@ def check_resumable(workdir: Path, new: dict[str, Any]) -> None:
                       f"{old.get('version', 1)}; this one writes {SIGNATURE_VERSION}, with training phases in "
                       f"config.phases) that it cannot resume. Use a new --config.workdir, or delete {workdir} to "
                       "start over; its exported tokens (export/) still load.")
-  ignore = tuple(f"config.{k}" for k in RESUMABLE)
-  if extends(old, new):
-    ignore += tuple(f"config.phase.{name}.steps" for name in new["config"]["phases"])
-  detail = settings_changes(old, new, ignore=ignore)
+  detail = resume_changes(old, new)
   if detail:
     raise ConfigError(f"{workdir} holds a run made with other settings or data ({detail}). Use a new "
                       f"--config.workdir, or delete {workdir} to start over.")

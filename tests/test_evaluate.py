@@ -170,26 +170,131 @@ def test_resumed_eval_does_not_redo_rows(tiny_eval, monkeypatch):
   assert calls == [] and json.loads((workdir / "results.json").read_text())["rows"] == before
 
 
-def test_results_made_with_other_settings_or_weights_are_not_reused(tiny_eval, tiny_checkpoint, tmp_path):
-  """A changed training setting or checkpoint must not pass off the old rows as its own; a new seed may extend them."""
+@pytest.fixture
+def eval_copy(tiny_eval, tmp_path):
+  """tiny_eval's workdir copied, and its config pointed at the copy: to change settings and rerun."""
+  _, workdir, config = tiny_eval
+  copied = tmp_path / "eval"
+  shutil.copytree(workdir, copied)
+  config = copy.deepcopy(config)
+  config.workdir = str(copied)
+  return copied, config
+
+
+def _count_evaluator_runs(monkeypatch) -> list[tuple]:
+  """(row name, N, seed, the evaluator's template) of every evaluator run from now on."""
+  calls, make = [], evaluate.evaluators.make
+
+  class Counted:
+    def __init__(self, name, entry):
+      self.inner = make(name, entry)
+
+    def run(self, cell, name):
+      calls.append((name, cell.n_shots, cell.seed, getattr(self.inner, "template", None)))
+      return self.inner.run(cell, name)
+
+  monkeypatch.setattr(evaluate.evaluators, "make", Counted)
+  return calls
+
+
+def _rows(workdir) -> list[dict]:
+  return json.loads((workdir / "results.json").read_text())["rows"]
+
+
+def _checkpoints(workdir) -> dict[str, tuple[int, bytes]]:
+  """Every trained cell's checkpoint files: name -> (modification time, bytes)."""
+  return {str(f.relative_to(workdir)): (f.stat().st_mtime_ns, f.read_bytes())
+          for f in sorted(workdir.glob("*shot/seed*/checkpoints/**/*")) if f.is_file()}
+
+
+def test_a_changed_label_recomputes_nothing_and_the_table_shows_it(eval_copy, monkeypatch):
+  workdir, config = eval_copy
+  before, checkpoints = _rows(workdir), _checkpoints(workdir)
+  config.evals.mcti.label = "MC-TI, renamed"
+  calls = _count_evaluator_runs(monkeypatch)
+  evaluate.run(config, log=lambda _: None)
+  assert calls == [] and _rows(workdir) == before and _checkpoints(workdir) == checkpoints
+  md = (workdir / "results.md").read_text()
+  assert "| MC-TI, renamed |" in md and "| MC-TI |" not in md
+
+
+def test_a_changed_evaluator_recomputes_its_own_rows_only(eval_copy, monkeypatch):
+  """mcti's template changes, ti_t2 is new, the rest are no longer asked for: only mcti's and ti_t2's rows are
+  computed, from the same trained cells; the others' rows stay in results.json, out of the table."""
+  workdir, config = eval_copy
+  before, checkpoints = _rows(workdir), _checkpoints(workdir)
+  config_of_rows = evaluate.evals_of(config)
+  importlib.import_module("eval").only(config, "ti", "mcti")
+  config.evals.mcti.template = "T2"
+  config.evals.ti_t2 = dict(type="clip_tokens", label="TI, T2", phase="ti", template="T2")
+  calls = _count_evaluator_runs(monkeypatch)
+  evaluate.run(config, log=lambda _: None)
+  assert sorted(calls) == [(m, 1, s, "T2") for m in ("mcti", "ti_t2") for s in (1, 2)]
+  after = _rows(workdir)
+  assert [r for r in after if r["method"] not in ("mcti", "ti_t2")] == [r for r in before if r["method"] != "mcti"]
+  assert sorted((r["method"], r["seed"]) for r in after if r["method"] in ("mcti", "ti_t2")) == [
+      (m, s) for m in ("mcti", "ti_t2") for s in (1, 2)]
+  assert json.loads((workdir / "heads/mcti/1shot_seed2/classes.json").read_text())["template"] == "T2"
+  assert _checkpoints(workdir) == checkpoints
+  md = (workdir / "results.md").read_text()
+  assert "| TI, T2 |" in md and "| MC-TI |" in md and "CLIP-feat" not in md
+  recorded = json.loads((workdir / "results.json").read_text())["settings"]["evals"]
+  assert recorded["clip_feat"] == config_of_rows["clip_feat"]  # what its kept rows were made with
+
+  calls.clear()  # back to T1: its rows were replaced, so they are made again; nothing else is
+  config.evals.mcti.template = "T1"
+  evaluate.run(config, log=lambda _: None)
+  assert sorted(calls) == [("mcti", 1, s, "T1") for s in (1, 2)]
+
+
+def test_a_changed_training_setting_retrains_the_cells_and_says_which(eval_copy, monkeypatch):
+  """Every row is made from a trained cell, so all of them are recomputed, from cells trained again."""
+  workdir, config = eval_copy
+  checkpoints = _checkpoints(workdir)
+  importlib.import_module("eval").only(config, "ti")
+  old_lr = config.train.phase.ti.lr
+  config.train.phase.ti.lr = old_lr / 2
+  calls, lines = _count_evaluator_runs(monkeypatch), []
+  evaluate.run(config, log=lines.append)
+  assert f"train.phase.ti.lr: {old_lr!r} -> {old_lr / 2!r}" in lines[0]
+  assert "cells 1shot/seed1, 1shot/seed2 were trained with other settings" in "\n".join(lines)
+  assert sorted(calls) == [("ti", 1, s, "T1") for s in (1, 2)]
+  assert sorted((r["method"], r["seed"]) for r in _rows(workdir)) == [("ti", 1), ("ti", 2)]  # the rest were stale
+  for seed in (1, 2):
+    assert json.loads((workdir / f"1shot/seed{seed}/run.json").read_text())["config"]["phase"]["ti"]["lr"] == old_lr / 2
+  assert not set(_checkpoints(workdir).items()) & set(checkpoints.items())
+  aside, = (workdir / "replaced").iterdir()  # the old cells, set aside whole, not deleted
+  assert f"the replaced cells are kept in {aside}" in "\n".join(lines)
+  assert set(_checkpoints(aside).values()) == set(checkpoints.values())
+
+
+def test_only_cells_the_trainer_cannot_resume_are_trained_again(tiny_eval):
+  """The trainer's own rule (runs.RESUMABLE, and more steps in the last phase extend a run), read off run.json."""
+  _, _, config = tiny_eval
+  changed = copy.deepcopy(config)
+  changed.train.log_every += 1
+  changed.train.phase.mcti.steps += 1  # mcti is the last phase: the trainer extends the run
+  assert evaluate._cells_to_retrain(changed, print) == []
+  changed = copy.deepcopy(config)
+  changed.train.phase.ti.steps += 1  # an earlier phase's steps: every later step changes
+  lines = []
+  assert evaluate._cells_to_retrain(changed, lines.append) == [(1, 1), (1, 2)]
+  ti_steps = config.train.phase.ti.steps
+  assert lines == [f"cells 1shot/seed1, 1shot/seed2 were trained with other settings (train.phase.ti.steps: "
+                   f"{ti_steps} -> {ti_steps + 1}): they are trained again from scratch"]
+
+
+def test_results_made_with_other_weights_are_not_reused(tiny_eval, tiny_checkpoint, tmp_path):
+  """Another checkpoint must not pass off the old rows as its own; a new seed or evaluator keeps every row."""
   _, workdir, config = tiny_eval
   results = json.loads((workdir / "results.json").read_text())
   grown = copy.deepcopy(config)
   grown.seeds = (1, 2, 3)
   importlib.import_module("eval").only(grown, "ti")
   grown.evals.gcpl = dict(type="clip_tokens", phase="gcpl")  # a new evaluator, no rows yet
-  evaluate._check_rows_reusable(results, workdir / "results.json", evaluate._made_with(grown))  # no error
-
-  changed = copy.deepcopy(config)
-  changed.train.phase.mcti.beta = config.train.phase.mcti.beta / 2
-  expected = f"settings.train.phase.mcti.beta: {config.train.phase.mcti.beta!r} -> {changed.train.phase.mcti.beta!r}"
-  with pytest.raises(ValueError, match=re.escape(expected)):
-    evaluate.run(changed, log=lambda _: None)
-
-  changed = copy.deepcopy(config)  # an evaluator's own settings: its rows hold other numbers
-  changed.evals.mcti.template = "T2"
-  with pytest.raises(ValueError, match=re.escape("settings.evals.mcti.template: 'T1' -> 'T2'")):
-    evaluate.run(changed, log=lambda _: None)
+  kept = copy.deepcopy(results)
+  assert not evaluate._drop_stale_rows(kept, workdir / "results.json", evaluate._made_with(grown), print)
+  assert kept["rows"] == results["rows"]
 
   retrained = tmp_path / "ckpt"
   shutil.copytree(tiny_checkpoint, retrained)
