@@ -33,6 +33,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c = mcti.get_config("tiny" if preset.startswith("tiny") else "pets")
   c.workdir = f"runs/dct_{preset}{'_names' if variant else ''}"
   c.phases = ("dct",)
+  c.data.class_names = None  # no data: each token is named for its classifier class (classifier.targets)
   c.phase = ml_collections.ConfigDict()
   c.phase.dct = methods.phase("dct", steps=200)  # an upper bound: classes stop early (see methods/dct.py)
   c.tokens.init_word = "a"  # the authors' initialisation

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcti_jax import conditioning, generate
+from mcti_jax import conditioning, generate, paths
 from mcti_jax import data as D
 from mcti_jax import tokens as tok
 from mcti_jax.errors import ConfigError
@@ -269,9 +269,12 @@ def tiny_relevance(queries: Sequence[Query], labels: np.ndarray, levels: np.ndar
 def tiny_gallery(manifest: dict, num_classes: int) -> D.LabeledImages:
   """The held-out digits of the trained classes minus the run's shots (as `evaluate.test_images`).
 
-  Tokens learned from no images (DCT: the manifest's shots are null) get every held-out digit.
+  Tokens learned from no images (DCT: the manifest's shots are null) get the held-out images of the digits their
+  classifier targets (`target_digits`), labelled by token.
   """
   shots = manifest.get("shots", "missing")
+  if shots is None:
+    return D.from_digits("heldout", target_digits(manifest, num_classes))
   if shots == "missing" or (shots is not None and not str(shots.get("source", "")).startswith("digits")):
     where = "images the manifest does not name" if shots == "missing" else shots.get("source")
     raise ConfigError(f"the tiny world's gallery is the sklearn digits, but these tokens were trained on {where}; "
@@ -282,6 +285,20 @@ def tiny_gallery(manifest: dict, num_classes: int) -> D.LabeledImages:
   keep = [i for i, (image_id, label) in enumerate(zip(pool.ids, pool.labels)) if label < num_classes
           and image_id not in shots]
   return pool.subset(keep)
+
+
+def target_digits(manifest: dict, num_classes: int) -> list[int]:
+  """The digit each of a classifier-trained export's tokens stands for: its classifier class's name (manifest
+  "classifier.target_names"; older exports: the class names), which must be a digit's."""
+  names = (manifest.get("classifier") or {}).get("target_names") or [c["name"] for c in manifest["classes"]]
+  names = list(names)[:num_classes]
+  digit_names = captions().NAMES
+  unknown = [n for n in names if n not in digit_names]
+  if unknown:
+    raise ConfigError(f"the tiny world's gallery is the sklearn digits, but these tokens were learned for the "
+                      f"classifier classes {unknown}, not digits; give your gallery and queries as "
+                      "--config.labels=<labels file> (format in mcti_jax/retrieval.py)")
+  return [digit_names.index(n) for n in names]
 
 
 # ------------------------------------------------------------------ a person's labels
@@ -296,9 +313,7 @@ class Labels:
 
 def gallery_folder(folder: str | os.PathLike) -> D.LabeledImages:
   """Every image file under `folder` (hidden entries skipped), named by its path relative to `folder`."""
-  folder = Path(folder)
-  if not folder.is_dir():
-    raise D.DataError(f"gallery folder {folder} does not exist")
+  folder = paths.input_folder(folder, "gallery folder", error=D.DataError)
   names = []
   for root, dirs, files in os.walk(folder):
     dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -313,11 +328,9 @@ def load_labels(path: str | os.PathLike) -> Labels:
   """A labels file (format in the module docstring) -> the gallery, the queries and relevant [Q, M]."""
   path = Path(path)
   where = str(path)
-  if not path.is_file():
-    raise D.DataError(f"labels file {where} does not exist")
   try:
-    content = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    content = json.loads(paths.read_text(path, "labels file", error=D.DataError))
+  except json.JSONDecodeError as e:
     raise D.DataError(f"labels file {where} is not valid JSON: {e}") from None
   if not isinstance(content, dict) or not isinstance(content.get("queries"), list) or not content["queries"]:
     raise D.DataError(f"labels file {where} should hold {{\"queries\": [{{\"prompt\": ..., \"relevant\": [...]}}, "
@@ -549,9 +562,11 @@ def run(config, log: Callable[[str], None] = print) -> dict[str, Any]:
   if not config.tokens:
     raise ConfigError("give the tokens to search with: --tokens <export folder of `mcti train`> "
                       "(e.g. runs/demo/5shot/seed1/export/mcti)")
+  paths.input_folder(config.tokens, "--tokens", "pass the folder `mcti train` exported (e.g. runs/<name>/export/mcti)")
   if not (Path(config.tokens) / "manifest.json").is_file():
     raise ConfigError(f"--tokens {config.tokens} holds no manifest.json: pass the folder `mcti train` exported "
                       "(e.g. runs/<name>/export/mcti)")
+  paths.output_folder(config.out, "config.out")  # before the models load and GAIR draws, not after
   gair_config = gair.from_config(config.gair) if config.gair.enabled else None
   mesh = parallel.make_mesh(config.num_devices)
   common = dict(sd_path=config.sd_path or None, clip_path=config.clip_path or None, need_sd=gair_config is not None,

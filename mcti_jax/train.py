@@ -12,7 +12,9 @@ and a one-class run all see the same samples as an uninterrupted K-class run.
 Everything that can be wrong with the input (config values, data, paths,
 class counts, a workdir holding another run) is checked before the models
 load. SIGINT or SIGTERM stops the run at the next step boundary, after saving
-a checkpoint; the same command resumes it.
+a checkpoint; the same command resumes it. A step whose loss or tokens turn NaN
+or inf (a diverged run) stops it with one line naming the phase, the step and
+the class; nothing non-finite is ever saved or exported.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ import dataclasses
 import functools
 import json
 import logging
+import math
+import os
+import shutil
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +42,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mcti_jax import (class_chunks, conditioning, config_checks, distributed, export, generate, parallel, phases,
-                      plots, runs, subspace, token_init)
+from mcti_jax import (class_chunks, conditioning, config_checks, distributed, export, generate, parallel, paths,
+                      phases, plots, runs, subspace, token_init)
 from mcti_jax import data as D
 from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax import tokens as tok
@@ -46,6 +53,7 @@ from mcti_jax.models.frozen import freeze
 from mcti_jax.stopping import StopOnSignal
 from mcti_jax.train_step import (Backbone, ShotData, StepConfig, TrainState, final_tokens, frozen_settings,
                                  init_class_state, make_optimizer, train_step)
+from mcti_jax.train_step import LOSS_INF, LOSS_NAN, TOKENS_INF, TOKENS_NAN
 
 
 # ------------------------------------------------------------------ data
@@ -102,6 +110,14 @@ class Setup:
     return self.init_tokens.shape[0]
 
 
+def _check_output_folders(config: ml_collections.ConfigDict, plan: list[phases.Phase]) -> None:
+  """The workdir and the shots' cache must be folders we can create and write: found now, not after the models
+  loaded or the tokens trained."""
+  paths.output_folder(config.workdir, "config.workdir")
+  if any(getattr(p.method, "uses_shots", True) for p in plan):  # a run without shots never touches the cache
+    paths.output_folder(config.data.cache_dir, "data.cache_dir")
+
+
 def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
             check_signature: Callable[[dict[str, Any]], None] | None = None) -> Setup:
   """Check the config and data, then load the models and encode the shots.
@@ -111,6 +127,7 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   """
   config_checks.check_train_config(config)
   plan = phases.plan(config)
+  _check_output_folders(config, plan)
   mesh = parallel.make_mesh(config.num_devices, data=config.mesh.data)
   if config.class_chunk == class_chunks.AUTO and class_chunks.device_memory(mesh.local_devices) is None:
     raise ConfigError(f"config.class_chunk='auto' fits the classes per pass to the device's memory, but the "
@@ -149,9 +166,6 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
     everyone = np.arange(num_classes)  # named, not loaded: each process loads only its own classes' images
     shot_positions = D.choose_shots(labeled, config.data.n_shots, config.data.shot_seed, everyone)
     shots_manifest = D.shots_manifest(labeled, shot_positions, config.data.shot_seed, everyone)
-    if Path(config.data.cache_dir).exists() and not Path(config.data.cache_dir).is_dir():
-      raise ConfigError(f"data.cache_dir={config.data.cache_dir} is a file, not a folder; give a folder for the shots' "
-                        "encodings (it is created if missing)")
     cache_key = {"sd": runs.fingerprint(config.model.sd_path),
                  "clip": runs.fingerprint(config.model.clip_path) if loads_clip else None,
                  "dtype": config.model.dtype, "source": labeled.source, "resolution": config.data.resolution}
@@ -274,6 +288,14 @@ def _load_classifier(config, plan) -> tuple[Any, np.ndarray]:
   if bad:
     raise ConfigError(f"config.classifier.targets holds {bad}, out of range: the classifier has {count} classes "
                       f"(0..{count - 1}: {', '.join(classifier.class_names[:5])}, ...)")
+  seen = {}
+  for position, t in enumerate(targets.tolist()):
+    if t in seen:  # two tokens for one class: the same concept twice, and a name that can't tell them apart
+      raise ConfigError(f"config.classifier.targets={tuple(targets.tolist())} names class {t} "
+                        f"({classifier.class_names[t]}) twice (positions {seen[t]} and {position}): each token is "
+                        "learned for one class of the classifier; for several tokens of one class, train with "
+                        "different seeds")
+    seen[t] = position
   return classifier, targets.astype(np.int32)
 
 
@@ -286,8 +308,12 @@ def _classifier_fingerprint(config) -> str:
 def _class_names(config, labeled: D.LabeledImages | None, num_classes: int, classifier=None, targets=None
                  ) -> list[str]:
   """The K class names (data.class_names, the source's, or the classifier's); checks tokens.init_texts' count."""
-  if labeled is None:
-    names = tuple(config.data.class_names or (classifier.class_names[t] for t in targets))
+  if labeled is None:  # tokens learned from a classifier alone: class k is the classifier's class targets[k]
+    names = tuple(classifier.class_names[t] for t in targets)
+    given = tuple(config.data.class_names or ())
+    if given and given[:num_classes] != names:
+      raise ConfigError(f"data.class_names={given} would name the tokens, but they are learned for the classifier's "
+                        f"classes at classifier.targets, {names}: their names; drop data.class_names")
   else:
     names = tuple(config.data.class_names or labeled.class_names)
   if len(names) < num_classes:
@@ -469,6 +495,8 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
   ended = jax.device_put(jnp.zeros((len(config.phases), *tokens.shape), tokens.dtype),
                          NamedSharding(setup.mesh, P(None, parallel.CLASS_AXIS)))
   checkpoint_dir = (workdir / "checkpoints").absolute()
+  if distributed.is_main():  # a save cut short (a full disk, a second Ctrl-C, kill -9) left its temporary folder
+    _remove_partial_checkpoints(checkpoint_dir)
   manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   start = manager.latest_step() or 0
   # The structure of the state saved at `start` (its phase's class state); at 0 also its values.
@@ -488,14 +516,22 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
       parallel.replicated(setup.mesh))
 
   def save(step: int, state: TrainState, ended) -> None:
-    """Synchronous, so that a failed save (a full disk) stops the run at once, with one message."""
+    """Synchronous, so that a failed save (a full disk) stops the run at once, with one message; a failed or
+    interrupted save leaves no temporary folder, and orbax's threads that fail after it say nothing."""
+    _drop_closed_loop_errors()
     with _quiet_absl():
       try:
         manager.save(step, args=ocp.args.StandardSave({"state": state, "phase_tokens": ended}))
         manager.wait_until_finished()
-      except Exception as e:  # orbax wraps OS errors in its own types
-        with contextlib.suppress(Exception):
-          manager.close()  # its threads finish failing here, not as tracebacks at exit
+      except BaseException as e:  # orbax wraps OS errors in its own types; a second Ctrl-C is a KeyboardInterrupt
+        _silence_orbax_aftermath()
+        with contextlib.suppress(BaseException):
+          manager.close()  # waits for the save's finalising thread
+        _join_orbax_threads(timeout=10.0)  # its writers, still failing, before their folder goes
+        if distributed.is_main():
+          _remove_partial_checkpoints(checkpoint_dir)
+        if not isinstance(e, Exception):
+          raise
         reason = str(e).split(" [tensorstore_spec=")[0][:500]  # tensorstore appends kilobytes of JSON
         raise MctiError(f"could not save the checkpoint of step {step} in {checkpoint_dir}: {type(e).__name__}: "
                         f"{reason}. Free disk space (or fix the folder), then run the same command again: it resumes "
@@ -523,12 +559,25 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
   from tqdm.auto import tqdm
   bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
              disable=start >= total or not distributed.is_main())
-  pending, t0 = [], time.time()
+  pending, unchecked, t0 = [], [], time.time()
+
+  def check_finite() -> None:
+    """Stop at the first step since the last check whose loss or tokens hold NaN or inf: read where the loop syncs
+    anyway (a log row, a save), so never saved or exported."""
+    codes = jax.device_get([code for _, _, code in unchecked])
+    for (step, phase), code in zip(((step, phase) for step, phase, _ in unchecked), codes):
+      if np.any(code[:setup.num_classes]):
+        bar.close()
+        raise MctiError(_diverged(phase, step, np.asarray(code[:setup.num_classes]), setup.class_names,
+                                  manager.latest_step(), checkpoint_dir, workdir))
+    unchecked.clear()
+
   s = start
   while s < total:
     index = next(i for i, p in enumerate(plan) if p.start <= s < p.end)
     phase = plan[index]
     state, metrics = steps[phase.name](state, setup.data, backbone, template_ids[phase.name], *clocks[phase.name])
+    unchecked.append((s + 1, phase, metrics.pop("nonfinite")))
     pending.append(metrics)
     done = s + 1
     # A method with per-class stopping ends its phase early once no class trains.
@@ -549,7 +598,10 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
                                              and not isinstance(v, dict)})
       pending = []
     stopping = done < total and stop.agreed() is not None  # the same step on every process
-    if done % config.checkpoint_every == 0 or done == phase.end or stopping:
+    saving = done % config.checkpoint_every == 0 or done == phase.end or stopping
+    if saving or not pending:  # pending is empty after a log row: its metrics were just read
+      check_finite()
+    if saving:
       save(done, state, ended)
     bar.update(1)
     if on_step is not None:
@@ -560,7 +612,100 @@ def _run(setup: Setup, workdir: Path, stop: StopOnSignal, on_step, log) -> Train
                          "Run the same command again to resume.")
     s = done
   bar.close()
+  _check_exported_finite(ended, plan, setup, start, checkpoint_dir, workdir)
   return _finish(setup, workdir, plan, ended, metrics_path, log)
+
+
+def _diverged(phase: phases.Phase, step: int, codes: np.ndarray, class_names, last_saved: int | None,
+              checkpoint_dir: Path, workdir: Path) -> str:
+  """The one line that stops a diverged run: where, which class, what is kept, and what to change."""
+  bad = np.flatnonzero(codes)
+  k = int(bad[0])
+  others = len(bad) - 1
+  also = f" (as {'does 1 other class' if others == 1 else f'do {others} other classes'})" if others else ""
+  kept = (f"the last finite checkpoint is step {last_saved} in {checkpoint_dir}" if last_saved
+          else "no checkpoint was saved")
+  return (f"the {phase.name} phase diverged at step {step}: class {k} ({class_names[k]}) has "
+          f"{_nonfinite_text(int(codes[k]))}{also}; nothing was exported and {kept}. Lower "
+          f"--config.phase.{phase.name}.lr (now {phase.settings.lr:g}) and train in a new --config.workdir (or delete "
+          f"{workdir}): a run's lr can't change on resume, and the same command diverges again")
+
+
+def _nonfinite_text(code: int) -> str:
+  """A class's nonfinite code (train_step.nonfinite_codes) in words: 'a nan loss and nan tokens'."""
+  parts = []
+  if code & (LOSS_NAN | LOSS_INF):
+    parts.append("a nan loss" if code & LOSS_NAN else "an inf loss")
+  if code & (TOKENS_NAN | TOKENS_INF):
+    parts.append("nan tokens" if code & TOKENS_NAN else "inf tokens")
+  return " and ".join(parts)
+
+
+def _check_exported_finite(ended, plan: list[phases.Phase], setup: Setup, start: int, checkpoint_dir: Path,
+                           workdir: Path) -> None:
+  """No phase's tokens are exported with NaN or inf, not even a checkpoint's from before the per-step check."""
+  finite = jax.jit(lambda x: jnp.isfinite(x).all(axis=(2, 3)), out_shardings=parallel.replicated(setup.mesh))
+  finite = np.asarray(finite(ended))[:, :setup.num_classes]
+  for p in plan:
+    bad = np.flatnonzero(~finite[p.index])
+    if bad.size:
+      k = int(bad[0])
+      raise MctiError(f"the {p.name} phase's tokens of class {k} ({setup.class_names[k]}) are not finite in the "
+                      f"checkpoint of step {start} in {checkpoint_dir}, saved before runs checked for divergence; "
+                      f"nothing was exported. Delete {workdir} and train again with a lower "
+                      f"--config.phase.{p.name}.lr (now {p.settings.lr:g})")
+
+
+def _remove_partial_checkpoints(checkpoint_dir: Path) -> None:
+  """Remove the temporary folders of saves that never finished (orbax names them <step>.orbax-checkpoint-tmp...);
+  orbax would leave them forever."""
+  if checkpoint_dir.is_dir():
+    for folder in checkpoint_dir.glob("*.orbax-checkpoint-tmp*"):
+      shutil.rmtree(folder, ignore_errors=True)
+
+
+def _join_orbax_threads(timeout: float) -> None:
+  """Wait (up to `timeout` s in all) for orbax's writer threads of a failed save, which go on failing after it."""
+  deadline = time.monotonic() + timeout
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax."):
+      with contextlib.suppress(BaseException):  # orbax's join re-raises the thread's error
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _silence_orbax_aftermath() -> None:
+  """After a failed save, orbax's threads keep failing: absl logs their tracebacks, asyncio logs their tasks'
+  exceptions as never retrieved (when collected), and tensorstore's late callbacks find their event loop closed
+  ("Event loop is closed", printed as unraisable). The save's own message says it all: drop those, for the rest of
+  the process (only those: other logs and errors are untouched)."""
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OrbaxRecords) for f in logger.filters):
+      logger.addFilter(_OrbaxRecords())
+  _drop_closed_loop_errors()
+
+
+def _drop_closed_loop_errors() -> None:
+  """Drop the unraisable "Event loop is closed" of tensorstore callbacks that outlive a failed save's event loop
+  (they can come while the save still fails, so this is in place before every save)."""
+  if not getattr(sys.unraisablehook, "drops_closed_loops", False):
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      value = unraisable.exc_value
+      if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+        previous(unraisable)
+
+    hook.drops_closed_loops = True
+    sys.unraisablehook = hook
+
+
+class _OrbaxRecords(logging.Filter):
+  """Drops the log records of orbax: logged by its code, or about its tasks and futures (which name its code or its
+  <step>.orbax-checkpoint-tmp folders)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "orbax" not in record.pathname and "orbax" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -585,10 +730,25 @@ def _state_shardings(state: TrainState, setup: Setup):
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-  """Drop log rows past the checkpoint we resume from, so resumed logs have no duplicates."""
+  """Drop log rows past the checkpoint we resume from, so resumed logs have no duplicates (and rows an older
+  version wrote with a bare NaN are made strict JSON)."""
   if path.is_file():
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in rows))
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    path.write_text("".join(_json_line(r) for r in rows if r["step"] <= step))
+
+
+def _json_line(row: dict[str, Any]) -> str:
+  """One row of metrics.jsonl, strict JSON: a NaN or inf (a diverged step's) is null, which every parser reads as
+  "no number" (a bare NaN is refused by strict parsers; a string would turn a numeric column into text)."""
+  def strict(value):
+    if isinstance(value, float) and not math.isfinite(value):
+      return None
+    if isinstance(value, dict):
+      return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+      return [strict(v) for v in value]
+    return value
+  return json.dumps(strict(row), allow_nan=False) + "\n"
 
 
 def _log_metrics(path: Path, pending: list[dict], step: int, phase: str, elapsed: float, num_classes: int
@@ -601,7 +761,7 @@ def _log_metrics(path: Path, pending: list[dict], step: int, phase: str, elapsed
                         for k in stacked[0]["per_class"]}
   row.update(step=step, phase=phase, elapsed_s=round(elapsed, 2))
   with path.open("a") as f:
-    f.write(json.dumps(row) + "\n")
+    f.write(_json_line(row))
   return row
 
 
@@ -616,7 +776,8 @@ def _finish(setup: Setup, workdir: Path, plan: list[phases.Phase], ended, metric
     from mcti_jax import classifiers
     fields = ("type",) + sum(classifiers.TYPES[c.classifier.type], ())
     info["classifier"] = {**{k: c.classifier[k] for k in fields if c.classifier.get(k) is not None},
-                          "targets": setup.targets.tolist()}
+                          "targets": setup.targets.tolist(),
+                          "target_names": [setup.classifier.class_names[t] for t in setup.targets]}
   phase_info = {p.name: {"method": p.settings.method, "templates": list(templates_of(c, p))} for p in plan}
   plot = workdir / "loss.png"
   exports = {name: workdir / "export" / name for name in tokens}

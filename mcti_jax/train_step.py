@@ -32,6 +32,10 @@ On a (classes, data) mesh (parallel.py) the devices of a class shard each
 draw their slice of every class's batch (the same items as on a 1-D mesh);
 the terms are averaged over the slices before the loss, and the gradient is
 the chain rule through that average, so any loss of the terms' means is exact.
+
+Each step also returns, per class, whether its loss terms or new tokens hold
+NaN or inf (metrics["nonfinite"], `nonfinite_codes`): the trainer stops a
+diverged run on it, before anything non-finite is saved or exported.
 """
 
 from __future__ import annotations
@@ -353,7 +357,25 @@ def train_step(state: TrainState, data: ShotData, backbone: Backbone, template_i
     metrics["training"] = jnp.sum(class_state["training"] & valid) / num_valid  # after this step
     metrics["per_class"] = {**terms, "training": class_state["training"].astype(jnp.float32)}
   tokens = optax.apply_updates(state.tokens, updates)
+  metrics["nonfinite"] = nonfinite_codes(terms, tokens, valid)
   return state.replace(step=state.step + 1, tokens=tokens, opt_state=opt_state, class_state=class_state), metrics
+
+
+# Bits of a class's `nonfinite` code: what of its step was NaN or inf.
+LOSS_NAN, LOSS_INF, TOKENS_NAN, TOKENS_INF = 1, 2, 4, 8
+
+
+def nonfinite_codes(terms: dict[str, jax.Array], tokens: jax.Array, valid: jax.Array) -> jax.Array:
+  """uint8 [Kp]: per class, which of its loss terms and new tokens hold NaN or inf (0: all finite; padded classes 0).
+
+  One elementwise pass over the tokens and the terms, inside the step: the trainer reads these codes only where it
+  syncs anyway (a log row, a save), so that a diverged state is never saved or exported."""
+  def code(x, axes, nan_bit, inf_bit):
+    return (jnp.where(jnp.isnan(x).any(axes), nan_bit, 0) | jnp.where(jnp.isinf(x).any(axes), inf_bit, 0))
+  codes = code(tokens, tuple(range(1, tokens.ndim)), TOKENS_NAN, TOKENS_INF)
+  for value in terms.values():
+    codes = codes | code(value.reshape(value.shape[0], -1), 1, LOSS_NAN, LOSS_INF)
+  return jnp.where(valid, codes, 0).astype(jnp.uint8)
 
 
 def init_class_state(method, tokens, settings: dict):

@@ -159,6 +159,7 @@ def test_one_device_equals_eight_devices(one_device_run, eight_device_run):
   manifest = json.loads((eight_device_run.exports["dct"] / "manifest.json").read_text())
   assert manifest["classifier"]["type"] == "file" and manifest["classifier"]["targets"] == [2, 0, 1]
   assert [c["name"] for c in manifest["classes"]] == ["c", "a", "b"]  # the classifier's names of the targets
+  assert manifest["classifier"]["target_names"] == ["c", "a", "b"]
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one(tiny_checkpoint, tmp_path, classifier_folder, eight_device_run):
@@ -210,12 +211,12 @@ def test_a_stopped_class_is_frozen_while_the_others_train(tiny_checkpoint, tmp_p
 
 
 def test_the_phase_ends_once_every_class_has_stopped(tiny_checkpoint, tmp_path, biased_folder, eight_device_run):
-  c = dct_config(tiny_checkpoint, tmp_path / "run", biased_folder, **{"classifier.targets": (1, 1, 1)})
+  c = dct_config(tiny_checkpoint, tmp_path / "run", biased_folder, **{"classifier.targets": (1,)})
   c.phase.dct.steps = 40
   result = train.train(c, log=lambda *_: None)
   rows = [json.loads(line) for line in result.metrics.read_text().splitlines()]
   assert [(r["step"], r["training"]) for r in rows] == [(40, 0.0)]  # stopped after step 1; logged at the end
-  np.testing.assert_array_equal(result.tokens["dct"], _initial_tokens(tiny_checkpoint, 3))
+  np.testing.assert_array_equal(result.tokens["dct"], _initial_tokens(tiny_checkpoint, 1))
   assert (result.workdir / "checkpoints" / "40").is_dir()
 
 
@@ -274,6 +275,30 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_checkpoint, tmp_pa
     with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):
       train.train(dct_config(tiny_checkpoint, workdir, classifier_folder, **{field: value}), log=lambda *_: None)
     assert not workdir.exists(), field
+
+
+def test_the_dct_preset_names_each_token_for_its_classifier_class(tiny_checkpoint, tmp_path):
+  """configs/dct.py:tiny with targets (3, 7): the tokens are the guide's "three" and "seven" (the preset's digit
+  names once named them "zero" and "one"), and the generation templates say so."""
+  import dct as dct_configs  # configs/dct.py
+  c = set_fields(dct_configs.get_config("tiny,names"), {"workdir": str(tmp_path / "run"),
+                                                        "classifier.targets": (3, 7)})
+  setup = train.prepare(c, log=lambda *_: None)
+  assert setup.class_names == ["three", "seven"]
+  assert setup.targets.tolist() == [3, 7] and [setup.classifier.class_names[t] for t in setup.targets] == \
+      setup.class_names
+  c.data.class_names = ("zero", "one")  # a name for another class than the token's is refused
+  with pytest.raises(ConfigError, match=r"learned for the classifier's classes at classifier.targets, "
+                                        r"\('three', 'seven'\): their names; drop data.class_names"):
+    train.prepare(c, log=lambda *_: None)
+
+
+def test_a_repeated_target_is_refused_before_anything_is_written(tiny_checkpoint, tmp_path, classifier_folder):
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match=r"targets=\(0, 2, 0\) names class 0 \(a\) twice \(positions 0 and 2\)"):
+    train.train(dct_config(tiny_checkpoint, workdir, classifier_folder, **{"classifier.targets": (0, 2, 0)}),
+                log=lambda *_: None)
+  assert not workdir.exists()
 
 
 def test_a_classifier_of_the_wrong_class_count_is_refused(tmp_path):

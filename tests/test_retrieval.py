@@ -276,9 +276,24 @@ def test_retrieval_rows_in_the_eval_harness(tiny_checkpoint, tmp_path):
   assert md.split("## composite retrieval")[0].count("| GAIR |") == 0  # not in the top-1 tables
 
 
+def test_the_tiny_gallery_of_classifier_trained_tokens_holds_the_digits_they_were_trained_for():
+  """DCT tokens for the guide's "three" and "seven": token 0's relevant images are the 3s, token 1's the 7s."""
+  from mcti_jax import data as D
+  manifest = {"shots": None, "classifier": {"targets": [3, 7], "target_names": ["three", "seven"]},
+              "classes": [{"name": "three"}, {"name": "seven"}]}
+  gallery = retrieval.tiny_gallery(manifest, 2)
+  pool = D.from_digits("heldout")
+  digit_of = dict(zip(pool.ids, pool.labels.tolist()))
+  assert sorted(set(gallery.labels.tolist())) == [0, 1] and len(gallery) == sum(d in (3, 7) for d in pool.labels)
+  assert all(digit_of[i] == (3, 7)[label] for i, label in zip(gallery.ids, gallery.labels.tolist()))
+  with pytest.raises(ConfigError, match=r"learned for the classifier classes \['leaning left'\], not digits"):
+    retrieval.tiny_gallery({"shots": None, "classifier": {"target_names": ["leaning left"]}}, 1)
+
+
 def test_tiny_gallery_leaves_out_the_shots_and_refuses_other_data():
   shots = {"source": "digits:heldout:0123456789", "classes": [{"index": 1, "shots": ["digits[1]"]}]}
-  full = retrieval.tiny_gallery({"shots": None}, 10)  # tokens learned from no images (DCT)
+  names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+  full = retrieval.tiny_gallery({"shots": None, "classifier": {"target_names": names}}, 10)  # learned from no images
   assert "digits[1]" in full.ids and set(full.labels.tolist()) == set(range(10))
   gallery = retrieval.tiny_gallery({"shots": shots}, 3)
   assert "digits[1]" not in gallery.ids and len(gallery) == (full.labels < 3).sum() - 1

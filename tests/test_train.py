@@ -286,6 +286,7 @@ def test_a_full_disk_stops_the_run_at_the_failed_save_with_one_message(runs, tmp
     train.train(config, log=lambda _: None, on_step=fill_the_disk_after_step_1)
   assert steps == [1] and "No space left on device" in str(e.value)
   assert "Traceback" not in capfd.readouterr().err  # orbax's threads would print hundreds of lines
+  assert not list(small_disk.glob("*.orbax-checkpoint-tmp*"))  # the failed save's temporary folder is gone
 
 
 # ------------------------------------------------------------ the command, as a person runs it

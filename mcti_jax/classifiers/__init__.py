@@ -14,6 +14,8 @@ or shard_mapped step like any pytree, and `jax.grad` reaches the pixels.
 Types: "file" (a folder a user brings, format in `file.py`), "clip_zeroshot"
 (CLIP with class names in a template, `clip_zeroshot.py`), "clip_tokens"
 (CLIP with the learned tokens of an `mcti train` export, `clip_tokens.py`).
+Every type refuses weights (or tokens) holding NaN or inf at load, naming the
+file and the tensor (`refuse_nonfinite`).
 """
 
 from __future__ import annotations
@@ -167,6 +169,39 @@ def load(spec: Mapping[str, Any], *, class_names: Sequence[str] | None = None,
   if class_names is not None and kind != "clip_zeroshot":
     classifier.index_of(list(class_names))
   return classifier
+
+
+def refuse_nonfinite(tensors: Mapping[str, Any], where: str, error: type[Exception] = ConfigError) -> None:
+  """Refuse weights holding NaN or inf at load: a classifier's NaN logits would train tokens to NaN (and argmax of
+  NaN picks class 0). `tensors` maps names to NumPy arrays (checked on the host) or JAX arrays (reduced where they
+  are, in one program); non-float tensors are skipped."""
+  names = [n for n, x in tensors.items() if jnp.issubdtype(x.dtype, jnp.floating)]
+  arrays = [tensors[n] for n in names]
+  if all(isinstance(x, np.ndarray) for x in arrays):
+    nan = [bool(np.isnan(np.asarray(x, np.float32)).any()) for x in arrays]
+    inf = [bool(np.isinf(np.asarray(x, np.float32)).any()) for x in arrays]
+  else:
+    nan, inf = (np.asarray(v).tolist() for v in _nan_inf(arrays))
+  bad = [(n, "nan" if a else "inf") for n, a, b in zip(names, nan, inf) if a or b]
+  if bad:
+    more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+    raise error(f"{where}: tensor {bad[0][0]!r} holds {bad[0][1]}{more}; a classifier with non-finite weights gives "
+                "NaN logits, which would train NaN tokens. Fix the weights (or the export that made them)")
+
+
+@jax.jit
+def _nan_inf(arrays):
+  return (jnp.stack([jnp.isnan(x).any() for x in arrays]), jnp.stack([jnp.isinf(x).any() for x in arrays]))
+
+
+def module_tensors(module) -> dict[str, jax.Array]:
+  """An nnx module's weights by dotted name ('visual_projection.kernel'), as `refuse_nonfinite` names them."""
+  from flax import nnx
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(module))[0]:
+    keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
+    out[".".join(str(k) for k in (keys[:-1] if keys[-1] == "value" else keys))] = leaf
+  return out
 
 
 def resolve_templates(template: str | Sequence[str], where: str) -> tuple[str, ...]:

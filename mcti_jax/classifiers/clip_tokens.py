@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from mcti_jax import conditioning
 from mcti_jax import tokens as tok
-from mcti_jax.classifiers import Classifier, resolve_templates
+from mcti_jax.classifiers import Classifier, module_tensors, refuse_nonfinite, resolve_templates
 from mcti_jax.classifiers.clip_zeroshot import cosine_classifier
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError, MctiError
@@ -32,12 +32,15 @@ def load(clip_path: str, export: str, template="a photo of a {}", pooling: str |
   folder = Path(export).expanduser()
   templates = resolve_templates(template, where)
   model, tokenizer = pipeline.load_clip(clip_path, dtype=dtype)
+  refuse_nonfinite(module_tensors(model), f"{where}.clip_path={clip_path}")
   try:
     learned = conditioning.LearnedTokens.from_export(folder, tokenizer, model.config.text_config.hidden_size)
   except MctiError:
     raise
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f"{where}.export={str(export)!r}: {e}") from None
+  refuse_nonfinite({f"class {k} ({name})": learned.vectors[k] for k, name in enumerate(learned.class_names)},
+                   f"{where}.export={str(export)!r} (its tokens)")
   if pooling is None:
     pooling = json.loads((folder / MANIFEST).read_text()).get("pooling", "eos")
   if pooling not in clip_lib.POOLINGS:

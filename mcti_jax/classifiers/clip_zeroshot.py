@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from mcti_jax.classifiers import Classifier, Transform, resolve_templates
+from mcti_jax.classifiers import Classifier, Transform, module_tensors, refuse_nonfinite, resolve_templates
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError
 from mcti_jax.models import clip as clip_lib
@@ -55,5 +55,6 @@ def load(clip_path: str, class_names: Sequence[str], template="a photo of a {}",
     raise ConfigError(f"{where}.class_names={class_names!r}: expected distinct names, e.g. ('cat', 'dog')")
   templates = resolve_templates(template, where)
   model, tokenizer = pipeline.load_clip(clip_path, dtype=dtype)
+  refuse_nonfinite(module_tensors(model), f"{where}.clip_path={clip_path}")
   text = clip_head.name_text_features(freeze(model), tokenizer, list(class_names), templates)
   return cosine_classifier(model, text, class_names)

@@ -60,7 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcti_jax.classifiers import Classifier, Transform
+from mcti_jax import paths
+from mcti_jax.classifiers import Classifier, Transform, refuse_nonfinite
 from mcti_jax.models import hf_io
 from mcti_jax.models.hf_io import CheckpointError
 
@@ -268,15 +269,14 @@ def _check(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], json_fi
       raise bad(f"tensor {key!r} has shape {got}, but its layer needs {shape}{hint}", weights_file)
     if np.asarray(tensors[key]).dtype.kind not in "fV":  # V: bfloat16 (ml_dtypes)
       raise bad(f"tensor {key!r} has dtype {tensors[key].dtype}; weights must be floats", weights_file)
+  refuse_nonfinite({k: np.asarray(v) for k, v in tensors.items()}, str(weights_file), CheckpointError)
   return net, transform, tuple(names)
 
 
 def load(folder: str | Path) -> Classifier:
   """The classifier of a folder holding classifier.json and classifier.safetensors (module docstring)."""
-  folder = Path(folder).expanduser()
-  if not folder.is_dir():
-    raise CheckpointError(f"classifier folder {folder} does not exist; a file classifier is a folder holding "
-                          f"{CONFIG_NAME} and {WEIGHTS_NAME} (see mcti_jax/classifiers/file.py)")
+  folder = paths.input_folder(folder, "classifier folder", f"a file classifier is a folder holding {CONFIG_NAME} "
+                              f"and {WEIGHTS_NAME} (see mcti_jax/classifiers/file.py)", CheckpointError)
   json_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
   for file in (json_file, weights_file):
     if not file.is_file():
@@ -284,10 +284,11 @@ def load(folder: str | Path) -> Classifier:
       hint = ""
       if others:
         hint = f" ({', '.join(others)} are not read: pickles can run code; save the weights as safetensors)"
-      raise CheckpointError(f"{file} is missing: a file classifier folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+      kind = "is a folder, not a file" if file.exists() else "is missing"
+      raise CheckpointError(f"{file} {kind}: a file classifier folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
                             f"{hint} (see mcti_jax/classifiers/file.py)")
   try:
-    config = json.loads(json_file.read_text())
+    config = json.loads(paths.read_text(json_file, "classifier file", error=CheckpointError))
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{json_file} is not valid JSON: {e}") from None
   tensors, _ = hf_io.read_safetensors(folder, WEIGHTS_NAME)
