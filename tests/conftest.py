@@ -1,6 +1,7 @@
 """Shared test helpers. Tests run on CPU with 8 simulated devices (see Makefile)."""
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -85,3 +86,14 @@ def set_fields(config, overrides: dict):
       target = target[p]
     target[leaf] = value
   return config
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 1 MiB file system of its own (a tmpfs), to be filled up; skipped where mounting isn't allowed."""
+  mount = tmp_path / "small_disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+    pytest.skip("filling a disk needs a tmpfs mount (root with CAP_SYS_ADMIN)")
+  yield mount
+  subprocess.run(["umount", str(mount)], check=True)

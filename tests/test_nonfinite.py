@@ -4,7 +4,6 @@ and a failed checkpoint save that leaves no debris."""
 import contextlib
 import json
 import os
-import subprocess
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -119,17 +118,6 @@ def test_a_clip_classifier_with_non_finite_weights_is_refused_at_load(tiny_check
 
 
 # ---------------------------------------------------------------- a failed checkpoint save leaves no debris
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-  """A 1 MiB file system of its own (a tmpfs), to be filled up; skipped where mounting isn't allowed."""
-  mount = tmp_path / "small_disk"
-  mount.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-    pytest.skip("filling a disk needs a tmpfs mount (root with CAP_SYS_ADMIN)")
-  yield mount
-  subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_full_disk_leaves_no_temporary_checkpoint_and_no_traceback_and_the_rerun_resumes(

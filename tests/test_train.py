@@ -255,17 +255,6 @@ def test_a_crash_between_phases_leaves_no_partial_export_and_exports_are_readabl
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  """A 1 MiB file system of its own (a tmpfs), to be filled up; skipped where mounting isn't allowed."""
-  mount = tmp_path / "small_disk"
-  mount.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-    pytest.skip("filling a disk needs a tmpfs mount (root with CAP_SYS_ADMIN)")
-  yield mount
-  subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_a_full_disk_stops_the_run_at_the_failed_save_with_one_message(runs, tmp_path, small_disk, capfd):
   config = runs["config8"].copy_and_resolve_references()
   config.workdir = str(tmp_path / "run")
