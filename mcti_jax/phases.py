@@ -23,8 +23,7 @@ import ml_collections
 
 from mcti_jax import methods
 from mcti_jax.errors import ConfigError
-
-TRAINER_FIELDS = ("method", "steps", "init", "templates", "weight_decay", "lr", "subspace")
+from mcti_jax.methods.protocol import Settings, frozen_settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +36,14 @@ class Phase:
   end: int
 
   @property
+  def caps(self) -> methods.Capabilities:
+    """What its method is and needs (read once, when the method was looked up)."""
+    return methods.capabilities(self.method)
+
+  @property
   def method_settings(self) -> dict:
-    """The settings the method reads (not the trainer's: steps, init, templates, lr, weight_decay)."""
-    return {k: v for k, v in self.settings.items() if k not in TRAINER_FIELDS}
+    """The settings the method reads (not the trainer's: methods.TRAINER_FIELDS)."""
+    return methods.own_settings(self.settings)
 
 
 def plan(config) -> list[Phase]:
@@ -88,13 +92,12 @@ def _problems(config):
     elif s.subspace and not config.tokens.get("subspace_words"):
       yield (f"{where}.subspace=True, but config.tokens.subspace_words is empty: give the single-token words whose "
              "span holds the tokens (see configs/custom_tokens.py)")
-    for field, value in s.items():
-      if field in ("method", "steps", "init", "templates", "subspace"):
-        continue
+    own = methods.own_settings(s)
+    for field, value in (("lr", s.lr), ("weight_decay", s.weight_decay), *own.items()):  # the numbers
       positive = field == "lr"
       if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
           or (positive and value == 0)):
         yield f"{where}.{field}={value!r} must be a finite number " + ("> 0" if positive else ">= 0")
     method = methods.get(s.method)
-    if hasattr(method, "check"):  # the method's own rules
-      yield from (f"{where}.{problem}" for problem in method.check(s))
+    if methods.capabilities(method).checks:  # the method's own rules
+      yield from (f"{where}.{problem}" for problem in method.check(Settings(frozen_settings(own))))

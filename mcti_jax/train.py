@@ -42,11 +42,12 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mcti_jax import (class_chunks, conditioning, config_checks, distributed, export, generate, parallel, paths,
-                      phases, plots, runs, subspace, token_init)
+from mcti_jax import (class_chunks, config_checks, distributed, export, generate, parallel, paths, phases, plots,
+                      runs, subspace, token_init)
 from mcti_jax import data as D
 from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax import tokens as tok
+from mcti_jax.methods.protocol import Loaded
 from mcti_jax.models import clip as clip_lib
 from mcti_jax.models import hf_io, pipeline
 from mcti_jax.models.frozen import freeze
@@ -114,7 +115,7 @@ def _check_output_folders(config: ml_collections.ConfigDict, plan: list[phases.P
   """The workdir and the shots' cache must be folders we can create and write: found now, not after the models
   loaded or the tokens trained."""
   paths.output_folder(config.workdir, "config.workdir")
-  if any(getattr(p.method, "uses_shots", True) for p in plan):  # a run without shots never touches the cache
+  if any(p.caps.uses_shots for p in plan):  # a run without shots never touches the cache
     paths.output_folder(config.data.cache_dir, "data.cache_dir")
 
 
@@ -133,11 +134,11 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
     raise ConfigError(f"config.class_chunk='auto' fits the classes per pass to the device's memory, but the "
                       f"{mesh.devices.flat[0].platform} backend does not report it; set --config.class_chunk=N, "
                       "a number of classes per pass (memory grows with N; 0 runs all of a device's classes at once)")
-  if config.mesh.data > 1 and (draws := [p.name for p in plan if hasattr(p.method, "class_terms")]):
+  if config.mesh.data > 1 and (draws := [p.name for p in plan if p.caps.draws_items]):
     raise ConfigError(f"mesh.data={config.mesh.data} splits a class's per-class batch of shots, but phase(s) "
                       f"{draws} draw their own images instead; train them with mesh.data=1")
-  needs = {need for p in plan for need in p.method.needs}
-  needs_clip, uses_shots = "clip" in needs, any(getattr(p.method, "uses_shots", True) for p in plan)
+  needs = {need for p in plan for need in p.caps.needs}
+  needs_clip, uses_shots = "clip" in needs, any(p.caps.uses_shots for p in plan)
   classifier = targets = None
   if "classifier" in needs:  # small next to SD: loaded first, so that a bad classifier fails at once
     classifier, targets = _load_classifier(config, plan)
@@ -274,7 +275,7 @@ def _load_classifier(config, plan) -> tuple[Any, np.ndarray]:
   """The config's classifier and the target class of each class (all of the classifier's when unset)."""
   from mcti_jax import classifiers
   spec = config.classifier
-  users = ", ".join(p.name for p in plan if "classifier" in p.method.needs)
+  users = ", ".join(p.name for p in plan if "classifier" in p.caps.needs)
   if not spec.type:
     raise ConfigError(f"phase(s) {users} learn from a classifier, but config.classifier.type is unset: set it to "
                       f"file, clip_zeroshot or clip_tokens with its path (see configs/dct.py and the README)")
@@ -362,15 +363,16 @@ def _check_token_init(config, plan, class_names, uses_shots: bool) -> list[str] 
 
 
 def make_backbone(setup: Setup) -> Backbone:
+  """The frozen models of the step: SD's, CLIP where a method needs it, and the methods' own parts."""
   sd = setup.sd
-  needs = {need for p in setup.plan for need in p.method.needs}
   text_encoder = freeze(sd.text_encoder)
-  extra = {}
-  if "vae" in needs:
-    extra.update(vae=freeze(sd.vae), uncond_context=conditioning.encode_prompts(text_encoder, sd.tokenizer, [""])[0])
-  if setup.classifier is not None:
-    extra.update(classifier=setup.classifier,
-                 targets=jnp.asarray(parallel.pad_rows(setup.targets, setup.num_padded)))
+  targets = (jnp.asarray(parallel.pad_rows(setup.targets, setup.num_padded)) if setup.targets is not None
+             else None)
+  loaded = Loaded(sd=sd, text_encoder=text_encoder, classifier=setup.classifier, targets=targets)
+  parts = {}
+  for method in dict.fromkeys(p.method for p in setup.plan if p.caps.builds_parts):  # each method once
+    parts.update(method.backbone_parts(loaded))
+  extra = {"parts": parts}
   if setup.subspace is not None:
     extra.update(subspace=setup.subspace)
   if setup.clip is not None:  # SD 1.x with CLIP ViT-L/14: one text transformer pass gives both features
@@ -783,9 +785,9 @@ def _finish(setup: Setup, workdir: Path, plan: list[phases.Phase], ended, metric
   exports = {name: workdir / "export" / name for name in tokens}
   if distributed.is_main():
     export.export_phases(workdir / "export", tokens, setup.class_tokens, setup.class_names, info, phase_info)
-    titles = {k: v for p in plan for k, v in p.method.metric_titles.items()}
+    titles = {k: v for p in plan for k, v in p.caps.metric_titles}
     plots.loss_curves(metrics_path, plot, boundaries=[p.end for p in plan[:-1]], titles=titles)
-    if any(hasattr(p.method, "class_state") for p in plan):
+    if any(p.caps.stateful for p in plan):
       plots.class_curves(metrics_path, workdir / "class_curves.png", setup.class_names, titles=titles)
     log(f"tokens exported to {', '.join(str(p) for p in exports.values())}; loss curves in {plot}")
   features = None

@@ -50,7 +50,9 @@ import optax
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
+from mcti_jax import methods
 from mcti_jax import tokens as tok
+from mcti_jax.methods.protocol import Settings, frozen_settings
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import Frozen
 from mcti_jax.parallel import CLASS_AXIS, DATA_AXIS
@@ -58,17 +60,16 @@ from mcti_jax.parallel import CLASS_AXIS, DATA_AXIS
 
 @struct.dataclass
 class Backbone:
-  """The frozen models one step needs; `clip`, `vae` and `classifier` only for methods that need them."""
+  """The frozen models one step needs; `clip` only for methods that need it, `parts` the methods' own."""
   text_encoder: Frozen
   unet: Frozen
   schedule: object  # models.schedule.NoiseSchedule, a pytree of arrays
   clip: Frozen | None
   scaling_factor: float = struct.field(pytree_node=False)  # the VAE's: latents = (sample - shift) * scaling
   shift_factor: float | None = struct.field(pytree_node=False, default=None)
-  vae: Frozen | None = None
-  classifier: object = None  # classifiers.Classifier: images in [0, 1] -> logits
-  targets: jax.Array | None = None  # [Kp] int: class k's class in the classifier
-  uncond_context: jax.Array | None = None  # [1, L, D] the encoded "" prompt (classifier-free guidance)
+  # The phases' methods' own frozen parts by name, from their backbone_parts (DCT: "vae", "classifier", "targets",
+  # "uncond_context"); a pytree of pytrees, so a new method's part needs no field here.
+  parts: dict[str, Any] = struct.field(default_factory=dict)
   subspace: object = None  # subspace.Subspace: what phases with subspace=True map their coordinates through
   # CLIP's text tower is the text encoder (clip.same_text_tower): a prompt's CLIP text feature is the projection of
   # the text encoder's pooled output (Item.pooled), so the transformer runs once for both.
@@ -156,18 +157,6 @@ class StepConfig:
   class_chunk: int = 0  # classes per pass on a device (0: all of its classes in one pass)
 
 
-class Settings:
-  """What a method reads as `cfg`: its phase's settings as attributes, compiled into the step."""
-
-  def __init__(self, settings: tuple[tuple[str, Any], ...]):
-    self.__dict__.update(settings)
-
-
-def frozen_settings(settings: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-  """A method's settings as StepConfig holds them (hashable)."""
-  return tuple(sorted(settings.items()))
-
-
 def make_optimizer(lr: float, weight_decay: float = 1e-2) -> optax.GradientTransformation:
   """AdamW, elementwise. No global-norm clipping: that would couple the classes."""
   return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
@@ -216,7 +205,7 @@ def batch_keys(key, cfg: StepConfig) -> jax.Array:
 
 def class_objective(vectors, k, key, latent_mean, latent_logvar, ctx: Context, settings: Settings, cfg: StepConfig):
   """Class k's terms averaged over its per-class batch, and the batch's items (None for `class_terms` methods)."""
-  if hasattr(cfg.method, "class_terms"):  # the method draws its own items
+  if methods.capabilities(cfg.method).draws_items:
     return cfg.method.class_terms(vectors, k, key, ctx, settings), None
 
   def one_item(key):
@@ -250,7 +239,7 @@ def _shard_grads(tokens, class_ids, latent_mean, latent_logvar, step_key, backbo
   settings = Settings(cfg.settings)
   valid = valid_all[class_ids]
   masked_sum = lambda x, mask: jnp.sum(jnp.where(mask, x, 0.0))  # noqa: E731  (padded classes may hold inf)
-  method = cfg.method
+  method, caps = cfg.method, methods.capabilities(cfg.method)
   ctx = Context(backbone=backbone, image_features=image_features, valid=valid_all, template_ids=template_ids,
                 step=phase_step, run_key=run_key, pooling=cfg.pooling, first_placeholder_id=cfg.first_placeholder_id,
                 latent_shape=cfg.latent_shape)
@@ -275,7 +264,7 @@ def _shard_grads(tokens, class_ids, latent_mean, latent_logvar, step_key, backbo
     vectors = backbone.subspace.to_vectors(tokens) if cfg.subspace else tokens
     per_class = jax.vmap(class_objective, in_axes=(0, 0, 0, 0, 0, None, None, None))
     terms, items = per_class(vectors, ids, fold(micro_key, ids), mean, logvar, ctx, settings, cfg)
-    if method.cross_class:
+    if caps.cross_class:
       cross = jax.vmap(method.cross_terms, in_axes=(0, 0, None, None))(items, ids, everyone, settings)
       terms = {**terms, **cross}
     return terms
@@ -298,7 +287,7 @@ def _shard_grads(tokens, class_ids, latent_mean, latent_logvar, step_key, backbo
     return terms, jax.lax.pmean(grads, DATA_AXIS)
 
   def terms_and_grads(micro_key):
-    everyone = everyone_of(micro_key) if method.cross_class else None
+    everyone = everyone_of(micro_key) if caps.cross_class else None
     if num_chunks == 1:
       return pass_grads(tokens, class_ids, latent_mean, latent_logvar, valid, micro_key, everyone)
 
@@ -347,7 +336,7 @@ def train_step(state: TrainState, data: ShotData, backbone: Backbone, template_i
   num_valid = jnp.maximum(jnp.sum(valid), 1)
   metrics = {name: total / num_valid for name, total in sums.items()}
   class_state = state.class_state
-  if hasattr(cfg.method, "next_state"):  # per-class state: a class that has stopped gets no update
+  if methods.capabilities(cfg.method).stateful:  # per-class state: a class that has stopped gets no update
     training = class_state["training"]
     updates = jnp.where(training[:, None, None], updates, 0.0)
     settings = Settings(cfg.settings)
@@ -380,7 +369,7 @@ def nonfinite_codes(terms: dict[str, jax.Array], tokens: jax.Array, valid: jax.A
 
 def init_class_state(method, tokens, settings: dict):
   """The method's per-class state for a phase on `tokens` [Kp, V, D] ({} for methods without one)."""
-  if not hasattr(method, "class_state"):
+  if not methods.capabilities(method).stateful:
     return {}
   cfg = Settings(frozen_settings(settings))
   state = jax.vmap(lambda v: method.class_state(v, cfg))(tokens)
@@ -389,7 +378,7 @@ def init_class_state(method, tokens, settings: dict):
 
 def final_tokens(method, class_state, tokens):
   """The tokens a phase ends with: the method's choice (DCT: each class's best) or the last ones."""
-  if not hasattr(method, "final_vectors"):
+  if not methods.capabilities(method).stateful:
     return tokens
   return jax.vmap(method.final_vectors)(class_state, tokens)
 

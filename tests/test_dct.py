@@ -49,6 +49,7 @@ def dct_config(tiny_checkpoint, workdir, classifier_folder, **overrides):
 # ------------------------------------------------------------------ gradient skipping
 
 
+@pytest.mark.slow
 def test_gradient_of_the_loop_is_the_gradient_of_the_last_step_at_its_fixed_input(tiny_checkpoint):
   """DCT's loss through 3 DDIM steps (text encoder, UNet, guidance, decode, classifier): its gradient in the token
   equals that of ONE guided step, written here by hand, applied to the loop's x_{t_1} held constant."""
@@ -62,8 +63,8 @@ def test_gradient_of_the_loop_is_the_gradient_of_the_last_step_at_its_fixed_inpu
   text_encoder = freeze(sd.text_encoder)
   uncond = conditioning.encode_prompts(text_encoder, sd.tokenizer, [""])[0]
   backbone = Backbone(text_encoder=text_encoder, unet=freeze(sd.unet), schedule=sd.schedule, clip=None,
-                      scaling_factor=sd.scaling_factor, vae=freeze(sd.vae), classifier=classifier,
-                      uncond_context=uncond)
+                      scaling_factor=sd.scaling_factor,
+                      parts={"vae": freeze(sd.vae), "classifier": classifier, "uncond_context": uncond})
   cfg = Settings(frozen_settings({"sampling_steps": 3, "guidance": 3.0}))
   latents = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
   vectors = jax.random.normal(jax.random.key(1), (1, sd.text_width)) * 0.1
@@ -99,7 +100,7 @@ def test_gradient_of_the_loop_is_the_gradient_of_the_last_step_at_its_fixed_inpu
   fixed = x_t1(vectors)
 
   def one_step_loss(v):
-    return loss_of(vae_lib.decode_images(backbone.vae.module, guided_step(fixed, timesteps[2], context_of(v))))
+    return loss_of(vae_lib.decode_images(backbone.parts["vae"].module, guided_step(fixed, timesteps[2], context_of(v))))
 
   (value, grad), (want_value, want) = (jax.jit(jax.value_and_grad(f))(vectors) for f in (loop_loss, one_step_loss))
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
@@ -147,6 +148,7 @@ def one_device_run(tiny_checkpoint, tmp_path_factory, classifier_folder):
   return train.train(dct_config(tiny_checkpoint, workdir, classifier_folder, num_devices=1), log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_one_device_equals_eight_devices(one_device_run, eight_device_run):
   """3 classes padded to 8 on 8 devices, against 3 on one: the same tokens and per-class curves."""
   one = one_device_run
@@ -162,6 +164,7 @@ def test_one_device_equals_eight_devices(one_device_run, eight_device_run):
   assert manifest["classifier"]["target_names"] == ["c", "a", "b"]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_equals_an_uninterrupted_one(tiny_checkpoint, tmp_path, classifier_folder, eight_device_run):
   """2 steps, then the same run extended to 3: the early-stopping state comes back from the checkpoint."""
   workdir = tmp_path / "run"
@@ -193,6 +196,7 @@ def _initial_tokens(tiny_checkpoint, num_classes):
   return token_init.from_word(sd.tokenizer, table, "digit", np.ones(num_classes, np.int32))
 
 
+@pytest.mark.slow
 def test_a_stopped_class_is_frozen_while_the_others_train(tiny_checkpoint, tmp_path, biased_folder,
                                                            eight_device_run):
   """Class 0 targets b: all its generations are right, so it stops after its first epoch (one update) and
@@ -210,6 +214,7 @@ def test_a_stopped_class_is_frozen_while_the_others_train(tiny_checkpoint, tmp_p
   assert not np.allclose(result.tokens["dct"][1:], initial[1:])
 
 
+@pytest.mark.slow
 def test_the_phase_ends_once_every_class_has_stopped(tiny_checkpoint, tmp_path, biased_folder, eight_device_run):
   c = dct_config(tiny_checkpoint, tmp_path / "run", biased_folder, **{"classifier.targets": (1,)})
   c.phase.dct.steps = 40
@@ -220,6 +225,7 @@ def test_the_phase_ends_once_every_class_has_stopped(tiny_checkpoint, tmp_path, 
   assert (result.workdir / "checkpoints" / "40").is_dir()
 
 
+@pytest.mark.slow
 def test_step_memory_does_not_grow_with_the_sampling_steps(tiny_checkpoint, tmp_path, classifier_folder,
                                                             one_device_run):
   """XLA's temporary memory of the compiled training step: 30 DDIM steps within 10% of 10 (the loop's first

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mcti_jax import sampling
+from mcti_jax import conditioning, sampling
 from mcti_jax import tokens as tok
 from mcti_jax.models import vae as vae_lib
+from mcti_jax.models.frozen import freeze
 
-needs = ("vae", "classifier")
+needs = ("classifier",)
 uses_shots = False  # it draws its own items: generations, not shots
 cross_class = False
 metric_titles = {"ce": "classifier CE of the generations", "acc": "generations classified as the target",
@@ -56,12 +57,20 @@ def check(cfg) -> list[str]:
   """Problems with a phase's DCT settings (phases.plan turns them into one ConfigError)."""
   problems = []
   for field in ("sampling_steps", "images_per_update", "epoch_size", "patience"):
-    value = cfg[field]
+    value = getattr(cfg, field)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       problems.append(f"{field}={value!r} must be an integer >= 1")
   if not problems and cfg.epoch_size % cfg.images_per_update:
     problems.append(f"epoch_size={cfg.epoch_size} must be a multiple of images_per_update={cfg.images_per_update}")
   return problems
+
+
+def backbone_parts(loaded) -> dict:
+  """Its parts of the step's Backbone: the VAE that decodes its generations, the "" prompt's context (guidance),
+  the classifier and each class's target in it."""
+  uncond_context = conditioning.encode_prompts(loaded.text_encoder, loaded.sd.tokenizer, [""])[0]  # [1, L, D]
+  return {"vae": freeze(loaded.sd.vae), "uncond_context": uncond_context, "classifier": loaded.classifier,
+          "targets": loaded.targets}
 
 
 def starting_latents(run_key, k, indices, shape) -> jax.Array:
@@ -80,10 +89,10 @@ def generate(vectors, k, latents, template_ids, backbone, cfg, *, first_placehol
   embeds = tok.splice(tok.token_table(text_encoder), ids, placeholder_ids, vectors)
   context, _ = text_encoder(ids, inputs_embeds=embeds, pooling=pooling)
   timesteps = jnp.asarray(sampling.ddim_timesteps(backbone.schedule.config, cfg.sampling_steps))
-  latents = sampling.denoise(backbone.unet.module, backbone.schedule, latents, context, backbone.uncond_context,
-                             timesteps, cfg.guidance, use_cfg=cfg.guidance > 1,
+  latents = sampling.denoise(backbone.unet.module, backbone.schedule, latents, context,
+                             backbone.parts["uncond_context"], timesteps, cfg.guidance, use_cfg=cfg.guidance > 1,
                              grad_last_step_only=grad_last_step_only)
-  return vae_lib.decode_images(backbone.vae.module, latents)
+  return vae_lib.decode_images(backbone.parts["vae"].module, latents)
 
 
 def class_terms(vectors, k, key, ctx, cfg) -> dict:
@@ -97,8 +106,8 @@ def class_terms(vectors, k, key, ctx, cfg) -> dict:
   which = jax.random.randint(key, (cfg.images_per_update,), 0, class_templates.shape[0])
   images = generate(vectors, k, latents, class_templates[which], ctx.backbone, cfg,
                     first_placeholder_id=ctx.first_placeholder_id, pooling=ctx.pooling)
-  logits = ctx.backbone.classifier(images).astype(jnp.float32)
-  target = ctx.backbone.targets[k]
+  logits = ctx.backbone.parts["classifier"](images).astype(jnp.float32)
+  target = ctx.backbone.parts["targets"][k]
   ce = -jax.nn.log_softmax(logits)[:, target]
   hits = (jnp.argmax(logits, -1) == target).astype(jnp.float32)
   return {"ce": ce.mean(), "acc": hits.mean()}
