@@ -29,6 +29,7 @@ from mcti_jax import classifiers, demo, generate, paths, train
 from mcti_jax.conditioning import LearnedTokens
 from mcti_jax.models import hf_io, pipeline
 from mcti_jax.tiny import captions, guide
+from mcti_jax.tiny import judges as pixel_judges
 
 
 
@@ -36,8 +37,8 @@ def run(config, log: Callable[[str], None] = print) -> dict:
   workdir = Path(config.workdir)
   paths.output_folder(workdir, "config.workdir")  # before the judges fit and the runs train
   results = {"seeds": list(config.seeds), "digits": {}, "attribute": {}}
-  logistic, logistic_accuracy = demo.fit_judge()
-  knn, knn_accuracy = guide.pixel_knn_judge()
+  logistic, logistic_accuracy = pixel_judges.logistic()
+  knn, knn_accuracy = pixel_judges.knn()
   results["judges"] = {"logistic": {"what": "logistic regression on pixels", "heldout_accuracy": logistic_accuracy},
                        "knn": {"what": "3-NN on pixels", "heldout_accuracy": knn_accuracy}}
   judges = {"logistic": logistic, "knn": knn}
@@ -89,7 +90,7 @@ def _verdicts(images: np.ndarray, judges: dict, guide_classifier, targets: np.nd
   flat = images.reshape(k * g, *images.shape[2:])
   out = {}
   for name, judge in judges.items():
-    predicted = judge.predict(demo._judge_features(flat)).reshape(k, g)
+    predicted = judge.predict(pixel_judges.features(flat)).reshape(k, g)
     out[name] = demo.intended_rates(predicted, targets)
   predicted = np.asarray(guide_classifier(flat.astype(np.float32) / 255.0)).argmax(-1).reshape(k, g)
   out["guide"] = demo.intended_rates(predicted, targets)

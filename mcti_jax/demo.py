@@ -22,36 +22,15 @@ import numpy as np
 from mcti_jax import data as D
 from mcti_jax import evaluate
 from mcti_jax.models import hf_io
+from mcti_jax.tiny import judges
 
 KNOWN, UNKNOWN = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
-
-
-def fit_judge(seed: int = 0):
-  """A scikit-learn classifier of all ten digits, trained on the pretraining-half images.
-
-  Independent of our models: it judges generated images by their pixels.
-  Returns (judge, its accuracy on the held-out half).
-  """
-  from sklearn.linear_model import LogisticRegression
-  from sklearn.pipeline import make_pipeline
-  from sklearn.preprocessing import StandardScaler
-  images, labels = D.digits_images()
-  parts = D.digits_split(labels)  # {"pretrain": positions, "heldout": positions}
-  x = _judge_features(images)
-  train, test = parts["pretrain"], parts["heldout"]
-  judge = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1, random_state=seed))
-  judge.fit(x[train], labels[train])
-  return judge, float(judge.score(x[test], labels[test]))
-
-
-def _judge_features(images: np.ndarray) -> np.ndarray:
-  return images.astype(np.float32).mean(-1).reshape(len(images), -1) / 255.0
 
 
 def judge_generation(judge, images: np.ndarray, num_classes: int) -> dict:
   """images [K, G, H, W, 3] -> per-class fraction judged as the intended class."""
   k, g = images.shape[:2]
-  predicted = judge.predict(_judge_features(images.reshape(k * g, *images.shape[2:]))).reshape(k, g)
+  predicted = judge.predict(judges.features(images.reshape(k * g, *images.shape[2:]))).reshape(k, g)
   return intended_rates(predicted, np.arange(k))
 
 
@@ -86,7 +65,7 @@ def generation_report(config, workdir: Path, log) -> dict:
   from mcti_jax.models import pipeline
   seed = config.seeds[0]
   run_dir = workdir / f"{config.n_shots[0]}shot" / f"seed{seed}"
-  judge, judge_accuracy = fit_judge()
+  judge, judge_accuracy = judges.logistic()
   g = config.generation
   out = {"judge": "logistic regression on pixels, trained on the pretraining half of all ten digits",
          "judge_heldout_accuracy": judge_accuracy, "shot_seed": seed, "guidance": g.guidance, "steps": g.steps}

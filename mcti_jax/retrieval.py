@@ -1,18 +1,18 @@
 """Composite retrieval: rank a gallery for prompts that put a class token among words ("a photo of a <cls-3> bold").
 
 A query is the class token S_k followed by words that qualify it. Its CLIP text
-feature (the token spliced into CLIP's text tower, as the CLIP-token head does)
-ranks the gallery's CLIP image features by cosine. An image is relevant when it
-is of class k and shows the words: in the tiny world, when its measured shape
-attribute (tiny/captions.py) falls in the tercile the words name, the terciles
-of the pretraining images the tiny CLIP learned its words from; elsewhere, as a
-person labelled it (`load_labels`).
+feature (the token spliced into CLIP's text tower, as the CLIP-token head does;
+queries.py, which GAIR shares) ranks the gallery's CLIP image features by
+cosine. An image is relevant when it is of class k and shows the words: in the
+tiny world, when its measured shape attribute (tiny/captions.py) falls in the
+tercile the words name, the terciles of the pretraining images the tiny CLIP
+learned its words from; elsewhere, as a person labelled it (`load_labels`).
 
   queries = tiny_queries(10)                                  # "a photo of a <cls-k> bold", ... 60 queries
   text = prompt_features(clip, tokenizer, [q.prompt for q in queries], learned)
   report = metrics(text @ normalize(gallery_features).T, relevant, [q.type for q in queries])
 
-`fixed_queries` gives the baselines GAIR (classify/gair.py) must beat; `run` is
+`queries.fixed_queries` gives the baselines GAIR (classify/gair.py) must beat; `run` is
 `mcti retrieve` (configs/retrieve.py) and `evaluate_tiny` the same on the tiny
 world for a demo.
 
@@ -31,75 +31,28 @@ relative to the folder.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mcti_jax import conditioning, generate, paths
 from mcti_jax import data as D
 from mcti_jax import tokens as tok
+from mcti_jax.classify import gair
 from mcti_jax.errors import ConfigError
 from mcti_jax.models import hf_io
 from mcti_jax.models.frozen import Frozen
+from mcti_jax.queries import Query, check_classes, fixed_queries, normalize, parse_query
 
-_CLASS_TOKEN = re.compile(r"<cls-(\d+)>(?!_)")
 KS = (1, 5)  # R@k reported
 TOP = 5  # results per query in results.json
 LAMS = (0.0, 0.25, 0.5, 0.75, 1.5, 2.0)  # the fixed queries q(lam); q(1) is the composite prompt, reported as it
 TINY_ATTRIBUTES = ("ink", "width", "slant")  # the tiny world's queries: both words of each (tiny/captions.py)
-
-
-# ------------------------------------------------------------------ queries
-
-
-@dataclasses.dataclass(frozen=True)
-class Query:
-  """A composite prompt: `class_prompt` (up to and including the class token) then `words` that qualify it."""
-  prompt: str
-  class_index: int
-  type: str = "query"  # results are reported per type too (the tiny world: the attribute words)
-  opposite: str | None = None  # words that deny `words` ("thin" for "bold"); GAIR's attribute judge uses them
-
-  @property
-  def class_prompt(self) -> str:
-    return self.prompt[:_CLASS_TOKEN.search(self.prompt).end()]
-
-  @property
-  def words(self) -> str:
-    return self.prompt[_CLASS_TOKEN.search(self.prompt).end():].strip()
-
-
-def parse_query(prompt: str, type: str = "query", opposite: str | None = None) -> Query:  # noqa: A002
-  """A Query from its prompt: one class token, then the words; a ValueError saying how to write it otherwise."""
-  if not isinstance(prompt, str):
-    raise ValueError(f"a query prompt must be a string, not {prompt!r}")
-  found = _CLASS_TOKEN.findall(prompt)
-  if len(found) != 1:
-    what = "holds no class token" if not found else f"holds {len(found)} class tokens"
-    raise ValueError(f"prompt {prompt!r} {what}; a query names one class then qualifies it, e.g. "
-                     "'a photo of a <cls-3> with a red collar'")
-  query = Query(prompt, int(found[0]), type, opposite)
-  if not query.words:
-    raise ValueError(f"prompt {prompt!r} has no words after {query.class_prompt.split()[-1]}; write the words that "
-                     "qualify the class after its token, e.g. 'a photo of a <cls-3> with a red collar'")
-  return query
-
-
-def check_classes(queries: Sequence[Query], num_classes: int, where: str) -> None:
-  """Every query's class must be one the tokens hold."""
-  for q in queries:
-    if not 0 <= q.class_index < num_classes:
-      raise ConfigError(f"{where}: query {q.prompt!r} names <cls-{q.class_index}>, but the tokens hold classes "
-                        f"<cls-0>..<cls-{num_classes - 1}>")
 
 
 # ------------------------------------------------------------------ metrics
@@ -151,66 +104,6 @@ def top_results(scores, relevant, ids: Sequence[str], k: int = TOP) -> list[list
   order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
   return [[{"id": ids[j], "score": round(float(scores[q, j]), 5), "relevant": bool(relevant[q, j])} for j in row]
           for q, row in enumerate(order)]
-
-
-# ------------------------------------------------------------------ CLIP text features of prompts
-
-
-def normalize(x):
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-@functools.partial(jax.jit, static_argnames=("pooling",))
-def _text_features(clip: Frozen, ids, placeholder_ids, vectors, pooling: str):
-  model = clip.module
-  embeds = tok.splice(tok.token_table(model), ids, placeholder_ids, vectors)
-  features = model.get_text_features(ids, inputs_embeds=embeds, pooling=pooling)
-  return features / jnp.linalg.norm(features, axis=-1, keepdims=True)
-
-
-def prompt_features(clip: Frozen, tokenizer, prompts: Sequence[str], learned=None, pooling: str = "eos",
-                    batch_size: int = 256) -> np.ndarray:
-  """Normalised CLIP text features [len(prompts), P] of prompts that may hold class tokens (<cls-k>).
-
-  The tokens are spliced into CLIP's text tower, as `clip_head.class_text_features`
-  does for one template; here every prompt is its own.
-  """
-  ids = conditioning.tokenize(tokenizer, list(prompts), learned)
-  if learned is None:
-    width = clip.module.text_model.config.hidden_size
-    placeholder_ids, vectors = np.asarray([-1], np.int32), np.zeros((1, width), np.float32)
-  else:
-    placeholder_ids, vectors = learned.placeholder_ids, learned.flat_vectors
-  out = []
-  for start in range(0, len(ids), batch_size):  # padded to one shape: one compile
-    chunk = ids[start:start + batch_size]
-    padded = np.concatenate([chunk, np.repeat(chunk[:1], min(batch_size, len(ids)) - len(chunk), 0)])
-    out.append(np.asarray(_text_features(clip, jnp.asarray(padded), jnp.asarray(placeholder_ids),
-                                         jnp.asarray(vectors), pooling))[:len(chunk)])
-  return np.concatenate(out)
-
-
-def mix(class_features, composite_features, lam) -> np.ndarray:
-  """q(lam) = normalize(g_c + lam (g_cw - g_c)): the class prompt's feature moved towards the composite's.
-
-  lam 0 is the class prompt alone, 1 the composite prompt, above 1 beyond it;
-  the CLIP-feature twin of GAIR's text-encoder interpolation. lam is a scalar
-  or one per query [Q].
-  """
-  g_c, g_cw = normalize(np.asarray(class_features)), normalize(np.asarray(composite_features))
-  lam = np.asarray(lam, np.float32).reshape(-1, 1) if np.ndim(lam) else np.float32(lam)
-  return normalize(g_c + lam * (g_cw - g_c))
-
-
-def fixed_queries(clip: Frozen, tokenizer, queries: Sequence[Query], learned, lams: Sequence[float],
-                  pooling: str = "eos") -> dict[str, np.ndarray]:
-  """The baselines: {"composite": the prompt's own feature, "lam=<l>": q(l) for each l} -> features [Q, P]."""
-  composite = prompt_features(clip, tokenizer, [q.prompt for q in queries], learned, pooling)
-  class_only = prompt_features(clip, tokenizer, [q.class_prompt for q in queries], learned, pooling)
-  out = {"composite": composite}
-  for lam in lams:
-    out[f"lam={lam:g}"] = mix(class_only, composite, lam)
-  return out
 
 
 # ------------------------------------------------------------------ the tiny world
@@ -431,7 +324,6 @@ def retrieve(setup: Setup, lams: Sequence[float], gair_config=None, out_dir: str
   kinds = fixed_queries(s.clip, s.tokenizer, s.queries, s.learned, lams, s.pooling)
   refined = None
   if gair_config is not None:
-    from mcti_jax.classify import gair
     if s.sd is None:
       raise ValueError("GAIR generates images: the setup needs Stable Diffusion (sd)")
     start = time.time()
@@ -492,7 +384,6 @@ def evaluate_tiny(tokens: str | os.PathLike, out_dir: str | os.PathLike | None =
   "a photo of a <cls-k> <word>" for both words of each attribute. Returns
   results.json's content plus "seconds" (and "out_dir" where it was written).
   """
-  from mcti_jax.classify import gair
   start = time.time()
   setup = tiny_setup(tokens, attributes=attributes, template=template, sd_path=sd_path, clip_path=clip_path,
                      log=log)
@@ -558,7 +449,6 @@ def labels_setup(tokens, labels_path, *, sd_path=None, clip_path=None, need_sd: 
 def run(config, log: Callable[[str], None] = print) -> dict[str, Any]:
   """`mcti retrieve` (configs/retrieve.py): results.json and strips in config.out."""
   from mcti_jax import parallel
-  from mcti_jax.classify import gair
   if not config.tokens:
     raise ConfigError("give the tokens to search with: --tokens <export folder of `mcti train`> "
                       "(e.g. runs/demo/5shot/seed1/export/mcti)")

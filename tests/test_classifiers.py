@@ -143,6 +143,7 @@ def test_images_already_at_size_are_not_resized():
                              (np.round(images * 255) / 255 - np.asarray(RGB.mean)) / np.asarray(RGB.std), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradients_reach_the_images_under_jit_vmap_and_shard_map():
   c = random_classifier()
   images = jnp.asarray(np.random.default_rng(2).uniform(size=(8, 14, 18, 3)), jnp.float32)
@@ -282,6 +283,7 @@ def test_spec_errors(tmp_path):
 # ---------------------------------------------------------------- CLIP heads
 
 
+@pytest.mark.slow
 def test_clip_zeroshot_is_scaled_cosine_of_clip_features(tiny_checkpoint):
   from mcti_jax.models import clip as clip_lib
   from mcti_jax.models import pipeline
@@ -364,6 +366,6 @@ def test_guide_names():
 
 
 def test_pixel_knn_judge():
-  from mcti_jax.tiny import guide
-  judge, accuracy = guide.pixel_knn_judge()
+  from mcti_jax.tiny import judges
+  judge, accuracy = judges.knn()
   assert accuracy > 0.9 and judge.n_neighbors == 3

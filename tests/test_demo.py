@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mcti_jax import demo, evaluate
+from mcti_jax.tiny import judges
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,7 @@ def quick_demo(tiny_checkpoint, tmp_path_factory):
   return demo.run(config, log=lambda _: None), workdir, config
 
 
+@pytest.mark.slow
 def test_demo_writes_its_report_and_files(quick_demo):
   _, workdir, _ = quick_demo
   for name in ("report.md", "results.json", "generated_mcti.png", "generated_ti.png", "accuracy_vs_shots.png",
@@ -35,6 +37,7 @@ def test_demo_writes_its_report_and_files(quick_demo):
     assert (workdir / image).is_file(), image
 
 
+@pytest.mark.slow
 def test_demo_numbers_are_those_of_results_json(quick_demo):
   _, workdir, config = quick_demo
   results = json.loads((workdir / "results.json").read_text())
@@ -54,14 +57,15 @@ def test_demo_numbers_are_those_of_results_json(quick_demo):
     assert row.group(3) == f"{np.mean(gen[phase]['clip_image_similarity']):.3f}"
 
 
+@pytest.mark.slow
 def test_the_judge_is_competent_and_independent():
-  judge, heldout_accuracy = demo.fit_judge()
+  judge, heldout_accuracy = judges.logistic()
   assert heldout_accuracy > 0.9  # it knows all ten digits from pixels alone
   from mcti_jax import data as D
   images, labels = D.digits_images()
   held = D.digits_split(labels)["heldout"]
   out = demo.judge_generation(judge, images[held][:40].reshape(10, 4, 16, 16, 3), 10)
-  predicted = judge.predict(demo._judge_features(images[held][:40]))
+  predicted = judge.predict(judges.features(images[held][:40]))
   assert out["predicted"] == predicted.reshape(10, 4).tolist()
   np.testing.assert_allclose(out["per_class"], (predicted.reshape(10, 4) == np.arange(10)[:, None]).mean(1))
 

@@ -9,6 +9,7 @@ from mcti_jax import retrieval
 from mcti_jax.classify import gair
 from mcti_jax.data import DataError
 from mcti_jax.errors import ConfigError
+from mcti_jax.queries import mix, normalize, parse_query
 
 # ------------------------------------------------------------------ metrics
 
@@ -42,24 +43,24 @@ def test_metrics_with_no_answerable_query_and_bad_shapes():
 def test_mix_goes_from_the_class_prompt_to_the_composite():
   rng = np.random.default_rng(0)
   g_c, g_cw = rng.normal(size=(3, 8)), rng.normal(size=(3, 8))
-  np.testing.assert_allclose(retrieval.mix(g_c, g_cw, 0.0), retrieval.normalize(g_c), atol=1e-6)
-  np.testing.assert_allclose(retrieval.mix(g_c, g_cw, 1.0), retrieval.normalize(g_cw), atol=1e-6)
-  per_query = retrieval.mix(g_c, g_cw, np.array([0.0, 1.0, 0.5]))
-  np.testing.assert_allclose(per_query[2], retrieval.mix(g_c, g_cw, 0.5)[2], atol=1e-6)
+  np.testing.assert_allclose(mix(g_c, g_cw, 0.0), normalize(g_c), atol=1e-6)
+  np.testing.assert_allclose(mix(g_c, g_cw, 1.0), normalize(g_cw), atol=1e-6)
+  per_query = mix(g_c, g_cw, np.array([0.0, 1.0, 0.5]))
+  np.testing.assert_allclose(per_query[2], mix(g_c, g_cw, 0.5)[2], atol=1e-6)
 
 
 # ------------------------------------------------------------------ queries and relevance
 
 
 def test_a_query_splits_into_its_class_prompt_and_words():
-  q = retrieval.parse_query("a photo of a <cls-3> with a red collar", type="collar")
+  q = parse_query("a photo of a <cls-3> with a red collar", type="collar")
   assert (q.class_index, q.class_prompt, q.words, q.type) == (3, "a photo of a <cls-3>", "with a red collar", "collar")
   with pytest.raises(ValueError, match="holds no class token; a query names one class"):
-    retrieval.parse_query("a photo of a dog with a red collar")
+    parse_query("a photo of a dog with a red collar")
   with pytest.raises(ValueError, match="holds 2 class tokens"):
-    retrieval.parse_query("a <cls-1> and a <cls-2>")
+    parse_query("a <cls-1> and a <cls-2>")
   with pytest.raises(ValueError, match="has no words after <cls-3>"):
-    retrieval.parse_query("a photo of a <cls-3>")
+    parse_query("a photo of a <cls-3>")
 
 
 def test_tiny_queries_and_relevance_by_hand():
@@ -105,8 +106,8 @@ def _gallery(folder, count=4):
 
 def test_labels_file_round_trip(tmp_path):
   names = _gallery(tmp_path / "images")
-  queries = [retrieval.parse_query("a photo of a <cls-1> bold", type="bold", opposite="thin"),
-             retrieval.parse_query("a photo of a <cls-0> with a red collar")]
+  queries = [parse_query("a photo of a <cls-1> bold", type="bold", opposite="thin"),
+             parse_query("a photo of a <cls-0> with a red collar")]
   relevant_ids = [["img2.png", "sub/deep.png"], ["img0.png"]]
   path = tmp_path / "labels.json"
   path.write_text(json.dumps(retrieval.labels_json(queries, relevant_ids, gallery="images")))
@@ -178,7 +179,7 @@ def test_gair_judges_by_hand():
   np.testing.assert_allclose(p_class, [[e / (e + 2), 1 / (e + 2)]])
   np.testing.assert_allclose(p_attr, [[e / (e + 1), 1 / (e + 1)]])
   q = gair.query_feature(np.eye(3)[:1], np.eye(3)[1:2], 0.5, features, np.array([[1.0, 0.0]]), image_weight=1.0)
-  expected = retrieval.normalize(retrieval.mix(np.eye(3)[:1], np.eye(3)[1:2], 0.5) + np.array([[1.0, 0, 0]]))
+  expected = normalize(mix(np.eye(3)[:1], np.eye(3)[1:2], 0.5) + np.array([[1.0, 0, 0]]))
   np.testing.assert_allclose(q, expected, atol=1e-6)
 
 
@@ -215,12 +216,13 @@ def _export(checkpoint, folder):
   return folder
 
 
+@pytest.mark.slow
 def test_retrieve_command_on_the_tiny_model(tiny_checkpoint, tmp_path):
   from mcti_jax import cli
   tokens = _export(tiny_checkpoint, tmp_path / "export")
   _gallery(tmp_path / "images", count=5)
-  queries = [retrieval.parse_query("a photo of a <cls-1> bold", type="bold", opposite="thin"),
-             retrieval.parse_query("a photo of a <cls-2> with a hat")]
+  queries = [parse_query("a photo of a <cls-1> bold", type="bold", opposite="thin"),
+             parse_query("a photo of a <cls-2> with a hat")]
   (tmp_path / "labels.json").write_text(json.dumps(retrieval.labels_json(queries, [["img0.png"], ["sub/deep.png"]],
                                                                         gallery="images")))
   out = tmp_path / "out"
@@ -249,6 +251,7 @@ def test_retrieve_command_needs_tokens(tmp_path):
   assert cli.with_tokens_flag(["p", "--tokens", "x", "--tokens=y"]) == ["p", "--config.tokens=x", "--config.tokens=y"]
 
 
+@pytest.mark.slow
 def test_retrieval_rows_in_the_eval_harness(tiny_checkpoint, tmp_path):
   """A retrieval evaluator's row holds MRR / R@1 / R@5; classification rows and tables stay as they were."""
   import importlib

@@ -4,7 +4,7 @@ A composite query "a photo of a S_k w" asks for class k showing the words w.
 Its plain CLIP text feature can lean on either part (a strong token drowns the
 words, or the words drown the class). GAIR draws what the query asks for,
 checks what the drawings show, and retrieves with a query balanced to match.
-Every choice is a field of `GairConfig`; retrieval.py has the queries.
+Every choice is a field of `GairConfig`; queries.py has the queries.
 
 1. Interpolation. The generator is conditioned on h(lam) = h_c + lam (h_cw - h_c),
    h_c the text encoder's last hidden states of the class prompt
@@ -33,7 +33,7 @@ Every choice is a field of `GairConfig`; retrieval.py has the queries.
    both, else the nearest miss.
 4. The refined query: q = normalize(q(lam) + image_weight n(f)), with
    q(lam) = normalize(g_c + lam (g_cw - g_c)) the same interpolation of the two
-   prompts' CLIP text features (retrieval.mix) and f the mean of the final
+   prompts' CLIP text features (queries.mix) and f the mean of the final
    round's image features, each weighted by its p_class x p_attr
    (judge_weighting), so drawings that show both count most.
 
@@ -59,11 +59,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcti_jax import conditioning, generate, retrieval, sampling
+from mcti_jax import conditioning, generate, sampling
 from mcti_jax.errors import ConfigError
 from mcti_jax.models import clip as clip_lib
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import Frozen, freeze
+from mcti_jax.queries import mix, normalize, prompt_features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +166,8 @@ def judge(image_features, head, class_index, positive, negative, logit_scale: fl
   query's class; p_attr: the 2-way softmax of positive [Q, P] against
   negative [Q, P].
   """
-  f = retrieval.normalize(np.asarray(image_features, np.float64))
-  head, positive, negative = (retrieval.normalize(np.asarray(x, np.float64)) for x in (head, positive, negative))
+  f = normalize(np.asarray(image_features, np.float64))
+  head, positive, negative = (normalize(np.asarray(x, np.float64)) for x in (head, positive, negative))
   p_class = np.take_along_axis(_softmax(logit_scale * f @ head.T), np.asarray(class_index)[:, None, None], -1)[..., 0]
   two = np.stack([np.einsum("qgp,qp->qg", f, positive), np.einsum("qgp,qp->qg", f, negative)], -1)
   return p_class, _softmax(logit_scale * two)[..., 0]
@@ -177,12 +178,12 @@ def query_feature(class_text, composite_text, lam, image_features, weights, imag
 
   image_features [Q, G, P], weights [Q, G] (all equal for a plain mean).
   """
-  text = retrieval.mix(class_text, composite_text, lam)
+  text = mix(class_text, composite_text, lam)
   if image_weight == 0:
     return text
   w = np.asarray(weights, np.float64) + 1e-12
-  mean = (retrieval.normalize(np.asarray(image_features, np.float64)) * w[..., None]).sum(1) / w.sum(1)[:, None]
-  return retrieval.normalize(text + image_weight * retrieval.normalize(mean)).astype(np.float32)
+  mean = (normalize(np.asarray(image_features, np.float64)) * w[..., None]).sum(1) / w.sum(1)[:, None]
+  return normalize(text + image_weight * normalize(mean)).astype(np.float32)
 
 
 # ------------------------------------------------------------------ drawing
@@ -262,7 +263,7 @@ def refine(sd, clip: Frozen, tokenizer, learned, queries: Sequence, cfg: GairCon
   q_count, num_classes = len(queries), learned.class_tokens.num_classes
   if q_count == 0:
     raise ValueError("GAIR needs at least one query")
-  text = functools.partial(retrieval.prompt_features, clip, tokenizer, learned=learned, pooling=pooling)
+  text = functools.partial(prompt_features, clip, tokenizer, learned=learned, pooling=pooling)
   class_prompts, composite = [q.class_prompt for q in queries], [q.prompt for q in queries]
   head = text([cfg.head_template.format(f"<cls-{j}>") for j in range(num_classes)])
   class_text, composite_text = text(class_prompts), text(composite)

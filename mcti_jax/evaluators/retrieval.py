@@ -5,7 +5,7 @@ instead of a classification report. The gallery is the cell's test images;
 relevance is the tiny world's measured shape attributes (the digits source), or
 a person's labels file (`labels`; its gallery folder then replaces the test
 images). `query` picks how a query is turned into a CLIP feature: "composite"
-(the prompt's own), "mix" (q(lam), retrieval.mix) or "gair" (classify/gair.py,
+(the prompt's own), "mix" (q(lam), queries.mix) or "gair" (classify/gair.py,
 settings in `gair`).
 
   c.evals.gair = dict(type="retrieval", label="GAIR (MC-TI)", phase="mcti", query="gair")
@@ -22,6 +22,7 @@ import numpy as np
 from mcti_jax import retrieval
 from mcti_jax.classify import gair as gair_lib
 from mcti_jax.errors import ConfigError
+from mcti_jax.queries import check_classes, fixed_queries, normalize, prompt_features
 
 QUERIES = ("composite", "mix", "gair")
 
@@ -47,16 +48,16 @@ class Evaluator:
     s = setup
     info: dict[str, Any] = {}
     if self.query == "composite":
-      features = retrieval.prompt_features(s.clip, s.tokenizer, [q.prompt for q in s.queries], s.learned, s.pooling)
+      features = prompt_features(s.clip, s.tokenizer, [q.prompt for q in s.queries], s.learned, s.pooling)
     elif self.query == "mix":
-      features = retrieval.fixed_queries(s.clip, s.tokenizer, s.queries, s.learned, (self.lam,), s.pooling)
+      features = fixed_queries(s.clip, s.tokenizer, s.queries, s.learned, (self.lam,), s.pooling)
       features = features[f"lam={self.lam:g}"]
     else:
       refined = gair_lib.refine(s.sd, s.clip, s.tokenizer, s.learned, s.queries, gair_lib.from_config(self.gair or {}),
                                 pooling=s.pooling)
       features = refined.query_features
       info = {"lam_mean": float(np.mean(refined.lam)), "gair_seconds": refined.seconds}
-    scores = features @ retrieval.normalize(np.asarray(s.gallery_features, np.float32)).T
+    scores = features @ normalize(np.asarray(s.gallery_features, np.float32)).T
     report = retrieval.metrics(scores, s.relevant, [q.type for q in s.queries])
     return {**report["overall"], "by_type": report["by_type"], **info}
 
@@ -65,7 +66,7 @@ class Evaluator:
     learned, tokenizer = cell.learned_tokens(self.phase)
     if self.labels:
       labels = retrieval.load_labels(self.labels)
-      retrieval.check_classes(labels.queries, r.num_classes, self.labels)
+      check_classes(labels.queries, r.num_classes, self.labels)
       features = retrieval.gallery_features(m.clip, labels.gallery, tc.data.resolution, m.mesh)
       return retrieval.Setup(m.clip, tokenizer, learned, labels.gallery, features, labels.queries, labels.relevant,
                              tc.data.resolution, m.pooling, m.sd)

@@ -5,7 +5,9 @@ demo and the tests use tiny models pretrained here on sklearn digits
 (`mcti pretrain-tiny`, configs/tiny_pretrain.py). The architectures and the
 random checkpoints are in `models/tiny.py`; here: the captions (`captions`),
 what the models see (`data`), the three pretraining phases (`pretrain`) on a
-small private trainer (`trainer`), the model card (`card`) and the command (`main`).
+small private trainer (`trainer`), the model card (`card`) and the command (`main`);
+the frozen classifiers DCT learns from (`guide`) and the pixel judges of
+generated digits (`judges`).
 """
 
 from pathlib import Path

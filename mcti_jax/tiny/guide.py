@@ -1,4 +1,4 @@
-"""Two small frozen "guide" classifiers of the tiny world, and a second independent pixel judge.
+"""Two small frozen "guide" classifiers of the tiny world.
 
 A guide is what Discriminative Class Tokens back-propagate through: a convnet
 on 16x16 digits, in the `classifiers/file.py` format, trained here on the
@@ -12,8 +12,7 @@ pretraining half of ALL ten digits (random shifts of up to 2 px):
   classifiers.load(dict(type="file", path=str(guide.DIGITS_GUIDE)))
 
 Each folder also holds guide_card.json (held-out accuracy, seed, steps, date).
-`pixel_knn_judge` is a k-NN on pixels, a judge of generated digits that shares
-nothing with `demo.fit_judge` (a logistic regression) but the features.
+The judges of what DCT's tokens draw are in judges.py.
 """
 
 from __future__ import annotations
@@ -131,20 +130,6 @@ def _card(task: str, classifier: Classifier, held_images, held_labels, num_train
           "seed": seed, "steps": steps, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
           "train_seconds": round(seconds, 1), "date": datetime.date.today().isoformat(),
           "made_by": "python -m mcti_jax.tiny.guide"}
-
-
-def pixel_knn_judge(k: int = 3):
-  """A k-NN classifier of all ten digits on pixels of the pretraining half; (judge, held-out accuracy).
-
-  The second judge of generated digits, beside `demo.fit_judge`; same features (grey / 255, flattened).
-  """
-  from sklearn.neighbors import KNeighborsClassifier
-
-  from mcti_jax.demo import _judge_features
-  images, labels, parts = _halves()
-  x = _judge_features(images)
-  judge = KNeighborsClassifier(n_neighbors=k).fit(x[parts["pretrain"]], labels[parts["pretrain"]])
-  return judge, float(judge.score(x[parts["heldout"]], labels[parts["heldout"]]))
 
 
 def main(out_root: str | Path = DEFAULT_OUT, seed: int = 0, progress: bool = True) -> dict[str, dict]:
