@@ -48,7 +48,7 @@ for group in "$@"; do
       run train-ti-k74 train_benchmark.py --full --dtype bfloat16 --classes 74 --steps 5 --no_torch
       run train-ti-fp32-k8-remat train_benchmark.py --full --dtype float32 --classes 8 --steps 5 --remat \
         --no_torch ;;
-    large_k)  # issue 25: K = 1000 on one device in passes that fit (class_chunk=auto), against K = 37 in one pass
+    large_k)  # K = 1000 on one device in passes that fit (class_chunk=auto), against K = 37 in one pass
       run train-ti-k37 train_benchmark.py --full --dtype bfloat16 --classes 37 --steps 5 --no_torch
       RUN_LIMIT=900 run train-ti-k1000-auto train_benchmark.py --full --dtype bfloat16 --classes 1000 --steps 2 \
         --class_chunk auto --no_torch ;;

@@ -1,4 +1,4 @@
-"""Large class sets on one host (issue 25): throughput and memory of `mcti train` against K, with and without chunks.
+"""Large class sets on one host: throughput and memory of `mcti train` against K, with and without chunks.
 
 For each K and each class_chunk (0: all of a device's classes in one pass; c: passes of c), runs `mcti train` on
 the synthetic world (configs/mcti.py:synthetic, the embedded tiny model, 16 px) as a subprocess with a fresh
@@ -13,13 +13,13 @@ workdir and encoding cache, on 8 simulated CPU devices, the TI phase only, and r
                    train.prepare + train.compile_step on the run's config and (cached) encodings
 
 The default chunk is 8 classes per pass per device: K = 64 on 8 devices is 8 classes per device, so K = 64 at
-c = 8 is the one-pass program the issue's bars compare against, and K = 1024 at c = 8 runs that same pass 16
+c = 8 is the one-pass program the bars compare against, and K = 1024 at c = 8 runs that same pass 16
 times. Steps per run scale as 1/K (about the same class-samples per run), so every run takes about as long.
 
   .venv/bin/python benchmarks/large_k.py                      # K = 16, 64, 128, 1024 x chunk 0, 8: ~7 min, 2 cores
   .venv/bin/python benchmarks/large_k.py --classes 16 64 --samples 1024    # a quick look
 
-The issue's bars (checked at the chunk c): at K = 1024, peak host memory <= 1.5 x K = 64's and class-samples/s
+The bars (checked at the chunk c): at K = 1024, peak host memory <= 1.5 x K = 64's and class-samples/s
 within 20% of K = 64's. The synthetic world makes no accuracy claim.
 """
 
@@ -154,7 +154,7 @@ def measure_steps(num_classes: int, chunks: list[int], workdir: Path, args) -> d
 
 
 def verdicts(rows: list[dict], chunk: int) -> dict:
-  """The issue's two bars at `chunk`: K = 1024 against K = 64."""
+  """The two bars at `chunk`: K = 1024 against K = 64."""
   at = {(r["classes"], r["chunk"]): r for r in rows}
   small, large = at.get((64, chunk)), at.get((1024, chunk))
   if small is None or large is None:

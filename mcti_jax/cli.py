@@ -30,7 +30,8 @@ from mcti_jax.config_files import load_config
 from mcti_jax.errors import ConfigError, MctiError
 
 COMMANDS = {
-    "train": "learn class tokens (TI warm-up, then MC-TI) for all classes in one run; resumable",
+    "train": "learn class tokens for all classes in one run: config.phases in order (TI, MC-TI, GCPL, CoMPLe, DCT, "
+             "custom tokens); resumable",
     "eval": "N-shot settings x methods x seeds: results.json, a Table-1 markdown table, plots; resumable",
     "generate": "images from prompts holding learned tokens (DDIM + classifier-free guidance)",
     "retrieve": "rank images for 'a photo of a <cls-k> <words>' queries: fixed prompts vs GAIR; MRR, R@1, R@5",
@@ -65,7 +66,7 @@ def _config_arg(args: list[str]) -> tuple[str | None, list[str]]:
   return None, args
 
 
-# Training fields that moved into the phases (issue 13): where an old command's flag now goes.
+# Training fields that moved into the phases: where an old command's flag now goes.
 MOVED = {"ti_steps": "phase.ti.steps", "mcti_steps": "phase.mcti.steps", "alpha": "phase.mcti.alpha",
          "beta": "phase.mcti.beta", "scale": "phase.mcti.scale", "lr": "phase.<name>.lr",
          "weight_decay": "phase.<name>.weight_decay", "methods": "evals", "template": "evals.<name>.template",

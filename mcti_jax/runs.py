@@ -26,7 +26,7 @@ from mcti_jax.errors import ConfigError
 RESUMABLE = ("workdir", "data.cache_dir", "log_every", "checkpoint_every", "num_devices", "mesh", "class_chunk",
              "model.remat", "model.sd_path", "model.clip_path", "data.root", "data.data_dir", "data.split_file",
              "classifier.path", "classifier.clip_path", "classifier.export", "tokens.caption_file")
-SIGNATURE_VERSION = 3  # 3: config.phases (issue 13)
+SIGNATURE_VERSION = 3  # 3: config.phases
 
 
 def fingerprint(path: str | Path) -> str:

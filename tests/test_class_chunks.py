@@ -137,6 +137,7 @@ def _assert_same_metrics(got: list[dict], want: list[dict], num_classes: int):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group, phase, devices", [
     *((group, phase, devices) for devices in (8, 1) for group, phase in (("shots", "ti"), ("shots", "mcti"),
                                                                          ("shots", "comple"), ("dct", "dct"))),
@@ -161,6 +162,7 @@ def _initial_vectors(setup, phase_name: str) -> np.ndarray:
   return np.asarray(setup.subspace.to_coords(tokens)) if phase.settings.subspace else tokens
 
 
+@pytest.mark.slow
 def test_a_run_resumed_with_another_chunk_equals_the_uninterrupted_run(tiny_checkpoint, tmp_path, monkeypatch):
   """5 classes on one device, 6 TI steps: steps 1-3 in passes of 2 (killed after 3, saved at 2), then the rest in
   passes of 3, against one pass. Then "auto" in the trainer, on a device said to hold any chunk: one pass."""
@@ -228,6 +230,7 @@ def _compile_abstract(setup, phase_name: str, num_classes: int, chunk: int):
   return step.lower(state, data, _backbone(setup), template_ids).compile()
 
 
+@pytest.mark.slow
 def test_compiled_temp_memory_at_1024_classes_is_that_at_64(setups, phase="mcti"):
   """MC-TI (TI's step plus its CLIP term over every class's shot features), 8 devices, 4 classes per pass."""
   setup = setups["shots", 8]
@@ -272,6 +275,7 @@ def test_auto_lowers_the_chunk_until_the_compiled_step_fits():
     class_chunks.choose(lambda c: _Program(bytes=need(c or 40)), 40, 1000, margin=1.0, log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_auto_on_the_compiled_tiny_step_fits_the_budget(setups):
   """The trainer's step (MC-TI, 1 device, 25 classes): with a limit at which the line through 1 and 2 classes per
   pass says 3 fit, auto runs 9 passes of 3 (25 = 8 x 3 + 1) and that step fits."""

@@ -60,6 +60,7 @@ def test_debug_shows_the_traceback_of_a_project_error():
   assert proc.stderr.splitlines()[-1].startswith("mcti train: error: configs/mcti.py:tiny has no field 'bogus'")
 
 
+@pytest.mark.slow
 def test_a_hub_id_without_network_is_one_message_naming_the_id_and_the_fix(tmp_path):
   """The ~110 lines of httpx chained under the hub's error become one line; HF_HUB_OFFLINE=1 makes it fail fast."""
   proc = mcti("train", "--config", "configs/mcti.py:tiny", "--config.model.sd_path=someone/no-such-model",

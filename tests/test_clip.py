@@ -74,6 +74,7 @@ def ours_full():
 # ------------------------------------------------------------------ parity: ours -> transformers
 
 
+@pytest.mark.slow
 def test_clip_model_matches_transformers(ours_full, tmp_path):
   clip.save_pretrained(ours_full, tmp_path)
   theirs = load_torch(transformers.CLIPModel, tmp_path)
@@ -241,6 +242,7 @@ def test_pooling_modes_match_transformers_legacy_and_real_eos(tmp_path):
   assert max_abs_diff(base(plain, pooling="eos")[1], legacy_plain) <= TOL
 
 
+@pytest.mark.slow
 def test_eos_token_id_argument_overrides_the_config(ours_full):
   ids = prompts()
   ids[:, 9] = 42
@@ -250,6 +252,7 @@ def test_eos_token_id_argument_overrides_the_config(ours_full):
     ours_full.text_model(ids, pooling="last")
 
 
+@pytest.mark.slow
 def test_spliced_embedding_row_equals_the_token(ours_full):
   """A placeholder id with token j's embedding row spliced in gives exactly the outputs of token j."""
   model = ours_full.text_model
@@ -271,6 +274,7 @@ def test_spliced_embedding_row_equals_the_token(ours_full):
   assert np.isnan(np.asarray(model(with_placeholder)[0])).any()
 
 
+@pytest.mark.slow
 def test_pure_call_under_jit_with_split_params(ours_full):
   graphdef, params = nnx.split(ours_full)
   ids, px = prompts(), images()
@@ -285,6 +289,7 @@ def test_pure_call_under_jit_with_split_params(ours_full):
   assert max_abs_diff(image, ours_full.get_image_features(px)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_is_close_to_float32(ours_full, tmp_path):
   clip.save_pretrained(ours_full, tmp_path)
   bf16 = clip.from_pretrained(tmp_path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -351,6 +356,7 @@ def test_preprocess_matches_the_clip_image_processor():
   assert max_abs_diff(got, want) <= 0.1
 
 
+@pytest.mark.slow
 def test_vision_rejects_wrong_image_size(ours_full):
   with pytest.raises(ValueError, match="16x16"):
     ours_full.get_image_features(images(size=20))
@@ -370,6 +376,7 @@ def test_missing_folder_config_and_weights(tmp_path):
     clip.text_from_pretrained(tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_missing_and_misshapen_tensors_name_file_and_key(ours_full, tmp_path):
   from safetensors.numpy import load_file, save_file
   clip.save_pretrained(ours_full, tmp_path)

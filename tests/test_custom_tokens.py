@@ -41,6 +41,7 @@ def embeddings_of(checkpoint, words) -> tuple[np.ndarray, np.ndarray]:
   return table, table[[tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words]]
 
 
+@pytest.mark.slow
 def test_tokens_stay_in_the_span_of_the_words_at_every_checkpoint(tiny_checkpoint, tmp_path):
   """Every checkpoint's coordinates map to vectors within 1e-6 of span(word embeddings) (an independent
   least-squares fit), as do the exported tokens. (Off the span the residual is not small: see the next test.)"""

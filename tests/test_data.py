@@ -142,7 +142,7 @@ def test_grey_and_rgba_become_rgb(tmp_path):
 
 
 def test_16_bit_greyscale_is_scaled_to_8_bits_not_white(tmp_path):
-  """A 16-bit PNG in a class folder used to read as 99.6% white (PIL clips at 255); now value >> 8."""
+  """A 16-bit PNG in a class folder reads as value >> 8, not 99.6% white (PIL's convert clips at 255)."""
   ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)  # every level, dark to light
   ramp[0, :4] = [255, 256, 32768, 65535]
   for name in ("deep", "flat"):

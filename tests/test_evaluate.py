@@ -115,6 +115,7 @@ def tiny_eval(tiny_checkpoint, tmp_path_factory):
   return evaluate.run(config, log=lambda _: None), workdir, config
 
 
+@pytest.mark.slow
 def test_eval_writes_every_artefact(tiny_eval):
   out, workdir, config = tiny_eval
   artefacts = ("results.json", "results.md", "accuracy_vs_shots.png", "token_pca.png", "confusion/mcti_1shot_seed2.png")
@@ -138,6 +139,7 @@ def test_eval_writes_every_artefact(tiny_eval):
   assert (head / "linear_head.safetensors").is_file() and names[3] == "three"
 
 
+@pytest.mark.slow
 def test_every_table_number_comes_from_results_json(tiny_eval):
   _, workdir, config = tiny_eval
   rows = json.loads((workdir / "results.json").read_text())["rows"]
@@ -156,6 +158,7 @@ def test_every_table_number_comes_from_results_json(tiny_eval):
   assert checked == 3 * len(config.evals)  # all, known, unknown
 
 
+@pytest.mark.slow
 def test_resumed_eval_does_not_redo_rows(tiny_eval, monkeypatch):
   _, workdir, config = tiny_eval
   before = json.loads((workdir / "results.json").read_text())["rows"]
@@ -207,6 +210,7 @@ def _checkpoints(workdir) -> dict[str, tuple[int, bytes]]:
           for f in sorted(workdir.glob("*shot/seed*/checkpoints/**/*")) if f.is_file()}
 
 
+@pytest.mark.slow
 def test_a_changed_label_recomputes_nothing_and_the_table_shows_it(eval_copy, monkeypatch):
   workdir, config = eval_copy
   before, checkpoints = _rows(workdir), _checkpoints(workdir)
@@ -218,6 +222,7 @@ def test_a_changed_label_recomputes_nothing_and_the_table_shows_it(eval_copy, mo
   assert "| MC-TI, renamed |" in md and "| MC-TI |" not in md
 
 
+@pytest.mark.slow
 def test_a_changed_evaluator_recomputes_its_own_rows_only(eval_copy, monkeypatch):
   """mcti's template changes, ti_t2 is new, the rest are no longer asked for: only mcti's and ti_t2's rows are
   computed, from the same trained cells; the others' rows stay in results.json, out of the table."""
@@ -247,6 +252,7 @@ def test_a_changed_evaluator_recomputes_its_own_rows_only(eval_copy, monkeypatch
   assert sorted(calls) == [("mcti", 1, s, "T1") for s in (1, 2)]
 
 
+@pytest.mark.slow
 def test_a_changed_training_setting_retrains_the_cells_and_says_which(eval_copy, monkeypatch):
   """Every row is made from a trained cell, so all of them are recomputed, from cells trained again."""
   workdir, config = eval_copy
@@ -268,6 +274,7 @@ def test_a_changed_training_setting_retrains_the_cells_and_says_which(eval_copy,
   assert set(_checkpoints(aside).values()) == set(checkpoints.values())
 
 
+@pytest.mark.slow
 def test_only_cells_the_trainer_cannot_resume_are_trained_again(tiny_eval):
   """The trainer's own rule (runs.RESUMABLE, and more steps in the last phase extend a run), read off run.json."""
   _, _, config = tiny_eval
@@ -284,6 +291,7 @@ def test_only_cells_the_trainer_cannot_resume_are_trained_again(tiny_eval):
                    f"{ti_steps} -> {ti_steps + 1}): they are trained again from scratch"]
 
 
+@pytest.mark.slow
 def test_results_made_with_other_weights_are_not_reused(tiny_eval, tiny_checkpoint, tmp_path):
   """Another checkpoint must not pass off the old rows as its own; a new seed or evaluator keeps every row."""
   _, workdir, config = tiny_eval

@@ -1,4 +1,4 @@
-"""Exports keep to their own (issue 26): `mcti export --out` replaces only this run's export, a re-export checks
+"""Exports keep to their own: `mcti export --out` replaces only this run's export, a re-export checks
 its manifest against the digest the run recorded, files get the umask's mode, and nothing non-finite is written.
 
 Two tiny "runs" are written with export.export_phases, as `mcti train` writes them; nothing is trained.

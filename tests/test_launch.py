@@ -473,6 +473,7 @@ def _unused_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("process_id", [1, 0], ids=["no coordinator", "a lone process 0"])
 def test_a_join_nobody_answers_ends_within_the_timeout_with_one_line(process_id, tmp_path):
   """Process 1 against a port nobody listens on, and process 0 whose partner never comes: each exits 1 within

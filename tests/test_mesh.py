@@ -26,12 +26,14 @@ def meshes(tiny_checkpoint, tmp_path_factory):
           for data in (1, 2)}
 
 
+@pytest.mark.slow
 def test_classes_by_data_mesh_gives_the_tokens_of_the_1d_mesh(meshes):
   one, two = meshes[1].tokens["comple"], meshes[2].tokens["comple"]
   np.testing.assert_allclose(two, one, atol=2e-6, rtol=0)
   assert np.abs(two[0] - two[1]).max() > 1e-4  # it trained: the classes started from one word and moved apart
 
 
+@pytest.mark.slow
 def test_metrics_are_those_of_the_whole_batch(meshes):
   rows = {d: [json.loads(line) for line in r.metrics.read_text().splitlines()] for d, r in meshes.items()}
   for a, b in zip(rows[1], rows[2]):

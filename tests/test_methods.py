@@ -24,12 +24,12 @@ def _cpu() -> str:
 
 
 def test_ti_and_mcti_tokens_equal_mains(tmp_path):
-  """The tiny preset, 6 + 6 steps on 8 devices: the tokens main (dc331ad) made before the redesign.
+  """The tiny preset, 6 + 6 steps on 8 devices: the golden fixture's tokens (tests/fixtures/make_tiny_tokens.py).
 
   Within 1e-6 on the fixture's CPU model and jax (bit for bit where it was made), 1e-5 elsewhere: XLA's CPU code
   differs between CPUs, and AdamW's normalised steps carry a rounding difference through the 12 steps. A VM's CPU model name ("AMD EPYC") doesn't tell the
-  CPUs apart: on another EPYC VM (2026-12-06) TI's tokens were 3.7e-7 and MC-TI's 2.9e-7 from the fixture, while
-  main at 7b26816 and the trainer with class chunks gave the same bits there. MC-TI's only to float32 rounding
+  CPUs apart: on another EPYC VM TI's tokens were 3.7e-7 and MC-TI's 2.9e-7 from the fixture, while
+  the trainer without and with class chunks gave the same bits there. MC-TI's only to float32 rounding
   anywhere since its text feature comes from the text encoder's pass (`Backbone.text_shared`): the same
   computation in another order (measured: at most 2.2e-8 apart where the fixture was made).
   """
@@ -121,6 +121,7 @@ def comple_runs(tiny_checkpoint, tmp_path_factory):
           1: train.train(one, log=lambda _: None)}
 
 
+@pytest.mark.slow
 def test_comple_at_lambda_0_is_gcpl_bit_for_bit(comple_runs):
   r = comple_runs[8]
   np.testing.assert_array_equal(r.tokens["comple0"], r.tokens["gcpl"])
@@ -129,6 +130,7 @@ def test_comple_at_lambda_0_is_gcpl_bit_for_bit(comple_runs):
   assert manifest["method"] == "gcpl" and manifest["templates"][0] == "a photo of a {}"
 
 
+@pytest.mark.slow
 def test_comple_on_8_devices_equals_1_device(comple_runs):
   """The negatives are gathered over the mesh: 5 classes on 8 devices (3 padded) see what 1 device sees."""
   np.testing.assert_allclose(comple_runs[8].tokens["comple"], comple_runs[1].tokens["comple"], atol=2e-6, rtol=0)

@@ -1,4 +1,4 @@
-"""Non-finite values are an error, never a result (issue 26): a diverged run, a NaN classifier, strict metrics.jsonl,
+"""Non-finite values are an error, never a result: a diverged run, a NaN classifier, strict metrics.jsonl,
 and a failed checkpoint save that leaves no debris."""
 
 import contextlib
@@ -37,6 +37,7 @@ DIVERGING = {"data.num_classes": 2, "num_devices": 1, "phase.ti.steps": 3, "phas
              "phase.ti.lr": 1e30, "log_every": 1, "checkpoint_every": 1}
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_in_one_line_naming_the_step_and_class_and_keeps_its_last_finite_checkpoint(
     tiny_checkpoint, tmp_path, capfd, monkeypatch):
   """lr=1e30: the first step's tokens are huge but finite; the second step's loss and tokens are NaN."""
@@ -120,6 +121,7 @@ def test_a_clip_classifier_with_non_finite_weights_is_refused_at_load(tiny_check
 # ---------------------------------------------------------------- a failed checkpoint save leaves no debris
 
 
+@pytest.mark.slow
 def test_a_full_disk_leaves_no_temporary_checkpoint_and_no_traceback_and_the_rerun_resumes(
     tiny_checkpoint, tmp_path, small_disk, capfd):
   config = tiny_train_config(tiny_checkpoint, tmp_path / "run", **{"data.num_classes": 2, "num_devices": 1,
@@ -151,6 +153,7 @@ def test_a_full_disk_leaves_no_temporary_checkpoint_and_no_traceback_and_the_rer
   assert "Traceback" not in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_during_a_save_leaves_no_temporary_checkpoint(tiny_checkpoint, tmp_path, monkeypatch, capfd):
   """The second signal raises KeyboardInterrupt wherever the main thread is: here, waiting for the save's writers."""
   config = tiny_train_config(tiny_checkpoint, tmp_path / "run", **{"data.num_classes": 2, "num_devices": 1,

@@ -35,6 +35,7 @@ def test_pretraining_sees_only_the_pretraining_half_of_known_digits():
   assert "a photo of the digit three" in C.captions_of(3)
 
 
+@pytest.mark.slow
 def test_short_caption_rows_give_the_same_pooled_text_features():
   """The CLIP phase tokenizes captions to CLIP_TEXT_LENGTH, not 77: exact, because the tower is causal."""
   import jax.numpy as jnp
@@ -75,6 +76,7 @@ def quick_run(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_quick_pretraining_losses_fall(quick_run):
   stats = json.loads((quick_run / P.STATS_NAME).read_text())
   assert set(stats["curves"]) == {"clip", "vae", "unet"}
@@ -85,6 +87,7 @@ def test_quick_pretraining_losses_fall(quick_run):
   assert "digits 0, 1, 2, 3, 4" in card and f"{stats['losses']['unet'][1]:.3f}" in card
 
 
+@pytest.mark.slow
 def test_quick_checkpoint_loads_with_our_loaders_and_in_torch(quick_run):
   import torch
   from diffusers import StableDiffusionPipeline

@@ -172,6 +172,7 @@ def _stream(k: int, chunk: int, cache_dir) -> None:
   D.encode_by_class(few, _encode_means, cache_dir, {"m": 1}, flip=True, chunk=chunk)
 
 
+@pytest.mark.slow
 def test_host_memory_is_bounded_by_the_chunk_not_by_k(tmp_path):
   """256 classes x 4 shots at 64 px are 12.6 MB of pixels; a chunk of 32 classes 1.6 MB (5 MB with its flips)."""
   small = _peak(lambda: _stream(32, 32, tmp_path / "32"))
@@ -182,6 +183,7 @@ def test_host_memory_is_bounded_by_the_chunk_not_by_k(tmp_path):
   assert whole > 4 * large, (whole, large)  # every pixel at once, as before
 
 
+@pytest.mark.slow
 def test_prepare_encodes_only_the_classes_a_bigger_run_adds(tiny_checkpoint, tmp_path, monkeypatch):
   """The trainer on the synthetic world: rerun with more classes, only the new classes' shots reach the encoder."""
   counts = []

@@ -44,6 +44,7 @@ def caption_run(tiny_checkpoint, tmp_path_factory):
   return config, result, setup
 
 
+@pytest.mark.slow
 def test_classes_with_3_and_1_vectors_train_in_one_step_and_the_unused_vectors_stay_exactly(caption_run):
   _, result, setup = caption_run
   ct = setup.class_tokens
@@ -79,6 +80,7 @@ def test_classes_with_3_and_1_vectors_train_in_one_step_and_the_unused_vectors_s
   assert np.all(np.abs(np.asarray(updates)[:2][unused]).max(-1) > 0)
 
 
+@pytest.mark.slow
 def test_the_export_holds_each_class_with_its_own_vectors_and_loads_back(caption_run, tmp_path):
   config, result, setup = caption_run
   folder = result.exports["ti"]
@@ -111,6 +113,7 @@ def test_the_export_holds_each_class_with_its_own_vectors_and_loads_back(caption
   assert export.vector_counts(manifest, tokens).tolist() == [2, 2]
 
 
+@pytest.mark.slow
 def test_the_token_head_scores_each_class_as_a_run_of_its_own_vectors_would(caption_run):
   """The evaluators' CLIP text features of the padded [K, 3, D] tokens equal, class by class, those of a one-class
   token set holding only that class's V_k vectors."""
@@ -131,6 +134,7 @@ def test_the_token_head_scores_each_class_as_a_run_of_its_own_vectors_would(capt
   assert np.abs(padded_as_all[1] - got[1]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_label_is_clips_zero_shot_vote_on_the_shots(tmp_path):
   """On the pretrained tiny models: each class's label is the word CLIP ranks first on most of its shots, computed
   here from the shots' pixels; CLIP knows the names of 0-4, so those come out right."""

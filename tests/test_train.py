@@ -81,6 +81,7 @@ def _tokens(result, phase):
   return export.load_tokens(result.exports[phase])[0]
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one_device_with_padding(runs):
   assert runs["setup8"].num_padded == 8 and runs["setup1"].num_padded == 5
   for phase in ("ti", "mcti"):
@@ -92,6 +93,7 @@ def test_eight_devices_equal_one_device_with_padding(runs):
   assert np.abs(_tokens(runs[1], "mcti") - init).max() > 1e-4  # it trained at all
 
 
+@pytest.mark.slow
 def test_backbone_is_bit_identical_after_training(runs):
   setup = runs["setup8"]
   fresh = pipeline.load_stable_diffusion(runs["config8"].model.sd_path)
@@ -100,6 +102,7 @@ def test_backbone_is_bit_identical_after_training(runs):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_tokens(runs, tmp_path):
   config = runs["config8"].copy_and_resolve_references()
   config.workdir = str(tmp_path / "run")
@@ -121,6 +124,7 @@ def test_interrupted_run_resumes_to_the_same_tokens(runs, tmp_path):
   assert steps_done == [] and any("already holds a finished run" in line for line in logs)
 
 
+@pytest.mark.slow
 def test_changed_settings_are_refused_in_an_existing_workdir(runs):
   config = runs["config8"].copy_and_resolve_references()
   old_lr, config.phase.mcti.lr = config.phase.mcti.lr, 1e-3
@@ -128,6 +132,7 @@ def test_changed_settings_are_refused_in_an_existing_workdir(runs):
     train.train(config, log=lambda _: None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changes", [
     {"data.resolution": 8}, {"data.flip": True}, {"tokens.init_word": "number"}, {"data.shot_seed": 7},
     {"templates": "a photo of a {}"}, {"model.pooling": "argmax"}, {"data.source": "folder"},
@@ -175,6 +180,7 @@ def test_changed_shot_files_are_refused(tiny_checkpoint, tmp_path):
     train.train(config, log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_resumable_changes_resume_and_extra_steps_extend_the_run(runs, tmp_path):
   work = tmp_path / "moved"
   shutil.copytree(runs["config8"].workdir, work)
@@ -224,6 +230,7 @@ def test_more_classes_than_the_data_has_are_refused(tiny_checkpoint, tmp_path):
 # ------------------------------------------------------------ what a crash leaves
 
 
+@pytest.mark.slow
 def test_a_crash_between_phases_leaves_no_partial_export_and_exports_are_readable(runs, tmp_path, monkeypatch):
   """All phases are exported in one step; an export folder gets the umask's mode, not mkdtemp's 0700."""
   import safetensors.numpy
@@ -255,6 +262,7 @@ def test_a_crash_between_phases_leaves_no_partial_export_and_exports_are_readabl
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_at_the_failed_save_with_one_message(runs, tmp_path, small_disk, capfd):
   config = runs["config8"].copy_and_resolve_references()
   config.workdir = str(tmp_path / "run")
@@ -309,6 +317,7 @@ def test_bad_input_fails_before_the_models_load_in_one_line(tmp_path, flags, mes
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_run_resumes_to_the_same_tokens(runs, tmp_path):
   config = runs["config8"].copy_and_resolve_references()
   config.workdir, config.phase.mcti.steps, config.checkpoint_every = str(tmp_path / "stopped"), 16, 100
@@ -341,6 +350,7 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_run_resumes_to_the_
 # ------------------------------------------------------------ K classes at once = K one-class runs
 
 
+@pytest.mark.slow
 def test_k_classes_in_one_step_equal_k_one_class_runs(tiny_checkpoint, tmp_path):
   config = tiny_train_config(tiny_checkpoint, tmp_path / "run", num_devices=1, batch_per_class=2,
                              **{"data.num_classes": 3})
@@ -368,6 +378,7 @@ def test_k_classes_in_one_step_equal_k_one_class_runs(tiny_checkpoint, tmp_path)
   assert np.abs(together - np.asarray(setup.init_tokens)).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_reg_gradient_reaches_the_tokens(tiny_checkpoint, tmp_path):
   config = tiny_train_config(tiny_checkpoint, tmp_path / "run", num_devices=1, **{"data.num_classes": 3})
   setup = train.prepare(config, log=lambda _: None)
@@ -422,6 +433,7 @@ def test_reg_train_accuracy_equals_a_loop_by_hand():
   assert float(mcti.reg_train_accuracy(jnp.asarray(g), jnp.asarray(f))) == pytest.approx(np.mean(hits))
 
 
+@pytest.mark.slow
 def test_mcti_raises_the_train_accuracy_of_its_classifier(tmp_path):
   """Same warm-up, then 60 steps with beta=1 (MC-TI) or beta=0 (TI only), on a fixed seed.
 
@@ -445,6 +457,7 @@ def test_mcti_raises_the_train_accuracy_of_its_classifier(tmp_path):
 # ------------------------------------------------------------ export
 
 
+@pytest.mark.slow
 def test_exported_tokens_load_in_diffusers_and_encode_equally(tiny_checkpoint, tmp_path):
   import torch
   from diffusers import StableDiffusionPipeline

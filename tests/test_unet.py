@@ -119,6 +119,7 @@ def sd1(tmp_path_factory):
 # ---------------------------------------------------------------------- parity
 
 
+@pytest.mark.slow
 def test_sd1_like_matches_diffusers(sd1):
   ours, theirs = sd1
   x, context = inputs(SD1)
@@ -128,6 +129,7 @@ def test_sd1_like_matches_diffusers(sd1):
   assert np.abs(want).max() > 0.1  # a real signal, not a vanishing one
 
 
+@pytest.mark.slow
 def test_odd_sample_size_matches_diffusers(sd1):
   # 9x9 downsamples to 5x5; the up path must resize back to 9x9 (diffusers' forwarded upsample_size).
   ours, theirs = sd1
@@ -136,6 +138,7 @@ def test_odd_sample_size_matches_diffusers(sd1):
   assert max_abs_diff(run(ours, x, t, context), run_torch(theirs, x, t, context)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_sd2_like_matches_diffusers(tmp_path):
   ours, theirs = ours_and_torch(SD2, tmp_path / "unet", seed=1)
   assert [b.attentions[0].transformer_blocks[0].attn1.heads for b in ours.down_blocks] == [2, 4]
@@ -144,6 +147,7 @@ def test_sd2_like_matches_diffusers(tmp_path):
   assert max_abs_diff(run(ours, x, 999.0, context), run_torch(theirs, x, 999.0, context)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_other_supported_config_values_match_diffusers(tmp_path):
   # Every other knob we accept, away from its default: asymmetric downsample pad, mid-block output scale,
   # centered input, time embedding variants, kernel sizes, per-block layers, norm eps, dropout (inference: off).
@@ -157,6 +161,7 @@ def test_other_supported_config_values_match_diffusers(tmp_path):
   assert max_abs_diff(run(ours, x, t, context), run_torch(theirs, x, t, context)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_norm_eps_match_diffusers_on_small_activations():
   # Activations of size ~1e-3 have a variance near the norms' eps, so a wrong eps shows (GroupNorm 1e-6 in
   # Transformer2DModel, LayerNorm 1e-5 in its blocks, the config's norm_eps in the resnets).
@@ -197,6 +202,7 @@ def test_timestep_embedding_matches_diffusers(flip, shift, dim):
   assert max_abs_diff(got, want) <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_json", [SD15_JSON, SD21_JSON], ids=["sd15", "sd21"])
 def test_full_size_configs_give_diffusers_parameter_shapes(config_json):
   # Built abstractly on both sides (nnx.eval_shape, torch meta device): no memory, and every key and shape checked.
@@ -234,6 +240,7 @@ def test_torch_saved_folder_loads(tmp_path):
   assert max_abs_diff(run(ours16, x, t, context), run_torch(theirs.float(), x, t, context)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_saved_config_is_what_diffusers_writes(sd1, tmp_path):
   ours, theirs = sd1
   theirs.save_pretrained(str(tmp_path / "t"), safe_serialization=True)

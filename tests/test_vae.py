@@ -104,6 +104,7 @@ def test_ours_saved_then_loaded_by_diffusers_gives_the_same_outputs(tmp_path):
   print("max abs diff mean/logvar/decoded:", diffs)
 
 
+@pytest.mark.slow
 def test_torch_saved_then_loaded_by_us_gives_the_same_outputs(tmp_path):
   torch.manual_seed(0)
   theirs = TorchAutoencoderKL(**{k: v for k, v in TINY.to_hf().items() if not k.startswith("_")}).eval()
@@ -116,6 +117,7 @@ def test_torch_saved_then_loaded_by_us_gives_the_same_outputs(tmp_path):
   _assert_same_outputs(ours, theirs, seed=1)
 
 
+@pytest.mark.slow
 def test_variants_without_attention_and_quant_convs(tmp_path):
   config = vae.VAEConfig(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
                          up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2, norm_num_groups=4,
