@@ -29,7 +29,8 @@ from pathlib import Path
 
 import flops
 from flops import DEVICE_GB, GB, SHOTS, build_models, kernel_shapes, measure, peak_bytes, score_bytes, step_program
-from mcti_jax import class_chunks, parallel
+from mcti_jax.training import class_chunks
+from mcti_jax.runtime import parallel
 
 CLASSES = 1000
 FLIPS = 2  # data.flip=True, the config's default: a mirrored encoding of every shot

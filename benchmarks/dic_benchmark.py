@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 import common
-from mcti_jax import parallel
+from mcti_jax.runtime import parallel
 from mcti_jax.classify import dic
 from mcti_jax.models import schedule
 from mcti_jax.models.frozen import freeze

@@ -76,9 +76,9 @@ def shared_scorer(dic, unet, schedule, contexts, cfg, mesh, num_images: int):
 
 def run_seed(config, seed: int, names: dict[str, dict], args, models, features_cache, log) -> tuple[list[dict], dict]:
   import jax
-  from mcti_jax import evaluate
+  from mcti_jax.evaluation import evaluate
   from mcti_jax.classify import dic
-  from mcti_jax.evaluators.dic import head_ranking
+  from mcti_jax.evaluation.evaluators.dic import head_ranking
   from mcti_jax.models.frozen import freeze
 
   cell = evaluate.make_cell(config, args.n_shots, seed, models, features_cache, log)

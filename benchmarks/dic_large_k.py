@@ -43,8 +43,8 @@ RECALL_AT = (1, 2, 3, 5, 10, 20)
 def run_k(num_classes: int, args, log) -> dict:
   """Train (or resume) the tokens of K classes, then score the `dic_fewshot` row with its call counts."""
   import eval as eval_config  # configs/eval.py
-  from mcti_jax import evaluate, evaluators
-  from mcti_jax.evaluators.dic import head_ranking
+  from mcti_jax.evaluation import evaluate, evaluators
+  from mcti_jax.evaluation.evaluators.dic import head_ranking
 
   config = eval_config.get_config("synthetic")
   config.workdir = str(Path(args.workdir) / f"K{num_classes}")

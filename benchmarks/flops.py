@@ -12,7 +12,7 @@ model.dtype bfloat16), and read with `compiled.cost_analysis()` (FLOPs, bytes
 accessed) and `compiled.memory_analysis()` (argument, output, temp, code).
 
 Programs: the plain UNet forward and the text encoder forward (to check the
-hand count below), `mcti_jax.train_step.train_step` for TI and for MC-TI with
+hand count below), `mcti_jax.training.step.train_step` for TI and for MC-TI with
 the text encoder shared with CLIP (`Backbone.text_shared`: the CLIP text
 feature is CLIP's text_projection of the text encoder's pooled output) and
 without (a second CLIP text pass), each at two class counts K (batch 1 per
@@ -69,10 +69,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from mcti_jax import methods, parallel
+from mcti_jax import methods
+from mcti_jax.runtime import parallel
 from mcti_jax.models import schedule as schedule_lib
 from mcti_jax.models.frozen import Frozen, freeze
-from mcti_jax.train_step import Backbone, ShotData, StepConfig, TrainState, frozen_settings, make_optimizer, train_step
+from mcti_jax.training.step import (Backbone, ShotData, StepConfig, TrainState, frozen_settings, make_optimizer,
+                                    train_step)
 
 GB = 1e9
 TEXT_LENGTH = 77

@@ -1,4 +1,4 @@
-"""Speed of `mcti_jax.generate.generate` (DDIM + CFG, sharded) against diffusers' StableDiffusionPipeline.
+"""Speed of `mcti_jax.generation.generate.generate` (DDIM + CFG, sharded) against diffusers' StableDiffusionPipeline.
 
   python benchmarks/generate_benchmark.py                  # tiny random model, CPU, seconds
   python benchmarks/generate_benchmark.py --full --dtype bfloat16 --n 8 --prompts 2   # SD1.5 shapes, GPU
@@ -24,8 +24,8 @@ import time
 import jax
 
 import common
-from mcti_jax import generate as G
-from mcti_jax import parallel
+from mcti_jax.generation import generate as G
+from mcti_jax.runtime import parallel
 from mcti_jax.models import pipeline, schedule, tiny
 
 

@@ -107,9 +107,10 @@ def step_memory(num_classes: int, chunks: list[int], workdir: Path, steps: int, 
   import jax
   import jax.numpy as jnp
 
-  from mcti_jax import class_chunks, parallel, train
+  from mcti_jax.training import class_chunks, train
+  from mcti_jax.runtime import parallel
   from mcti_jax.config_files import load_config
-  from mcti_jax.train_step import TrainState, init_class_state, make_optimizer
+  from mcti_jax.training.step import TrainState, init_class_state, make_optimizer
 
   _, config = load_config(str(ROOT / CONFIG))
   for field, value in overrides(num_classes, chunks[0], workdir, steps, log_every).items():

@@ -5,7 +5,7 @@
   python benchmarks/train_benchmark.py --full --dtype bfloat16 --classes 37 --steps 20          # GPU, TI
   python benchmarks/train_benchmark.py --full --dtype bfloat16 --classes 37 --steps 20 --mcti   # GPU, MC-TI
 
-Ours: `mcti_jax.train_step.train_step`, set up as `mcti_jax.train` does, one
+Ours: `mcti_jax.training.step.train_step`, set up as `mcti_jax.training.train` does, one
 jitted step that trains all K classes (class axis sharded over the visible
 devices). Inputs are synthetic: random VAE latent moments [Kp, N, 1, h, w, 4]
 (the cached shots), random CLIP image features, random prompt templates whose
@@ -39,11 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from mcti_jax import class_chunks, methods, parallel
+from mcti_jax.training import class_chunks
+from mcti_jax import methods
+from mcti_jax.runtime import parallel
 from mcti_jax.models import schedule as schedule_lib
 from mcti_jax.models.frozen import freeze
-from mcti_jax.train_step import (Backbone, ShotData, StepConfig, TrainState, frozen_settings, make_optimizer,
-                                 train_step)
+from mcti_jax.training.step import (Backbone, ShotData, StepConfig, TrainState, frozen_settings, make_optimizer,
+                                    train_step)
 
 LR, WEIGHT_DECAY, SCALE, NUM_TEMPLATES = 5e-4, 1e-2, 10.0, 27
 

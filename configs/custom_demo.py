@@ -52,11 +52,11 @@ def get_config(arg: str = "composition") -> ml_collections.ConfigDict:
   for name, label in labels.items():  # the composite queries' own text features
     c.evals["ret_" + name] = dict(type="retrieval", label=label + ": composite retrieval", phase=name,
                                   query="composite")
-  # GAIR on the custom tokens, against their best fixed query (classify/gair.py's defaults). The README's table
+  # GAIR on the custom tokens, against their best fixed query (retrieval/gair.py's defaults). The README's table
   # has every method's: --config.gair.phases='("ti", "mcti", "custom_free", "custom")' (about a minute each).
   c.gair = ml_collections.ConfigDict(dict(phases=("custom",), lams=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
                                           settings=ml_collections.ConfigDict()))
-  # Fig. 3 (init_convergence.py): TI from four starts, 1 shot per class.
+  # Fig. 3 (mcti_jax/demos/init_convergence.py): TI from four starts, 1 shot per class.
   c.init = ml_collections.ConfigDict(dict(seeds=(1,), steps=300))
   if arg == "quick":
     c.workdir = "runs/custom_demo_quick"

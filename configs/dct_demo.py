@@ -1,6 +1,6 @@
 """The DCT demo: tokens learned from the tiny guides, judged by classifiers that are not the guide.
 
-  mcti demo --config configs/dct_demo.py            # (see mcti_jax/dct_demo.py); writes runs/dct_demo/
+  mcti demo --config configs/dct_demo.py            # (see mcti_jax/demos/dct_demo.py); writes runs/dct_demo/
   mcti demo --config configs/dct_demo.py:quick      # a few steps, for tests
 
 Seeds: the settings in configs/dct.py were tuned on seed 0; the report uses 1, 2, 3.
@@ -19,7 +19,7 @@ PRESET_NAMES = ("full", "quick")
 
 def get_config(arg: str = "full") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.kind = "dct"  # which demo (mcti_jax/dct_demo.py)
+  c.kind = "dct"  # which demo (mcti_jax/demos/dct_demo.py)
   c.workdir = "runs/dct_demo"
   c.seeds = (1, 2, 3)  # training seeds: the token's sampled templates and its starting latents
   c.digits = dct.get_config("tiny")

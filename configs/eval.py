@@ -6,7 +6,7 @@
 
 `train` is the training config of configs/mcti.py with the same preset; each
 (N, seed) trains into <workdir>/<N>shot/seed<seed> (resumable) and is scored
-by every evaluator in `evals` (mcti_jax/evaluators/<type>.py), one row each.
+by every evaluator in `evals` (mcti_jax/evaluation/evaluators/<type>.py), one row each.
 """
 
 import os

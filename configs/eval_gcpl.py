@@ -3,7 +3,7 @@
   mcti eval --config configs/eval_gcpl.py   # 9 minutes on 2 CPU cores, compile cache empty; README: "GCPL and CoMPLe"
 
 One training run per shot seed: GCPL first, then each CoMPLe setting as a
-branch from the same initial tokens with the same samples (phases.py), so
+branch from the same initial tokens with the same samples (mcti_jax/training/phases.py), so
 the rows differ in lambda alone. Each is scored by the CLIP-token head and
 by the few-shot Diffusion Classifier, both with GCPL's template. The TI and
 MC-TI rows beside them in the README come from `make demo` (same shots).

@@ -89,7 +89,7 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
 
   c.tokens = ml_collections.ConfigDict()
   c.tokens.num_vectors = 1
-  # word | random | texts | label | caption (mcti_jax/token_init.py). label and caption start class k from the V_k
+  # word | random | texts | label | caption (mcti_jax/training/token_init.py). label and caption start class k from the V_k
   # tokens of its own label or caption (V_k varies per class; tokens.num_vectors is then unused).
   c.tokens.init = "word"
   c.tokens.init_word = "object"
@@ -99,11 +99,11 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.tokens.label_template = "a photo of a {}"  # ... in this prompt
   # init="caption": one caption per class (K lines) or per shot (K*N lines, class-major; class k uses its first's)
   c.tokens.caption_file = ml_collections.config_dict.placeholder(str)
-  # Single-token words whose span holds the tokens of phases with subspace=True (custom tokens; subspace.py).
+  # Single-token words whose span holds the tokens of phases with subspace=True (custom tokens; mcti_jax/tokens/subspace.py).
   c.tokens.subspace_words = ()
   c.templates = "ti"  # "ti" = the TI template list, or one template like "a photo of a {}"
 
-  # The phases, in order (mcti_jax/phases.py); each phase's settings: the trainer's, then its method's
+  # The phases, in order (mcti_jax/training/phases.py); each phase's settings: the trainer's, then its method's
   # (mcti_jax/methods/<method>.py). Override one with --config.phase.mcti.beta=0.5.
   c.phases = ("ti", "mcti")
   c.phase = ml_collections.ConfigDict()
@@ -111,7 +111,7 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.phase.mcti = methods.phase("mcti", steps=100, lr=5e-4, alpha=1.0, beta=1.0, scale=10.0)
   c.batch_per_class = 1
   c.grad_accum = 1
-  # Classes per pass of the step on each device (mcti_jax/class_chunks.py): 0 runs all of a device's classes at
+  # Classes per pass of the step on each device (mcti_jax/training/class_chunks.py): 0 runs all of a device's classes at
   # once; c > 0 runs them in passes of c inside the one compiled step, so memory stays flat in K (hundreds to
   # thousands of classes); "auto" picks the largest c that fits the accelerator's memory. Results don't depend on it.
   c.class_chunk = ml_collections.FieldReference(0, field_type=object)
@@ -127,7 +127,7 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.num_devices = ml_collections.config_dict.placeholder(int)  # default: all
   # mesh.data > 1: a (classes, data) mesh whose `data` devices per class shard split each class's per-class batch
   # (batch_per_class must be a multiple). For fewer classes than devices, or large per-class batches (mcti_jax/
-  # parallel.py); the tokens equal the 1-D mesh's up to float summation order.
+  # mcti_jax/runtime/parallel.py); the tokens equal the 1-D mesh's up to float summation order.
   c.mesh = ml_collections.ConfigDict(dict(data=1))
   c.checkpoint_every = 500
   c.log_every = 10

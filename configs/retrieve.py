@@ -10,12 +10,12 @@ world's held-out digits minus the run's shots, the queries are
 "a photo of a <cls-k> <word>" for both words of each of `attributes`, and an
 image is relevant when it is of class k and its measured attribute lies in the
 tercile the word names. `labels` is a JSON file over a folder of images (format
-in mcti_jax/retrieval.py): {"queries": [{"prompt": "a photo of a <cls-3> with a
+in mcti_jax/retrieval/retrieve.py): {"queries": [{"prompt": "a photo of a <cls-3> with a
 red collar", "relevant": ["img001.png"]}]}.
 
 Every query is ranked by the plain composite prompt, by q(lam) for each of `lams`
 (the class prompt's CLIP text feature moved towards the composite prompt's) and,
-with gair.enabled, by GAIR (mcti_jax/classify/gair.py: it draws the query with
+with gair.enabled, by GAIR (mcti_jax/retrieval/gair.py: it draws the query with
 the tokens' Stable Diffusion, adjusts lam until the drawings show both the class
 and the words, and adds the drawings' CLIP feature to the query). Writes
 <out>/results.json (MRR, R@1, R@5 per query kind, overall and per query type;
@@ -27,8 +27,8 @@ import dataclasses
 
 import ml_collections
 
-from mcti_jax import retrieval
-from mcti_jax.classify import gair
+from mcti_jax.retrieval import retrieve
+from mcti_jax.retrieval import gair
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -40,9 +40,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sd_path = ""  # default: the export's base model
   c.clip_path = ""  # default: the export's CLIP
   c.labels = ""  # a labels file over your own gallery; empty: the tiny world's digits and shape words
-  c.attributes = retrieval.TINY_ATTRIBUTES  # tiny world: its queries use both words of each (tiny/captions.py)
+  c.attributes = retrieve.TINY_ATTRIBUTES  # tiny world: its queries use both words of each (tiny/captions.py)
   c.template = "a photo of a {}"  # tiny world: the class prompt; the words follow it
-  c.lams = retrieval.LAMS  # the fixed queries q(lam); q(1) is the composite prompt, always reported
+  c.lams = retrieve.LAMS  # the fixed queries q(lam); q(1) is the composite prompt, always reported
   c.resolution = 0  # labels galleries are read at this size; 0: CLIP's input size
   c.strip_images = 8  # retrieved images per row of a strip
   c.num_devices = ml_collections.config_dict.placeholder(int)  # for the gallery's CLIP features (default: all)

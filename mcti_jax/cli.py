@@ -40,7 +40,7 @@ COMMANDS = {
     "export": "re-export a finished run's tokens in every format (diffusers, A1111/kohya, combined)",
 }
 HELP_FLAGS = ("-h", "--help", "--helpfull")
-DISTRIBUTED = "--distributed"  # any command: join the run's other processes first (mcti_jax/distributed.py)
+DISTRIBUTED = "--distributed"  # any command: join the run's other processes first (mcti_jax/runtime/distributed.py)
 # --config.<field>, --noconfig.<field> (a boolean's off switch): absl's spellings of an override.
 _OVERRIDE = re.compile(r"--?(?:no)?config\.([^=]+)")
 
@@ -147,13 +147,13 @@ def parse_config(argv: list[str], help_config: str | None = None):
 
 def _train(argv):
   config = parse_config(argv, help_config="configs/mcti.py")
-  from mcti_jax import train
+  from mcti_jax.training import train
   return lambda: train.train(config)
 
 
 def _eval(argv):
   config = parse_config(argv, help_config="configs/eval.py")
-  from mcti_jax import evaluate
+  from mcti_jax.evaluation import evaluate
   return lambda: _print_table(evaluate.run(config)["table"])
 
 
@@ -172,17 +172,17 @@ def with_default_config(argv: list[str], default: str) -> list[str]:
 def _demo(argv):
   config = parse_config(with_default_config(argv, "configs/demo.py"))
   if config.get("kind") == "dct":  # configs/dct_demo.py
-    from mcti_jax import dct_demo
+    from mcti_jax.demos import dct_demo
     return lambda: dct_demo.run(config)
   if config.get("kind") == "custom":  # configs/custom_demo.py
-    from mcti_jax import custom_demo
+    from mcti_jax.demos import custom_demo
     return lambda: custom_demo.run(config)
-  from mcti_jax import demo
+  from mcti_jax.demos import demo
   return lambda: demo.run(config)
 
 
 def _generate(argv):
-  from mcti_jax import generate
+  from mcti_jax.generation import generate
   return lambda: generate.generate_main(argv)
 
 
@@ -205,8 +205,8 @@ def with_tokens_flag(argv: list[str]) -> list[str]:
 
 def _retrieve(argv):
   config = parse_config(with_default_config(with_tokens_flag(argv), "configs/retrieve.py"))
-  from mcti_jax import retrieval
-  return lambda: retrieval.run(config)
+  from mcti_jax.retrieval import retrieve
+  return lambda: retrieve.run(config)
 
 
 def _pretrain_tiny(argv):
@@ -215,8 +215,8 @@ def _pretrain_tiny(argv):
 
 
 def _export(argv):
-  from mcti_jax import reexport
-  return lambda: reexport.main(argv[1:])
+  from mcti_jax.tokens import export_command
+  return lambda: export_command.main(argv[1:])
 
 
 def _persistent_compilation_cache() -> None:
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     if held:
       raise KeyboardInterrupt
     if multi_process:  # before anything touches a device
-      from mcti_jax import distributed
+      from mcti_jax.runtime import distributed
       distributed.initialize(prog)
     work()
   except (Exception, KeyboardInterrupt) as e:

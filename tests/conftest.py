@@ -64,7 +64,7 @@ def tiny_train_config(checkpoint: Path, workdir: Path, **overrides):
 
 def crash_after(config, step: int) -> None:
   """train.train(config), crashing right after `step` (as a killed process would: its last checkpoint stays)."""
-  from mcti_jax import train
+  from mcti_jax.training import train
 
   class Crashed(Exception):
     pass

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 
 from conftest import crash_after, set_fields, tiny_train_config
-from mcti_jax import class_chunks, classifiers, methods, parallel, train
+from mcti_jax.training import class_chunks, train
+from mcti_jax import classifiers, methods
+from mcti_jax.runtime import parallel
 from mcti_jax.classifiers import file as classifier_file
 from mcti_jax.errors import ConfigError, MctiError
-from mcti_jax.train_step import ShotData, TrainState
+from mcti_jax.training.step import ShotData, TrainState
 
 NUM_CLASSES = 25  # on 8 devices: 4 classes per device (the last one holds 1 real class), passes of 3 leave spares
 STEPS = 2

@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from mcti_jax import classifiers, parallel
+from mcti_jax import classifiers
+from mcti_jax.runtime import parallel
 from mcti_jax.classifiers import Transform
 from mcti_jax.classifiers import file as cfile
 from mcti_jax.errors import ConfigError
@@ -313,8 +314,8 @@ def test_clip_zeroshot_is_scaled_cosine_of_clip_features(tiny_checkpoint):
 
 def test_clip_tokens_of_word_embeddings_equal_zeroshot_of_the_words(tiny_checkpoint, tmp_path):
   """Tokens set to the embeddings of 'zero', 'one', 'two' give the zero-shot classifier of those words."""
-  from mcti_jax import export
-  from mcti_jax import tokens as tok
+  from mcti_jax.tokens import export
+  from mcti_jax.tokens import placeholders as tok
   from mcti_jax.models import pipeline
   clip_path = str(tiny_checkpoint / "clip")
   model, tokenizer = pipeline.load_clip(clip_path)

@@ -8,8 +8,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import set_fields, tiny_train_config
-from mcti_jax import subspace, train
-from mcti_jax import tokens as tok
+from mcti_jax.tokens import subspace
+from mcti_jax.training import train
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.errors import ConfigError
 from mcti_jax.methods import custom_tokens, mcti
 from mcti_jax.models import tokenizer as tokenizer_lib

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 
 from conftest import set_fields, tiny_train_config
-from mcti_jax import classifiers, sampling, train
+from mcti_jax import classifiers
+from mcti_jax.generation import sampling
+from mcti_jax.training import train
 from mcti_jax.classifiers import file as classifier_file
 from mcti_jax.errors import ConfigError
 from mcti_jax.methods import dct
 from mcti_jax.models import pipeline
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import freeze
-from mcti_jax.train_step import Backbone, Settings, frozen_settings
+from mcti_jax.training.step import Backbone, Settings, frozen_settings
 
 LAYERS = ({"type": "conv", "name": "conv", "features": 4, "kernel": 3, "stride": 2, "padding": "SAME"},
           {"type": "relu"}, {"type": "flatten"}, {"type": "dense", "name": "fc", "features": 3})
@@ -53,8 +55,8 @@ def dct_config(tiny_checkpoint, workdir, classifier_folder, **overrides):
 def test_gradient_of_the_loop_is_the_gradient_of_the_last_step_at_its_fixed_input(tiny_checkpoint):
   """DCT's loss through 3 DDIM steps (text encoder, UNet, guidance, decode, classifier): its gradient in the token
   equals that of ONE guided step, written here by hand, applied to the loop's x_{t_1} held constant."""
-  from mcti_jax import conditioning
-  from mcti_jax import tokens as tok
+  from mcti_jax.tokens import conditioning
+  from mcti_jax.tokens import placeholders as tok
   sd = pipeline.load_stable_diffusion(tiny_checkpoint / "sd")
   class_tokens = tok.add_class_tokens(sd.tokenizer, 2, 1)
   ids = jnp.asarray(np.repeat(tok.template_ids(sd.tokenizer, ("a photo of a {}",), class_tokens), 2, axis=0))
@@ -189,8 +191,8 @@ def biased_folder(tmp_path_factory):
 
 
 def _initial_tokens(tiny_checkpoint, num_classes):
-  from mcti_jax import token_init
-  from mcti_jax import tokens as tok
+  from mcti_jax.training import token_init
+  from mcti_jax.tokens import placeholders as tok
   sd = pipeline.load_stable_diffusion(tiny_checkpoint / "sd")
   table = np.asarray(tok.token_table(sd.text_encoder), np.float32)
   return token_init.from_word(sd.tokenizer, table, "digit", np.ones(num_classes, np.int32))
@@ -231,7 +233,7 @@ def test_step_memory_does_not_grow_with_the_sampling_steps(tiny_checkpoint, tmp_
   """XLA's temporary memory of the compiled training step: 30 DDIM steps within 10% of 10 (the loop's first
   steps keep no activations for the backward pass). The 10-step program is the one-device run's (cached)."""
   import dataclasses
-  from mcti_jax.train_step import TrainState, init_class_state, make_optimizer
+  from mcti_jax.training.step import TrainState, init_class_state, make_optimizer
   setup = train.prepare(dct_config(tiny_checkpoint, tmp_path / "run", classifier_folder, num_devices=1),
                         log=lambda *_: None)
   backbone = jax.device_put(train.make_backbone(setup), setup.data.valid.sharding)
@@ -254,7 +256,7 @@ def test_step_memory_does_not_grow_with_the_sampling_steps(tiny_checkpoint, tmp_
 
 def test_named_templates_hold_each_class_name(tiny_checkpoint):
   """"{} {name}" (the semantic case) gives per-class prompts [K', T, L]: class k's token, then its name."""
-  from mcti_jax import tokens as tok
+  from mcti_jax.tokens import placeholders as tok
   from mcti_jax.models import tokenizer as tokenizer_lib
   sd = pipeline.load_stable_diffusion(tiny_checkpoint / "sd")
   class_tokens = tok.add_class_tokens(sd.tokenizer, 2, 1)

@@ -11,7 +11,8 @@ import re
 import numpy as np
 import pytest
 
-from mcti_jax import demo, evaluate
+from mcti_jax.demos import demo
+from mcti_jax.evaluation import evaluate
 from mcti_jax.tiny import judges
 
 

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import max_abs_diff
-from mcti_jax import parallel
+from mcti_jax.runtime import parallel
 from mcti_jax.classify import dic
 from mcti_jax.models import init, schedule as schedule_lib, tiny, unet as unet_lib
 from mcti_jax.models.frozen import freeze
@@ -293,7 +293,7 @@ class _TableScorer:
 
 
 def test_auto_picks_the_heads_shortlist_and_elimination_from_large_k_and_explicit_settings_win():
-  from mcti_jax.evaluators.dic import LARGE_K_SHORTLIST, Evaluator
+  from mcti_jax.evaluation.evaluators.dic import LARGE_K_SHORTLIST, Evaluator
   pick = lambda K, **kw: (lambda c: (c.strategy, c.shortlist))(Evaluator(large_k=50, **kw).config(K))  # noqa: E731
   assert pick(20) == pick(49) == ("stages", 0)  # the preset's stages over every class
   assert pick(50) == pick(1000) == ("eliminate", LARGE_K_SHORTLIST) == ("eliminate", 5)
@@ -314,7 +314,7 @@ def test_auto_picks_the_heads_shortlist_and_elimination_from_large_k_and_explici
 
 @pytest.mark.parametrize("spread", [0.0, 0.5])  # 0: every class ties, elimination runs the whole budget
 def test_calls_per_image_at_large_k_are_bounded_by_the_shortlist_times_the_budget(spread):
-  from mcti_jax.evaluators.dic import Evaluator, calls_info
+  from mcti_jax.evaluation.evaluators.dic import Evaluator, calls_info
   schedule = types.SimpleNamespace(num_train_timesteps=1000)
   rng = np.random.default_rng(7)
   per_image = {}
@@ -456,7 +456,7 @@ def test_contexts_and_latents_equal_transformers_and_diffusers(tiny_checkpoint):
   import torch
   import transformers
 
-  from mcti_jax import conditioning, tokens as tok
+  from mcti_jax.tokens import conditioning, placeholders as tok
   from mcti_jax.models import clip, tokenizer as tokenizer_lib, vae as vae_lib
 
   folder = tiny_checkpoint / "sd"

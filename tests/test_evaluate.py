@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_train_config
-from mcti_jax import evaluate, export, metrics, runs, train
+from mcti_jax.evaluation import evaluate, metrics
+from mcti_jax.tokens import export
+from mcti_jax.training import runs, train
 from mcti_jax.classify import clip_head
 from mcti_jax.models.frozen import freeze
 
@@ -44,10 +46,10 @@ def test_classification_report_equals_counting_by_hand():
 
 def test_token_head_equals_a_loop_over_classes_and_templates(tiny_checkpoint, tmp_path):
   """Splicing each class's tokens and averaging normalised template features, class by class."""
-  from mcti_jax import conditioning
+  from mcti_jax.tokens import conditioning
   from mcti_jax.models import pipeline
   clip_model, tokenizer = pipeline.load_clip(tiny_checkpoint / "clip")
-  from mcti_jax import tokens as tok
+  from mcti_jax.tokens import placeholders as tok
   class_tokens = tok.add_class_tokens(tokenizer, 3, 2)
   vectors = np.random.default_rng(0).normal(0, 0.02, (3, 2, 32)).astype(np.float32)
   templates = tuple(clip_head.TEMPLATES.values())
@@ -67,7 +69,7 @@ def test_token_head_equals_a_loop_over_classes_and_templates(tiny_checkpoint, tm
 
 
 def test_tokens_from_another_base_model_are_refused(tmp_path):
-  from mcti_jax import tokens as tok
+  from mcti_jax.tokens import placeholders as tok
   names = tok.token_names(2, 1)
   export.export_tokens(tmp_path / "x", np.zeros((2, 1, 768)), tok.ClassTokens(names, np.array([[5], [6]])),
                        ["a", "b"], {"base_model": "sd-1.5"})

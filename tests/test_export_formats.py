@@ -1,4 +1,4 @@
-"""The A1111/kohya embedding files against diffusers and A1111's loading logic, and `mcti export` (reexport.py).
+"""The A1111/kohya embedding files against diffusers and A1111's loading logic, and `mcti export` (export_command.py).
 
 One export of K=3 classes with V=2 vectors (class 1 uses only 1) and two phases
 serves every test; nothing is trained.
@@ -14,8 +14,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import max_abs_diff
-from mcti_jax import cli, conditioning, export, reexport
-from mcti_jax import tokens as tok
+from mcti_jax import cli
+from mcti_jax.tokens import conditioning, export, export_command
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.models import clip
 from mcti_jax.models import tokenizer as tokenizer_lib
 from mcti_jax.models.frozen import freeze
@@ -178,15 +179,15 @@ def test_reexport_restores_every_format_of_an_old_export_in_place_and_elsewhere(
   assert "a1111_word" not in manifest["classes"][0] and export.vector_counts(manifest, tokens).tolist() == COUNTS
   before = _contents(old)
 
-  reexport.main([str(old / "export" / "ti"), "--out", str(tmp_path / "ti_only")])  # one export folder, elsewhere
+  export_command.main([str(old / "export" / "ti"), "--out", str(tmp_path / "ti_only")])  # one export folder, elsewhere
   _assert_same(_contents(tmp_path / "ti_only"), {k[3:]: v for k, v in want.items() if k.startswith("ti/")})
-  reexport.main([str(old), "--out", str(tmp_path / "elsewhere")])  # a workdir: one folder per phase
+  export_command.main([str(old), "--out", str(tmp_path / "elsewhere")])  # a workdir: one folder per phase
   _assert_same(_contents(tmp_path / "elsewhere"), want)
   _assert_same(_contents(old), before)  # --out leaves the input untouched
 
-  reexport.main([str(old)])
+  export_command.main([str(old)])
   _assert_same(_contents(old / "export"), want)
-  reexport.main([str(old / "export" / "mcti")])  # again, on one phase in place: nothing changes
+  export_command.main([str(old / "export" / "mcti")])  # again, on one phase in place: nothing changes
   _assert_same(_contents(old / "export"), want)
   assert sorted(p.name for p in old.iterdir()) == ["export"]  # no staging folders left
 
@@ -202,7 +203,7 @@ def test_reexport_of_an_export_from_before_per_class_counts(tmp_path):
              for k, n in enumerate(["cat", "dog"])]
   (folder / export.MANIFEST).write_text(json.dumps({"num_classes": 2, "num_vectors": 2, "width": 32,
                                                     "classes": classes, "base_model": "tiny"}))
-  reexport.main([str(folder), "--trust-manifest"])  # no digest either: its names are taken on trust
+  export_command.main([str(folder), "--trust-manifest"])  # no digest either: its names are taken on trust
   manifest = _manifest(folder)
   assert [c["a1111_word"] for c in manifest["classes"]] == ["cls0-cat", "cls1-dog"] and manifest["base_model"] == "tiny"
   assert load_file(str(folder / export.COMBINED))["num_vectors"].tolist() == [2, 2]
@@ -235,8 +236,8 @@ def test_reexport_refuses_bad_input_clearly_and_changes_nothing(run, tmp_path, d
   if damage is not None:
     damage(workdir / "export" / "mcti")
   before = _contents(tmp_path)
-  with pytest.raises(reexport.ExportError, match=message) as e:
-    reexport.main([str(workdir / where)])
+  with pytest.raises(export_command.ExportError, match=message) as e:
+    export_command.main([str(workdir / where)])
   assert str(workdir) in str(e.value)
   _assert_same(_contents(tmp_path), before)
 
@@ -245,10 +246,10 @@ def test_reexport_refuses_to_replace_an_unrelated_out_folder(run, tmp_path):
   mine = tmp_path / "mine"
   mine.mkdir()
   (mine / "thesis.tex").write_text("keep me")
-  with pytest.raises(reexport.ExportError, match=r"--out .*mine exists and holds other files"):
-    reexport.main([str(run[0]), "--out", str(mine)])
-  with pytest.raises(reexport.ExportError, match=r"lies inside"):
-    reexport.main([str(run[0]), "--out", str(run[0] / "export" / "copy")])
+  with pytest.raises(export_command.ExportError, match=r"--out .*mine exists and holds other files"):
+    export_command.main([str(run[0]), "--out", str(mine)])
+  with pytest.raises(export_command.ExportError, match=r"lies inside"):
+    export_command.main([str(run[0]), "--out", str(run[0] / "export" / "copy")])
   assert (mine / "thesis.tex").read_text() == "keep me"
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from mcti_jax import cli, export, reexport
-from mcti_jax import tokens as tok
+from mcti_jax import cli
+from mcti_jax.tokens import export, export_command
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.errors import MctiError
 from mcti_jax.models import hf_io
 
@@ -82,11 +83,11 @@ def test_export_out_that_is_a_file_or_below_one_is_refused_before_anything_is_wr
 def test_export_out_rewrites_this_runs_own_earlier_export_and_fills_an_empty_folder(runs, tmp_path):
   a = runs[0]
   (tmp_path / "empty").mkdir()
-  reexport.main([str(a), "--out", str(tmp_path / "empty")])
-  reexport.main([str(a / "export" / "mcti"), "--out", str(tmp_path / "one")])
+  export_command.main([str(a), "--out", str(tmp_path / "empty")])
+  export_command.main([str(a / "export" / "mcti"), "--out", str(tmp_path / "one")])
   before = {p: _hashes(tmp_path / p) for p in ("empty", "one")}
-  reexport.main([str(a), "--out", str(tmp_path / "empty")])  # its own export: rewritten, unchanged
-  reexport.main([str(a / "export" / "mcti"), "--out", str(tmp_path / "one")])
+  export_command.main([str(a), "--out", str(tmp_path / "empty")])  # its own export: rewritten, unchanged
+  export_command.main([str(a / "export" / "mcti"), "--out", str(tmp_path / "one")])
   assert {p: _hashes(tmp_path / p) for p in ("empty", "one")} == before
   assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["mcti", "ti"]
 
@@ -134,10 +135,10 @@ def test_reexport_of_an_export_without_a_digest_needs_trust_manifest(tmp_path, c
   err = _refused(capsys, [str(old)])
   assert str(old / export.MANIFEST) in err and "--trust-manifest" in err
   assert _hashes(old) == before
-  reexport.main([str(old), "--trust-manifest"])
+  export_command.main([str(old), "--trust-manifest"])
   manifest = json.loads((old / export.MANIFEST).read_text())
   assert [c["a1111_word"] for c in manifest["classes"]] == ["cls0-cat", "cls1-dog"] and "digest" in manifest
-  reexport.main([str(old)])  # now it is vouched for
+  export_command.main([str(old)])  # now it is vouched for
 
 
 # ------------------------------------------------------------ modes follow the umask
@@ -152,7 +153,7 @@ def umask(request):
 
 def test_every_file_and_folder_of_an_export_gets_the_umasks_mode(tmp_path, umask):
   a = _write_run(tmp_path / "a", ("ti", "mcti"), 0)
-  reexport.main([str(a / "export" / "mcti"), "--out", str(tmp_path / "out")])
+  export_command.main([str(a / "export" / "mcti"), "--out", str(tmp_path / "out")])
   hf_io.write_folder(tmp_path / "model", {"config.json": {}, "model.safetensors": hf_io.tensors({"w": np.ones(2)})})
   files = [p for root in ("a", "out", "model") for p in (tmp_path / root).rglob("*")]
   assert any(p.suffix == ".safetensors" for p in files)

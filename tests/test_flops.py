@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # as the scripts run: `import common`
 import flops  # noqa: E402
-from mcti_jax import parallel  # noqa: E402
+from mcti_jax.runtime import parallel  # noqa: E402
 
 
 @pytest.fixture(scope="module")

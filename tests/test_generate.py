@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from conftest import max_abs_diff
-from mcti_jax import clip_similarity as CS
-from mcti_jax import export, parallel
-from mcti_jax import generate as G
-from mcti_jax import sampling as S
-from mcti_jax import tokens as tok
-from mcti_jax.conditioning import LearnedTokens, encode_prompts
+from mcti_jax.generation import clip_similarity as CS
+from mcti_jax.tokens import export
+from mcti_jax.runtime import parallel
+from mcti_jax.generation import generate as G
+from mcti_jax.generation import sampling as S
+from mcti_jax.tokens import placeholders as tok
+from mcti_jax.tokens.conditioning import LearnedTokens, encode_prompts
 from mcti_jax.models import pipeline
 from mcti_jax.models.frozen import freeze
 from mcti_jax.models.schedule import NoiseSchedule, SchedulerConfig

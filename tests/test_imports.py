@@ -24,16 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent / "mcti_jax"
 # import from its own layer and those below it.
 LAYERS = [
   ("__init__", "errors", "paths", "config_files", "plots"),  # base utilities
-  ("parallel", "distributed", "stopping"),  # runtime: the mesh, processes, stopping
+  ("runtime",),  # the mesh, several processes, stopping on a signal
   ("models", "data"),  # the frozen backbones; images and shots
-  ("tokens", "subspace", "export", "conditioning", "reexport"),  # class tokens, their export, conditioning on them
-  ("sampling", "generate", "clip_similarity", "queries"),  # drawing; CLIP features of images and prompts
+  ("tokens",),  # class tokens: placeholders, conditioning, the subspace, exports
+  ("generation",),  # drawing with tokens; CLIP features of images
   ("classify", "classifiers"),  # classifiers made of tokens; the frozen classifiers DCT learns from
   ("tiny",),  # the tiny world: its models' pretraining, data, captions, guides, judges
-  ("methods", "phases", "train_step", "class_chunks", "token_init", "config_checks", "runs", "train"),  # training
-  ("retrieval",),  # composite retrieval and GAIR's command
-  ("evaluators", "evaluate", "metrics"),  # the evaluation harness
-  ("demo", "dct_demo", "custom_demo", "init_convergence"),  # experiments
+  ("methods", "training"),  # one module per method; the trainer, which names none
+  ("retrieval",),  # composite retrieval, GAIR, `mcti retrieve`
+  ("evaluation",),  # the N-shot x evaluator x seed harness
+  ("demos",),  # the experiments of `mcti demo`
   ("cli",),
 ]
 
@@ -103,7 +103,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def unit(module: str) -> str:
-  """The LAYERS name of a module: mcti_jax.classify.gair -> classify; mcti_jax -> __init__."""
+  """The LAYERS name of a module: mcti_jax.retrieval.gair -> retrieval; mcti_jax -> __init__."""
   parts = module.split(".")
   return parts[1] if len(parts) > 1 else "__init__"
 

@@ -478,7 +478,7 @@ def _unused_port() -> int:
 def test_a_join_nobody_answers_ends_within_the_timeout_with_one_line(process_id, tmp_path):
   """Process 1 against a port nobody listens on, and process 0 whose partner never comes: each exits 1 within
   MCTI_DISTRIBUTED_TIMEOUT (+ the start-up) with one line naming the address (JAX alone: 5 minutes, a C++ abort)."""
-  from mcti_jax import distributed
+  from mcti_jax.runtime import distributed
   assert distributed.DEFAULT_TIMEOUT_S < 60
   address = f"127.0.0.1:{_unused_port()}"
   done, seconds = _join(address, process_id, "3", tmp_path)

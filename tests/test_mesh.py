@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_train_config
-from mcti_jax import methods, parallel, train
+from mcti_jax import methods
+from mcti_jax.runtime import parallel
+from mcti_jax.training import train
 from mcti_jax.errors import ConfigError
 
 

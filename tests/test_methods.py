@@ -9,7 +9,8 @@ import pytest
 from safetensors import safe_open
 
 from conftest import ROOT
-from mcti_jax import export, train
+from mcti_jax.tokens import export
+from mcti_jax.training import train
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny_tokens_main.safetensors"
 
@@ -144,7 +145,9 @@ def test_comple_on_8_devices_equals_1_device(comple_runs):
 
 def test_bad_phase_and_eval_settings_are_one_clear_error(tiny_checkpoint, tmp_path):
   from conftest import tiny_train_config
-  from mcti_jax import evaluators, methods, phases
+  from mcti_jax.evaluation import evaluators
+  from mcti_jax import methods
+  from mcti_jax.training import phases
   from mcti_jax.errors import ConfigError
   c = tiny_train_config(tiny_checkpoint, tmp_path)
   c.phases = ("ti", "nope")
@@ -163,7 +166,7 @@ def test_bad_phase_and_eval_settings_are_one_clear_error(tiny_checkpoint, tmp_pa
 def test_an_evaluator_of_an_untrained_phase_fails_before_training(tmp_path):
   import eval as eval_config
 
-  from mcti_jax import evaluate
+  from mcti_jax.evaluation import evaluate
   from mcti_jax.errors import ConfigError
   c = eval_config.get_config("tiny")
   c.workdir = str(tmp_path / "eval")
@@ -178,7 +181,8 @@ def test_the_gcpl_comparison_config_branches_gcpl_with_only_lambda_changed():
   """configs/eval_gcpl.py: every CoMPLe phase is a branch with GCPL's steps, lr and template; rows name them."""
   import eval_gcpl
 
-  from mcti_jax import evaluate, evaluators, phases
+  from mcti_jax.evaluation import evaluate, evaluators
+  from mcti_jax.training import phases
   c = eval_gcpl.get_config()
   plan = phases.plan(c.train)
   gcpl_phase, branches = plan[0], plan[1:]

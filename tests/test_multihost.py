@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from mcti_jax import evaluate, export
+from mcti_jax.evaluation import evaluate
+from mcti_jax.tokens import export
 
 pytestmark = pytest.mark.multiprocess  # `make test-multiprocess` (CI runs it after `make test`)
 

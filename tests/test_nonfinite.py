@@ -11,7 +11,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import ROOT, tiny_train_config
-from mcti_jax import classifiers, cli, train
+from mcti_jax import classifiers, cli
+from mcti_jax.training import train
 from mcti_jax.classifiers import file as cfile
 from mcti_jax.errors import MctiError
 from test_classifiers import random_classifier

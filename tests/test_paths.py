@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from conftest import tiny_train_config
 
-from mcti_jax import cli, config_files, paths, retrieval, token_init, train
+from mcti_jax import cli, config_files, paths
+from mcti_jax.retrieval import retrieve
+from mcti_jax.training import token_init, train
 from mcti_jax.classifiers import file as file_classifier
 from mcti_jax.data import sources
 from mcti_jax.errors import MctiError
@@ -92,13 +94,13 @@ def test_a_labels_file_with_a_byte_order_mark_loads_as_the_plain_one(tmp_path):
   content = json.dumps({"queries": [{"prompt": "a photo of a <cls-0> bold", "relevant": ["img.png"]}]})
   (tmp_path / "plain.json").write_text(content, encoding="utf-8")
   (tmp_path / "notepad.json").write_text(content, encoding="utf-8-sig")
-  plain, notepad = retrieval.load_labels(tmp_path / "plain.json"), retrieval.load_labels(tmp_path / "notepad.json")
+  plain, notepad = retrieve.load_labels(tmp_path / "plain.json"), retrieve.load_labels(tmp_path / "notepad.json")
   assert notepad.queries == plain.queries and list(notepad.gallery.ids) == list(plain.gallery.ids) == ["img.png"]
   assert notepad.relevant.tolist() == plain.relevant.tolist() == [[True]]
 
 
 def _png() -> bytes:
-  from mcti_jax import generate
+  from mcti_jax.generation import generate
   return generate.png(np.zeros((4, 4, 3), np.uint8))
 
 
@@ -143,14 +145,14 @@ def _config_file(path):
 
 
 def _retrieve_tokens(path):
-  retrieval.run(ml_collections.ConfigDict({"tokens": str(path)}))
+  retrieve.run(ml_collections.ConfigDict({"tokens": str(path)}))
 
 
 @pytest.mark.parametrize("reader, kind", [
     (_caption_file, "file"),
     (file_classifier.load, "folder"),
-    (retrieval.gallery_folder, "folder"),
-    (retrieval.load_labels, "file"),
+    (retrieve.gallery_folder, "folder"),
+    (retrieve.load_labels, "file"),
     (sources.from_folder, "folder"),
     (sources.from_file_lists, "file"),
     (_config_file, "file"),

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from mcti_jax import retrieval
-from mcti_jax.classify import gair
+from mcti_jax.retrieval import retrieve
+from mcti_jax.retrieval import gair
 from mcti_jax.data import DataError
 from mcti_jax.errors import ConfigError
-from mcti_jax.queries import mix, normalize, parse_query
+from mcti_jax.retrieval.queries import mix, normalize, parse_query
 
 # ------------------------------------------------------------------ metrics
 
@@ -20,8 +20,8 @@ def test_ranks_and_metrics_match_a_hand_count():
                      [0.5, 0.5, 0.1, 0.0],  # no relevant image: skipped
                      [0.5, 0.5, 0.1, 0.0]])  # a tie keeps gallery order: 0 before 1
   relevant = np.array([[0, 0, 0, 1], [0, 1, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]], bool)
-  np.testing.assert_array_equal(retrieval.first_relevant_ranks(scores, relevant), [3, 1, 0, 2])
-  m = retrieval.metrics(scores, relevant, ["a", "b", "a", "b"], ks=(1, 2, 5))
+  np.testing.assert_array_equal(retrieve.first_relevant_ranks(scores, relevant), [3, 1, 0, 2])
+  m = retrieve.metrics(scores, relevant, ["a", "b", "a", "b"], ks=(1, 2, 5))
   assert m["overall"] == pytest.approx({"queries": 3, "skipped": 1, "mrr": (1 / 3 + 1 + 1 / 2) / 3, "r1": 1 / 3,
                                         "r2": 2 / 3, "r5": 1.0})
   assert m["by_type"]["a"] == pytest.approx({"queries": 1, "skipped": 1, "mrr": 1 / 3, "r1": 0.0, "r2": 0.0,
@@ -29,15 +29,15 @@ def test_ranks_and_metrics_match_a_hand_count():
   assert m["by_type"]["b"] == pytest.approx({"queries": 2, "skipped": 0, "mrr": 0.75, "r1": 0.5, "r2": 1.0,
                                              "r5": 1.0})
   assert list(m["by_type"]) == ["a", "b"]
-  top = retrieval.top_results(scores, relevant, ["w", "x", "y", "z"], k=2)
+  top = retrieve.top_results(scores, relevant, ["w", "x", "y", "z"], k=2)
   assert [r["id"] for r in top[0]] == ["w", "y"] and [r["relevant"] for r in top[1]] == [True, True]
 
 
 def test_metrics_with_no_answerable_query_and_bad_shapes():
-  m = retrieval.metrics(np.zeros((2, 3)), np.zeros((2, 3), bool))
+  m = retrieve.metrics(np.zeros((2, 3)), np.zeros((2, 3), bool))
   assert m["overall"] == {"queries": 0, "skipped": 2, "mrr": None, "r1": None, "r5": None}
   with pytest.raises(ValueError, match=r"must both be \[queries, gallery images\]"):
-    retrieval.metrics(np.zeros((2, 3)), np.zeros((2, 4), bool))
+    retrieve.metrics(np.zeros((2, 3)), np.zeros((2, 4), bool))
 
 
 def test_mix_goes_from_the_class_prompt_to_the_composite():
@@ -64,17 +64,17 @@ def test_a_query_splits_into_its_class_prompt_and_words():
 
 
 def test_tiny_queries_and_relevance_by_hand():
-  queries = retrieval.tiny_queries(2, attributes=("ink", "slant"))
+  queries = retrieve.tiny_queries(2, attributes=("ink", "slant"))
   assert [q.prompt for q in queries[:4]] == ["a photo of a <cls-0> thin", "a photo of a <cls-0> bold",
                                              "a photo of a <cls-0> leaning right", "a photo of a <cls-0> leaning left"]
   assert queries[1].opposite == "thin" and queries[1].type == "bold" and len(queries) == 8
   # Levels [M, 5] of ink, width, skew_y, skew_x, slant; labels [M].
   labels = np.array([1, 1, 0, 1])
   levels = np.array([[2, 1, 1, 1, 0], [0, 1, 1, 1, 2], [2, 1, 1, 1, 2], [1, 1, 1, 1, 1]])
-  relevant = retrieval.tiny_relevance(queries[4:], labels, levels)  # class 1: thin, bold, leaning right, left
+  relevant = retrieve.tiny_relevance(queries[4:], labels, levels)  # class 1: thin, bold, leaning right, left
   np.testing.assert_array_equal(relevant, [[0, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]])
   with pytest.raises(ConfigError, match="tiny attributes \\['colour'\\] are unknown"):
-    retrieval.tiny_queries(2, attributes=("colour",))
+    retrieve.tiny_queries(2, attributes=("colour",))
 
 
 def test_tiny_levels_read_ink_and_slant_from_pixels():
@@ -85,10 +85,10 @@ def test_tiny_levels_read_ink_and_slant_from_pixels():
   for i in range(3, 13):
     images[2, i, i] = 255  # top left to bottom right: the bottom sits right of the top
     images[3, i, 15 - i] = 255
-  levels = retrieval.tiny_levels(images)
+  levels = retrieve.tiny_levels(images)
   assert levels[0, 0] == 2 and levels[1, 0] == 0  # ink: bold, thin
   assert levels[2, 4] == 2 and levels[3, 4] == 0  # slant: leaning left, leaning right
-  assert retrieval.tiny_words()["leaning left"] == (4, 2, "leaning right")
+  assert retrieve.tiny_words()["leaning left"] == (4, 2, "leaning right")
 
 
 # ------------------------------------------------------------------ labels file
@@ -110,8 +110,8 @@ def test_labels_file_round_trip(tmp_path):
              parse_query("a photo of a <cls-0> with a red collar")]
   relevant_ids = [["img2.png", "sub/deep.png"], ["img0.png"]]
   path = tmp_path / "labels.json"
-  path.write_text(json.dumps(retrieval.labels_json(queries, relevant_ids, gallery="images")))
-  labels = retrieval.load_labels(path)
+  path.write_text(json.dumps(retrieve.labels_json(queries, relevant_ids, gallery="images")))
+  labels = retrieve.load_labels(path)
   assert labels.queries == queries
   assert sorted(labels.gallery.ids) == sorted(names)
   for i, ids in enumerate(relevant_ids):
@@ -133,17 +133,17 @@ def test_labels_file_errors_name_the_query_and_the_fix(tmp_path, query, message)
   path = tmp_path / "labels.json"
   path.write_text(json.dumps({"queries": [query]}))
   with pytest.raises(DataError, match=message):
-    retrieval.load_labels(path)
+    retrieve.load_labels(path)
 
 
 def test_labels_file_that_is_not_one(tmp_path):
   path = tmp_path / "labels.json"
   path.write_text("{not json")
   with pytest.raises(DataError, match="is not valid JSON"):
-    retrieval.load_labels(path)
+    retrieve.load_labels(path)
   path.write_text(json.dumps({"queries": []}))
   with pytest.raises(DataError, match="with at least one query"):
-    retrieval.load_labels(path)
+    retrieve.load_labels(path)
 
 
 # ------------------------------------------------------------------ GAIR
@@ -192,7 +192,7 @@ def test_gair_settings_are_checked():
 
 
 def test_retrieval_evaluator_is_a_type_with_checked_fields():
-  from mcti_jax import evaluators
+  from mcti_jax.evaluation import evaluators
   assert evaluators.make("r", dict(type="retrieval", query="mix", lam=0.25)).lam == 0.25
   with pytest.raises(ConfigError, match="query='best'; use one of composite, mix, gair"):
     evaluators.make("r", dict(type="retrieval", query="best"))
@@ -205,8 +205,8 @@ def test_retrieval_evaluator_is_a_type_with_checked_fields():
 
 def _export(checkpoint, folder):
   """Random tokens of 3 classes for the random tiny checkpoint, exported as `mcti train` does."""
-  from mcti_jax import export
-  from mcti_jax import tokens as tok
+  from mcti_jax.tokens import export
+  from mcti_jax.tokens import placeholders as tok
   from mcti_jax.models import pipeline
   sd = pipeline.load_stable_diffusion(checkpoint / "sd")
   class_tokens = tok.add_class_tokens(sd.tokenizer, 3, 1)
@@ -223,7 +223,7 @@ def test_retrieve_command_on_the_tiny_model(tiny_checkpoint, tmp_path):
   _gallery(tmp_path / "images", count=5)
   queries = [parse_query("a photo of a <cls-1> bold", type="bold", opposite="thin"),
              parse_query("a photo of a <cls-2> with a hat")]
-  (tmp_path / "labels.json").write_text(json.dumps(retrieval.labels_json(queries, [["img0.png"], ["sub/deep.png"]],
+  (tmp_path / "labels.json").write_text(json.dumps(retrieve.labels_json(queries, [["img0.png"], ["sub/deep.png"]],
                                                                         gallery="images")))
   out = tmp_path / "out"
   cli.main(["mcti", "retrieve", "--tokens", str(tokens), f"--config.labels={tmp_path / 'labels.json'}",
@@ -257,7 +257,7 @@ def test_retrieval_rows_in_the_eval_harness(tiny_checkpoint, tmp_path):
   import importlib
 
   from conftest import tiny_train_config
-  from mcti_jax import evaluate
+  from mcti_jax.evaluation import evaluate
   config = importlib.import_module("eval").get_config("tiny")
   config.train = tiny_train_config(tiny_checkpoint, tmp_path / "unused", **{"phase.ti.steps": 2,
                                                                              "phase.mcti.steps": 2})
@@ -284,22 +284,22 @@ def test_the_tiny_gallery_of_classifier_trained_tokens_holds_the_digits_they_wer
   from mcti_jax import data as D
   manifest = {"shots": None, "classifier": {"targets": [3, 7], "target_names": ["three", "seven"]},
               "classes": [{"name": "three"}, {"name": "seven"}]}
-  gallery = retrieval.tiny_gallery(manifest, 2)
+  gallery = retrieve.tiny_gallery(manifest, 2)
   pool = D.from_digits("heldout")
   digit_of = dict(zip(pool.ids, pool.labels.tolist()))
   assert sorted(set(gallery.labels.tolist())) == [0, 1] and len(gallery) == sum(d in (3, 7) for d in pool.labels)
   assert all(digit_of[i] == (3, 7)[label] for i, label in zip(gallery.ids, gallery.labels.tolist()))
   with pytest.raises(ConfigError, match=r"learned for the classifier classes \['leaning left'\], not digits"):
-    retrieval.tiny_gallery({"shots": None, "classifier": {"target_names": ["leaning left"]}}, 1)
+    retrieve.tiny_gallery({"shots": None, "classifier": {"target_names": ["leaning left"]}}, 1)
 
 
 def test_tiny_gallery_leaves_out_the_shots_and_refuses_other_data():
   shots = {"source": "digits:heldout:0123456789", "classes": [{"index": 1, "shots": ["digits[1]"]}]}
   names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-  full = retrieval.tiny_gallery({"shots": None, "classifier": {"target_names": names}}, 10)  # learned from no images
+  full = retrieve.tiny_gallery({"shots": None, "classifier": {"target_names": names}}, 10)  # learned from no images
   assert "digits[1]" in full.ids and set(full.labels.tolist()) == set(range(10))
-  gallery = retrieval.tiny_gallery({"shots": shots}, 3)
+  gallery = retrieve.tiny_gallery({"shots": shots}, 3)
   assert "digits[1]" not in gallery.ids and len(gallery) == (full.labels < 3).sum() - 1
   with pytest.raises(ConfigError, match="trained on tfds:oxford_iiit_pet; give your gallery and queries as "
                                         "--config.labels"):
-    retrieval.tiny_gallery({"shots": {"source": "tfds:oxford_iiit_pet", "classes": []}}, 3)
+    retrieve.tiny_gallery({"shots": {"source": "tfds:oxford_iiit_pet", "classes": []}}, 3)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from mcti_jax import config_checks
+from mcti_jax.training import config_checks
 from mcti_jax import data as D
 from mcti_jax.config_files import load_config
 from mcti_jax.data import synthetic

@@ -9,14 +9,17 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import tiny_train_config
-from mcti_jax import conditioning, evaluators, export, tiny, token_init, train
-from mcti_jax import tokens as tok
+from mcti_jax.tokens import conditioning, export
+from mcti_jax.evaluation import evaluators
+from mcti_jax import tiny
+from mcti_jax.training import token_init, train
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError
 from mcti_jax.models import clip as clip_lib
 from mcti_jax.models import pipeline
 from mcti_jax.models.frozen import freeze
-from mcti_jax.train_step import make_optimizer
+from mcti_jax.training.step import make_optimizer
 
 CAPTIONS = ("bold leaning left", "three")  # 3 tokens and 1 token in the tiny vocabulary
 

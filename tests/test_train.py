@@ -23,16 +23,17 @@ from PIL import Image
 
 from conftest import ROOT, crash_after, tiny_train_config
 from mcti_jax import data as D
-from mcti_jax import export, phases, tiny, train
-from mcti_jax import runs as run_record  # `runs` is the fixture below
+from mcti_jax.tokens import export
+from mcti_jax.training import phases, train
+from mcti_jax import tiny
+from mcti_jax.training import runs as run_record  # `runs` is the fixture below
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax.methods import mcti
 from mcti_jax.models import clip as clip_lib
 from mcti_jax.models import pipeline
 from mcti_jax.models.frozen import freeze
-from mcti_jax.train_step import (Context, Settings, ShotData, TrainState, class_objective, make_optimizer,
-                                 train_step)
+from mcti_jax.training.step import Context, Settings, ShotData, TrainState, class_objective, make_optimizer, train_step
 
 
 # ------------------------------------------------------------ the regulariser
@@ -483,7 +484,7 @@ def test_exported_tokens_load_in_diffusers_and_encode_equally(tiny_checkpoint, t
   ours_ids = jnp.asarray(ids.numpy(), jnp.int32)
   np.testing.assert_array_equal(np.asarray(ours_ids), np.asarray(
       pipeline.tokenizer.encode(setup.sd.tokenizer, [ct.expand(prompt)])))
-  from mcti_jax import tokens as tok
+  from mcti_jax.tokens import placeholders as tok
   table = setup.sd.text_encoder.text_model.embeddings.token_embedding.embedding[...]
   embeds = tok.splice(table, ours_ids, jnp.asarray(ct.ids.ravel()), jnp.asarray(tokens.reshape(-1, 32)))
   got, _ = setup.sd.text_encoder(ours_ids, inputs_embeds=embeds)

@@ -16,6 +16,8 @@ Types: "file" (a folder a user brings, format in `file.py`), "clip_zeroshot"
 (CLIP with the learned tokens of an `mcti train` export, `clip_tokens.py`).
 Every type refuses weights (or tokens) holding NaN or inf at load, naming the
 file and the tensor (`refuse_nonfinite`).
+
+May import: errors, paths, models, tokens, classify.
 """
 
 from __future__ import annotations
@@ -206,7 +208,7 @@ def module_tensors(module) -> dict[str, jax.Array]:
 
 def resolve_templates(template: str | Sequence[str], where: str) -> tuple[str, ...]:
   """A template, its name (T1-T3 of MC-TI's study, 'ti' for the TI list) or a list (prompt ensemble)."""
-  from mcti_jax import tokens as tok
+  from mcti_jax.tokens import placeholders as tok
   from mcti_jax.classify import clip_head
   if isinstance(template, str):
     template = clip_head.TEMPLATES.get(template, template)

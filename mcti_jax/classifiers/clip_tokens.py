@@ -14,13 +14,13 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from mcti_jax import conditioning
-from mcti_jax import tokens as tok
+from mcti_jax.tokens import conditioning
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.classifiers import Classifier, module_tensors, refuse_nonfinite, resolve_templates
 from mcti_jax.classifiers.clip_zeroshot import cosine_classifier
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError, MctiError
-from mcti_jax.export import MANIFEST
+from mcti_jax.tokens.export import MANIFEST
 from mcti_jax.models import clip as clip_lib
 from mcti_jax.models import pipeline
 from mcti_jax.models.frozen import freeze

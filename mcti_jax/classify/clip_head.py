@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcti_jax import tokens as tok
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.models.frozen import Frozen
 
 
@@ -84,7 +84,7 @@ def image_features(clip: Frozen, labeled, resolution: int, mesh, batch_size: int
   Every batch is padded to `batch_size` (a multiple of the device count), so
   one program serves the whole split.
   """
-  from mcti_jax import parallel
+  from mcti_jax.runtime import parallel
   if len(labeled) == 0:
     raise ValueError(f"{labeled.source} holds no images to evaluate on; check the test split")
   n = mesh.devices.size

@@ -7,13 +7,14 @@
   for images, labels, _ in few.remaining.batches(512, batch_size=32): ...
   few = sample_few_shot(labeled, 16, seed=0, resolution=512, load=False)  # 1000 classes: read a chunk at a time
   feats = encode_by_class(few, encode_fn, "cache/", key={...})          # one cache entry per class
+
+May import: errors, paths, models.
 """
 
-from mcti_jax.data.cache import (cache_digest, cache_path, class_cache_path, class_digest, encode_by_class,
-                                 encode_cached)
+from mcti_jax.data.cache import cache_digest, cache_path, class_cache_path, class_digest, encode_by_class, encode_cached
 from mcti_jax.data.errors import DataError
 from mcti_jax.data.labeled import (SHOT_CHUNK, FewShot, LabeledImages, choose_shots, class_rng, sample_few_shot,
-                                  shots_manifest, threaded_reader)
+                                   shots_manifest, threaded_reader)
 from mcti_jax.data.preprocess import (IMAGE_EXTENSIONS, INTERPOLATIONS, center_crop_resize, flip_horizontal,
                                       read_image, to_model_range, to_rgb)
 from mcti_jax.data.sources import (digits_images, digits_split, from_digits, from_file_lists, from_folder,

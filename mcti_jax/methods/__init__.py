@@ -34,6 +34,8 @@ trainer reads its `Capabilities` instead of probing it.
 
 The trainer runs `config.phases` in order, each with the settings in
 `config.phase.<name>` (made by `phase()` below), and names no method.
+
+May import: errors, models, tokens, generation, classify.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def phase(method: str, **overrides) -> ml_collections.ConfigDict:
   steps: how many steps; init: "previous" (go on from the tokens the previous phase ended with) or "initial"
   (start again from the initial tokens: phases that compare settings side by side in one run); templates:
   None (the config's `templates`) or a template spec (tokens.templates); weight_decay: AdamW's; subspace: train
-  the tokens' coordinates in the span of `config.tokens.subspace_words` instead of the vectors (subspace.py).
+  the tokens' coordinates in the span of `config.tokens.subspace_words` instead of the vectors (tokens/subspace.py).
   """
   c = ml_collections.ConfigDict({**TRAINER_FIELDS, "method": method})  # lr: None until the method's defaults
   c.update(get(method).defaults())

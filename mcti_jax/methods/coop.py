@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcti_jax import tokens as tok
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.classify import clip_head
 from mcti_jax.models import tokenizer as tokenizer_lib
 from mcti_jax.models.frozen import Frozen

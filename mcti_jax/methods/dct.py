@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mcti_jax import conditioning, sampling
-from mcti_jax import tokens as tok
+from mcti_jax.tokens import conditioning
+from mcti_jax.generation import sampling
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import freeze
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mcti_jax import tokens as tok
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.methods import ti
 
 needs = ("clip",)

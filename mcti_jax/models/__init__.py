@@ -2,4 +2,6 @@
 
 Module attribute names mirror the torch modules of diffusers/transformers, so
 weights convert by renaming (see hf_io.py).
+
+May import: errors.
 """

@@ -8,6 +8,8 @@ what the models see (`data`), the three pretraining phases (`pretrain`) on a
 small private trainer (`trainer`), the model card (`card`) and the command (`main`);
 the frozen classifiers DCT learns from (`guide`) and the pixel judges of
 generated digits (`judges`).
+
+May import: errors, paths, config_files, models, data, tokens, classifiers.
 """
 
 from pathlib import Path

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mcti_jax import tokens as tok
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.models import tokenizer as tokenizer_lib
 
 KNOWN_DIGITS = (0, 1, 2, 3, 4)

@@ -34,5 +34,5 @@ from mcti_jax.classify.dic.config import ERRORS, PRESETS, STRATEGIES, DiCConfig,
 from mcti_jax.classify.dic.elimination import FlatScoreFn, run_elimination, sample_order, significantly_worse
 from mcti_jax.classify.dic.inputs import class_contexts, latent_encoder
 from mcti_jax.classify.dic.scorer import Scorer, error_grid, prediction_errors, sample_noise
-from mcti_jax.classify.dic.stages import (Plan, Ranking, ScoreFn, make_plan, run_stages, stage_calls,
-                                          stage_sample_ids, timestep_grid)
+from mcti_jax.classify.dic.stages import (Plan, Ranking, ScoreFn, make_plan, run_stages, stage_calls, stage_sample_ids,
+                                          timestep_grid)

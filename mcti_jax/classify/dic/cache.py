@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mcti_jax import distributed
+from mcti_jax.runtime import distributed
 from mcti_jax.classify.dic.config import DiCConfig
 from mcti_jax.classify.dic.stages import Ranking
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcti_jax import parallel
+from mcti_jax.runtime import parallel
 from mcti_jax.data import preprocess
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import Frozen
@@ -36,7 +36,7 @@ def class_contexts(text_encoder: Frozen, tokenizer, *, class_names: Sequence[str
   Zero-shot: pass `class_names` ("a photo of a {name}"). Few-shot: pass the
   learned tokens (`conditioning.LearnedTokens`), giving "a photo of a <cls-k>".
   """
-  from mcti_jax import conditioning
+  from mcti_jax.tokens import conditioning
   if (class_names is None) == (learned is None):
     raise ValueError("pass exactly one of class_names (zero-shot) and learned (learned class tokens)")
   if template.count("{}") != 1:

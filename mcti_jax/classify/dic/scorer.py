@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from mcti_jax import parallel
+from mcti_jax.runtime import parallel
 from mcti_jax.classify.dic.config import ERRORS, DiCConfig
 from mcti_jax.classify.dic.stages import timestep_grid
 from mcti_jax.models.frozen import Frozen

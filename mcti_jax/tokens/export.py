@@ -2,7 +2,7 @@
 
 A run's export holds one such folder per phase (<workdir>/export/ti, .../mcti),
 written together in one step: a crash leaves the previous export or none,
-never some phases without the others. `mcti export` (reexport.py) rewrites an
+never some phases without the others. `mcti export` (export_command.py) rewrites an
 older export in today's formats.
 
   <folder>/tokens.safetensors         {"tokens": float32 [K, V, D], "num_vectors": int32 [K]}: all classes at once
@@ -52,7 +52,7 @@ import numpy as np
 
 from mcti_jax.errors import MctiError
 from mcti_jax.models import hf_io
-from mcti_jax.tokens import ClassTokens
+from mcti_jax.tokens.placeholders import ClassTokens
 
 MANIFEST = "manifest.json"
 COMBINED = "tokens.safetensors"

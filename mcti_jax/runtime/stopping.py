@@ -53,7 +53,7 @@ class StopOnSignal:
 
   def agreed(self) -> int | None:
     """The signal any process has received so far (None: none); a collective with several processes."""
-    from mcti_jax import distributed
+    from mcti_jax.runtime import distributed
     agreed = distributed.agreed_signal(self.requested)
     # Not `self.requested = agreed`: a signal handled while this process waited in the gather would be lost.
     if self.requested is None:

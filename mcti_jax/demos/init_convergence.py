@@ -1,7 +1,7 @@
 """Fig. 3: does TI converge faster from a class's own caption or label than from "*"?
 
   import mcti
-  from mcti_jax import init_convergence
+  from mcti_jax.demos import init_convergence
   result = init_convergence.run(mcti.get_config("tiny"), "runs/init_convergence", seeds=(1, 2, 3))
 
 For each seed, TI alone (300 steps, 1 shot of each of the ten digits, the tiny models) from four starts:
@@ -44,11 +44,12 @@ def run(base_config: ml_collections.ConfigDict, workdir: str | Path, seeds: Sequ
   <workdir>/init_convergence.png and write <workdir>/init_convergence.json.
 
   base_config: `configs/mcti.py:tiny` (its model paths, data source and lr are used). num_classes: the first K
-  digits only (5: the known ones; a class trains as it does among all ten, see train_step.py). Returns {"steps": [S],
+  digits only (5: the known ones; a class trains as it does among all ten, see training/step.py). Returns {"steps": [S],
   "curves": {variant: [S] mean over seeds}, "per_seed": {variant: {seed: [S]}}, "at": {variant: {100: v, 300: v}},
   "texts": {seed: {"caption": [K], "label": [K]}}, "elapsed_s", "plot", "json"}.
   """
-  from mcti_jax import plots, train
+  from mcti_jax import plots
+  from mcti_jax.training import train
   workdir = Path(workdir)
   t0 = time.time()
   per_seed: dict[str, dict[int, list[float]]] = {v: {} for v in variants}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcti_jax import runs
+from mcti_jax.training import runs
 from mcti_jax.classify import clip_head, dic
 from mcti_jax.models.frozen import freeze
 

@@ -4,7 +4,7 @@
 
 For every (N, seed) it trains (or resumes, or finds finished) one run of
 config.train's phases, then scores it with every evaluator of config.evals
-(mcti_jax/evaluators/) on the test images, one row each. Each finished row is added
+(mcti_jax/evaluation/evaluators/) on the test images, one row each. Each finished row is added
 to results.json at once, so an interrupted evaluation resumes where it
 stopped. The markdown table and the plots are drawn from results.json alone,
 so every number in them can be traced to a row there. A rerun with other
@@ -26,8 +26,11 @@ import ml_collections
 import numpy as np
 
 from mcti_jax import data as D
-from mcti_jax import distributed, evaluators, metrics, paths, phases, plots, runs, train
-from mcti_jax import tokens as tok
+from mcti_jax.runtime import distributed
+from mcti_jax.evaluation import evaluators, metrics
+from mcti_jax import paths, plots
+from mcti_jax.training import phases, runs, train
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError
 from mcti_jax.models import hf_io
@@ -68,7 +71,7 @@ def labels_of(config) -> dict[str, str]:
 
 
 def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Fill config's grid of rows, then write the reports. With several processes (distributed.py) all compute every
+  """Fill config's grid of rows, then write the reports. With several processes (runtime/distributed.py) all compute every
   row and process 0 alone writes; the others return the results with no table."""
   workdir = Path(config.workdir)
   paths.output_folder(workdir, "config.workdir")  # before any cell trains

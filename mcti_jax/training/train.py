@@ -42,19 +42,22 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mcti_jax import (class_chunks, config_checks, distributed, export, generate, parallel, paths, phases, plots,
-                      runs, subspace, token_init)
+from mcti_jax.training import class_chunks, config_checks, phases, runs, token_init
+from mcti_jax.runtime import distributed, parallel
+from mcti_jax.tokens import export, subspace
+from mcti_jax.generation import generate
+from mcti_jax import paths, plots
 from mcti_jax import data as D
 from mcti_jax.errors import ConfigError, MctiError
-from mcti_jax import tokens as tok
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.methods.protocol import Loaded
 from mcti_jax.models import clip as clip_lib
 from mcti_jax.models import hf_io, pipeline
 from mcti_jax.models.frozen import freeze
-from mcti_jax.stopping import StopOnSignal
-from mcti_jax.train_step import (Backbone, ShotData, StepConfig, TrainState, final_tokens, frozen_settings,
-                                 init_class_state, make_optimizer, train_step)
-from mcti_jax.train_step import LOSS_INF, LOSS_NAN, TOKENS_INF, TOKENS_NAN
+from mcti_jax.runtime.stopping import StopOnSignal
+from mcti_jax.training.step import (Backbone, ShotData, StepConfig, TrainState, final_tokens, frozen_settings,
+                                    init_class_state, make_optimizer, train_step)
+from mcti_jax.training.step import LOSS_INF, LOSS_NAN, TOKENS_INF, TOKENS_NAN
 
 
 # ------------------------------------------------------------------ data

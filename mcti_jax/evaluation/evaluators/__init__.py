@@ -8,6 +8,8 @@ entry's other fields; `Evaluator.run(cell, name)` returns (scores [M, K],
 labels [M], info) on the test images of one (N-shot, seed) cell, or a
 retrieval evaluator's metrics as a dict (its row: mrr, r1, r5, ...). A new
 evaluator is one module plus one config line.
+
+May import: as evaluation: everything below demos and cli.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import importlib
 from typing import Any
 
 from mcti_jax.errors import ConfigError
-from mcti_jax.evaluators.cell import Cell, Models  # noqa: F401  (what every evaluator's run takes)
+from mcti_jax.evaluation.evaluators.cell import Cell, Models  # noqa: F401  (what every evaluator's run takes)
 
 TYPES = ("clip_tokens", "clip_features", "clip_zeroshot", "coop", "dic", "retrieval")
 
@@ -29,7 +31,7 @@ def make(name: str, entry) -> Any:
   entry.pop("label", None)
   if kind not in TYPES:
     raise ConfigError(f"config.evals.{name}.type={kind!r}; evaluator types: {', '.join(TYPES)}")
-  cls = importlib.import_module(f"mcti_jax.evaluators.{kind}").Evaluator
+  cls = importlib.import_module(f"mcti_jax.evaluation.evaluators.{kind}").Evaluator
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(entry) - fields)
   if unknown:

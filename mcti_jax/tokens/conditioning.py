@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcti_jax import export
-from mcti_jax import tokens as tok
+from mcti_jax.tokens import export
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.models import tokenizer as tokenizer_lib
 from mcti_jax.models.frozen import Frozen
 

@@ -3,7 +3,7 @@
 A query is a class token S_k followed by words that qualify it ("a photo of a
 <cls-3> with a red collar"). Its feature is the prompt's CLIP text feature, the
 class token spliced into CLIP's text tower; `mix` moves the class prompt's
-feature towards the composite's. Below both retrieval.py and classify/gair.py.
+feature towards the composite's. Below both retrieve.py and gair.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcti_jax import conditioning
-from mcti_jax import tokens as tok
+from mcti_jax.tokens import conditioning
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.errors import ConfigError
 from mcti_jax.models.frozen import Frozen
 

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcti_jax import parallel
-from mcti_jax import tokens as tok
+from mcti_jax.runtime import parallel
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.classify import clip_head
 from mcti_jax.models import pipeline
 from mcti_jax.models.frozen import Frozen, freeze
@@ -107,7 +107,7 @@ class Cell:
 
   def learned_tokens(self, phase: str):
     """A phase's tokens as `conditioning.LearnedTokens`, and the tokenizer that knows their placeholders."""
-    from mcti_jax import conditioning
+    from mcti_jax.tokens import conditioning
     tokens = self.result.tokens[phase]
     tokenizer, class_tokens = self.models.tokens_for(tokens.shape[1], self.result.vector_counts)
     return conditioning.LearnedTokens(class_tokens, tokens, tuple(self.result.class_names)), tokenizer

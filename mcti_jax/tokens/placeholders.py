@@ -1,4 +1,4 @@
-"""Class tokens: placeholder words, prompt templates and splicing (where they start: token_init.py).
+"""Class tokens: placeholder words, prompt templates and splicing (where they start: training/token_init.py).
 
 What trains is one array `[K, V, D]`: V vectors of width D for each of K
 classes. Class k is written "<cls-k>" in prompts; with V > 1 it expands to

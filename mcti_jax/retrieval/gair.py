@@ -59,12 +59,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcti_jax import conditioning, generate, sampling
+from mcti_jax.tokens import conditioning
+from mcti_jax.generation import generate, sampling
 from mcti_jax.errors import ConfigError
 from mcti_jax.models import clip as clip_lib
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import Frozen, freeze
-from mcti_jax.queries import mix, normalize, prompt_features
+from mcti_jax.retrieval.queries import mix, normalize, prompt_features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,7 @@ class GairConfig:
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
       raise ConfigError(f"GAIR settings out of range: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)} (see "
-                        "GairConfig in mcti_jax/classify/gair.py)")
+                        "GairConfig in mcti_jax/retrieval/gair.py)")
 
 
 def from_config(entry) -> GairConfig:

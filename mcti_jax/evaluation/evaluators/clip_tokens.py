@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from mcti_jax import distributed
+from mcti_jax.runtime import distributed
 from mcti_jax.classify import clip_head
 
 

@@ -7,9 +7,9 @@ half a run behind. Each bad value is one ConfigError naming the field.
 
 from __future__ import annotations
 
-from mcti_jax import class_chunks, phases
+from mcti_jax.training import class_chunks, phases
 from mcti_jax.errors import ConfigError
-from mcti_jax.runs import config_value as _get
+from mcti_jax.training.runs import config_value as _get
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),

@@ -24,9 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from mcti_jax import conditioning, parallel, sampling
-from mcti_jax import tokens as tok
-from mcti_jax.conditioning import LearnedTokens
+from mcti_jax.tokens import conditioning
+from mcti_jax.runtime import parallel
+from mcti_jax.generation import sampling
+from mcti_jax.tokens import placeholders as tok
+from mcti_jax.tokens.conditioning import LearnedTokens
 from mcti_jax.models import hf_io
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import Frozen, freeze

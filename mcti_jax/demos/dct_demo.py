@@ -25,8 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mcti_jax import classifiers, demo, generate, paths, train
-from mcti_jax.conditioning import LearnedTokens
+from mcti_jax import classifiers, paths
+from mcti_jax.demos import demo
+from mcti_jax.generation import generate
+from mcti_jax.training import train
+from mcti_jax.tokens.conditioning import LearnedTokens
 from mcti_jax.models import hf_io, pipeline
 from mcti_jax.tiny import captions, guide
 from mcti_jax.tiny import judges as pixel_judges

@@ -5,7 +5,7 @@
    by side (phases of configs/custom_demo.py). The eval harness scores each
    on plain classification (the CLIP-token head, known 0-4 / unknown 5-9) and
    on composite queries "a photo of a S_k <shape word>" over the held-out
-   digits (retrieval.py). GAIR (classify/gair.py) then refines the queries of
+   digits (retrieve.py). GAIR (retrieval/gair.py) then refines the queries of
    every method's tokens, against the best fixed query of the same tokens.
 2. The subspace's residual: the distance of the exported custom tokens from
    the span of the words, measured independently (least squares).
@@ -26,8 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from mcti_jax import evaluate, init_convergence, paths, retrieval, subspace
-from mcti_jax.classify import gair
+from mcti_jax.evaluation import evaluate
+from mcti_jax.demos import init_convergence
+from mcti_jax import paths
+from mcti_jax.retrieval import retrieve
+from mcti_jax.tokens import subspace
+from mcti_jax.retrieval import gair
 from mcti_jax.models import hf_io
 from mcti_jax.models import tokenizer as tokenizer_lib
 
@@ -61,7 +65,7 @@ def composition(config, workdir: Path, log) -> dict:
     per_seed = {}
     for seed in config.seeds:
       tokens = _export(config, seed, phase)
-      r = retrieval.evaluate_tiny(tokens, workdir / "gair" / phase / f"seed{seed}", gair_config=gair_config,
+      r = retrieve.evaluate_tiny(tokens, workdir / "gair" / phase / f"seed{seed}", gair_config=gair_config,
                                   lams=tuple(config.gair.lams), log=lambda _: None)
       per_seed[seed] = {kind: r["metrics"][kind]["overall"] for kind in r["metrics"]} | {"best_fixed": r["best_fixed"]}
       log(f"   {phase} seed {seed}: composite MRR {_mrr(per_seed[seed], 'composite')}, best fixed "
@@ -97,7 +101,7 @@ def _mrr(metrics: dict, kind: str) -> str:
 
 def _word_embeddings(config) -> np.ndarray:
   """The subspace words' rows [n, D] of SD's frozen token table, read from the checkpoint (not from the run)."""
-  from mcti_jax import tokens as tok
+  from mcti_jax.tokens import placeholders as tok
   from mcti_jax.models import pipeline
   sd_path = config.train.model.sd_path
   tokenizer = tokenizer_lib.load_tokenizer(sd_path, "tokenizer")
@@ -107,7 +111,7 @@ def _word_embeddings(config) -> np.ndarray:
 
 def _custom_tokens(config, seed: int) -> np.ndarray:
   """The exported subspace tokens [K, V, D] of one seed."""
-  from mcti_jax import export
+  from mcti_jax.tokens import export
   return export.load_tokens(_export(config, seed, "custom"))[0]
 
 

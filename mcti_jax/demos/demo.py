@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mcti_jax import data as D
-from mcti_jax import evaluate
+from mcti_jax.evaluation import evaluate
 from mcti_jax.models import hf_io
 from mcti_jax.tiny import judges
 
@@ -61,7 +61,8 @@ def run(config, log: Callable[[str], None] = print) -> dict:
 
 
 def generation_report(config, workdir: Path, log) -> dict:
-  from mcti_jax import clip_similarity, conditioning, generate
+  from mcti_jax.generation import clip_similarity, generate
+  from mcti_jax.tokens import conditioning
   from mcti_jax.models import pipeline
   seed = config.seeds[0]
   run_dir = workdir / f"{config.n_shots[0]}shot" / f"seed{seed}"

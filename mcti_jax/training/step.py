@@ -20,7 +20,7 @@ instead of noising shots) replaces the shot sampling. A method may keep
 per-class state across steps (`class_state`/`next_state`, e.g. early
 stopping): a class whose state says it is not "training" gets no update,
 in the same compiled step. In a phase with `subspace=True` the state holds
-the tokens' coordinates in the span of chosen words (subspace.py); the
+the tokens' coordinates in the span of chosen words (tokens/subspace.py); the
 loss sees the vectors they map to, so the gradient is the coordinates'.
 
 With `class_chunk` = c (class_chunks.py) a device runs its classes in passes
@@ -28,7 +28,7 @@ of c inside the step (`lax.map`), so its memory is that of c classes for any
 K; a cross-class method's targets (its noises: no UNet call) are drawn for
 every class before the passes, so each pass still sees every class's items.
 
-On a (classes, data) mesh (parallel.py) the devices of a class shard each
+On a (classes, data) mesh (runtime/parallel.py) the devices of a class shard each
 draw their slice of every class's batch (the same items as on a 1-D mesh);
 the terms are averaged over the slices before the loss, and the gradient is
 the chain rule through that average, so any loss of the terms' means is exact.
@@ -51,11 +51,11 @@ from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from mcti_jax import methods
-from mcti_jax import tokens as tok
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.methods.protocol import Settings, frozen_settings
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import Frozen
-from mcti_jax.parallel import CLASS_AXIS, DATA_AXIS
+from mcti_jax.runtime.parallel import CLASS_AXIS, DATA_AXIS
 
 
 @struct.dataclass

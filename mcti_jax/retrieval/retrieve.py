@@ -12,7 +12,7 @@ learned its words from; elsewhere, as a person labelled it (`load_labels`).
   text = prompt_features(clip, tokenizer, [q.prompt for q in queries], learned)
   report = metrics(text @ normalize(gallery_features).T, relevant, [q.type for q in queries])
 
-`queries.fixed_queries` gives the baselines GAIR (classify/gair.py) must beat; `run` is
+`queries.fixed_queries` gives the baselines GAIR (retrieval/gair.py) must beat; `run` is
 `mcti retrieve` (configs/retrieve.py) and `evaluate_tiny` the same on the tiny
 world for a demo.
 
@@ -40,14 +40,16 @@ from typing import Any
 
 import numpy as np
 
-from mcti_jax import conditioning, generate, paths
+from mcti_jax.tokens import conditioning
+from mcti_jax.generation import generate
+from mcti_jax import paths
 from mcti_jax import data as D
-from mcti_jax import tokens as tok
-from mcti_jax.classify import gair
+from mcti_jax.tokens import placeholders as tok
+from mcti_jax.retrieval import gair
 from mcti_jax.errors import ConfigError
 from mcti_jax.models import hf_io
 from mcti_jax.models.frozen import Frozen
-from mcti_jax.queries import Query, check_classes, fixed_queries, normalize, parse_query
+from mcti_jax.retrieval.queries import Query, check_classes, fixed_queries, normalize, parse_query
 
 KS = (1, 5)  # R@k reported
 TOP = 5  # results per query in results.json
@@ -172,7 +174,7 @@ def tiny_gallery(manifest: dict, num_classes: int) -> D.LabeledImages:
     where = "images the manifest does not name" if shots == "missing" else shots.get("source")
     raise ConfigError(f"the tiny world's gallery is the sklearn digits, but these tokens were trained on {where}; "
                       "give your gallery and queries as --config.labels=<labels file> (format in "
-                      "mcti_jax/retrieval.py)")
+                      "mcti_jax/retrieval/retrieve.py)")
   pool = D.from_digits("heldout")
   shots = {s for c in (shots or {}).get("classes", []) for s in c["shots"]}
   keep = [i for i, (image_id, label) in enumerate(zip(pool.ids, pool.labels)) if label < num_classes
@@ -190,7 +192,7 @@ def target_digits(manifest: dict, num_classes: int) -> list[int]:
   if unknown:
     raise ConfigError(f"the tiny world's gallery is the sklearn digits, but these tokens were learned for the "
                       f"classifier classes {unknown}, not digits; give your gallery and queries as "
-                      "--config.labels=<labels file> (format in mcti_jax/retrieval.py)")
+                      "--config.labels=<labels file> (format in mcti_jax/retrieval/retrieve.py)")
   return [digit_names.index(n) for n in names]
 
 
@@ -227,7 +229,7 @@ def load_labels(path: str | os.PathLike) -> Labels:
     raise D.DataError(f"labels file {where} is not valid JSON: {e}") from None
   if not isinstance(content, dict) or not isinstance(content.get("queries"), list) or not content["queries"]:
     raise D.DataError(f"labels file {where} should hold {{\"queries\": [{{\"prompt\": ..., \"relevant\": [...]}}, "
-                      "...]}} with at least one query (see mcti_jax/retrieval.py)")
+                      "...]}} with at least one query (see mcti_jax/retrieval/retrieve.py)")
   folder = path.parent / content.get("gallery", ".")
   gallery = gallery_folder(folder)
   position = {name: i for i, name in enumerate(gallery.ids)}
@@ -395,7 +397,7 @@ def evaluate_tiny(tokens: str | os.PathLike, out_dir: str | os.PathLike | None =
 
 def load_models(tokens: str | os.PathLike, sd_path: str | None, clip_path: str | None, need_sd: bool):
   """(sd or None, frozen CLIP, tokenizer, learned tokens, pooling, manifest): the models default to the export's."""
-  from mcti_jax import export
+  from mcti_jax.tokens import export
   from mcti_jax.models import pipeline
   from mcti_jax.models.frozen import freeze
   _, manifest = export.load_tokens(tokens)
@@ -413,7 +415,7 @@ def load_models(tokens: str | os.PathLike, sd_path: str | None, clip_path: str |
 
 
 def gallery_features(clip: Frozen, gallery: D.LabeledImages, resolution: int, mesh=None) -> np.ndarray:
-  from mcti_jax import parallel
+  from mcti_jax.runtime import parallel
   from mcti_jax.classify import clip_head
   return clip_head.image_features(clip, gallery, resolution, mesh or parallel.make_mesh(1), progress=False)
 
@@ -448,7 +450,7 @@ def labels_setup(tokens, labels_path, *, sd_path=None, clip_path=None, need_sd: 
 
 def run(config, log: Callable[[str], None] = print) -> dict[str, Any]:
   """`mcti retrieve` (configs/retrieve.py): results.json and strips in config.out."""
-  from mcti_jax import parallel
+  from mcti_jax.runtime import parallel
   if not config.tokens:
     raise ConfigError("give the tokens to search with: --tokens <export folder of `mcti train`> "
                       "(e.g. runs/demo/5shot/seed1/export/mcti)")

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from mcti_jax import export, paths
-from mcti_jax import tokens as tok
+from mcti_jax.tokens import export
+from mcti_jax import paths
+from mcti_jax.tokens import placeholders as tok
 from mcti_jax.errors import MctiError
 from mcti_jax.models import hf_io
 

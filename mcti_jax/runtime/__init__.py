@@ -1,0 +1,4 @@
+"""Where the program runs: the device mesh, several processes, stopping on a signal.
+
+May import: errors.
+"""
