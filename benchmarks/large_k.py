@@ -10,7 +10,7 @@ workdir and encoding cache, on 8 simulated CPU devices, the TI phase only, and r
   peak host RSS    the child's max RSS (os.wait4's rusage of that child alone)
   step memory      what XLA says the compiled step holds per device (memory_analysis: temp, and class_chunks.need:
                    arguments + outputs - aliased + temp), compiled again in a child of this script with
-                   train.prepare + train.compile_step on the run's config and (cached) encodings
+                   setup_lib.prepare + train.compile_step on the run's config and (cached) encodings
 
 The default chunk is 8 classes per pass per device: K = 64 on 8 devices is 8 classes per device, so K = 64 at
 c = 8 is the one-pass program the bars compare against, and K = 1024 at c = 8 runs that same pass 16
@@ -108,6 +108,7 @@ def step_memory(num_classes: int, chunks: list[int], workdir: Path, steps: int, 
   import jax.numpy as jnp
 
   from mcti_jax.training import class_chunks, train
+  from mcti_jax.training import setup as setup_lib
   from mcti_jax.runtime import parallel
   from mcti_jax.config_files import load_config
   from mcti_jax.training.step import TrainState, init_class_state, make_optimizer
@@ -119,7 +120,7 @@ def step_memory(num_classes: int, chunks: list[int], workdir: Path, steps: int, 
     for part in path:
       node = node[part]
     node[name] = value
-  setup = train.prepare(config, log=lambda _: None)
+  setup = setup_lib.prepare(config, log=lambda _: None)
   phase = setup.plan[0]
   optimizer = make_optimizer(phase.settings.lr, phase.settings.weight_decay)
   tokens = setup.init_tokens
@@ -129,7 +130,7 @@ def step_memory(num_classes: int, chunks: list[int], workdir: Path, steps: int, 
   state = jax.device_put(state, train._state_shardings(state, setup))
   replicated = parallel.replicated(setup.mesh)
   backbone, template_ids = jax.device_put(
-      (train.make_backbone(setup), jnp.asarray(setup.template_ids[phase.name])), replicated)
+      (setup_lib.make_backbone(setup), jnp.asarray(setup.template_ids[phase.name])), replicated)
   clock = jax.device_put((train.step_offset(phase), jnp.int32(phase.start)), replicated)
   out = {}
   for chunk in chunks:

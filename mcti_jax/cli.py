@@ -171,14 +171,8 @@ def with_default_config(argv: list[str], default: str) -> list[str]:
 
 def _demo(argv):
   config = parse_config(with_default_config(argv, "configs/demo.py"))
-  if config.get("kind") == "dct":  # configs/dct_demo.py
-    from mcti_jax.demos import dct_demo
-    return lambda: dct_demo.run(config)
-  if config.get("kind") == "custom":  # configs/custom_demo.py
-    from mcti_jax.demos import custom_demo
-    return lambda: custom_demo.run(config)
-  from mcti_jax.demos import demo
-  return lambda: demo.run(config)
+  from mcti_jax import demos
+  return lambda: demos.run(config)  # the demo config.kind names
 
 
 def _generate(argv):

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import crash_after, set_fields, tiny_train_config
 from mcti_jax.training import class_chunks, train
+from mcti_jax.training import setup as setup_lib
 from mcti_jax import classifiers, methods
 from mcti_jax.runtime import parallel
 from mcti_jax.classifiers import file as classifier_file
@@ -68,8 +69,8 @@ def setups(tiny_checkpoint, tmp_path_factory, classifier_folder):
   quiet = lambda _: None  # noqa: E731
   out = {}
   for devices in (8, 1):
-    out["shots", devices] = train.prepare(_shots_config(tiny_checkpoint, base / f"s{devices}", devices), quiet)
-    out["dct", devices] = train.prepare(_dct_config(tiny_checkpoint, base / f"d{devices}", devices,
+    out["shots", devices] = setup_lib.prepare(_shots_config(tiny_checkpoint, base / f"s{devices}", devices), quiet)
+    out["dct", devices] = setup_lib.prepare(_dct_config(tiny_checkpoint, base / f"d{devices}", devices,
                                                     classifier_folder), quiet)
   return out
 
@@ -124,7 +125,7 @@ _BACKBONES = {}
 def _backbone(setup):
   """The setup's frozen models on its mesh, made once per setup."""
   if id(setup) not in _BACKBONES:
-    _BACKBONES[id(setup)] = (setup, jax.device_put(train.make_backbone(setup), parallel.replicated(setup.mesh)))
+    _BACKBONES[id(setup)] = (setup, jax.device_put(setup_lib.make_backbone(setup), parallel.replicated(setup.mesh)))
   return _BACKBONES[id(setup)][1]
 
 
@@ -303,7 +304,7 @@ def test_a_bad_chunk_is_refused_before_anything_loads(tiny_checkpoint, tmp_path,
 
 
 def test_auto_on_a_backend_without_memory_stats_says_which_value_to_set(tiny_checkpoint, tmp_path, monkeypatch):
-  monkeypatch.setattr(train.pipeline, "load_stable_diffusion", lambda *a, **k: pytest.fail("models loaded"))
+  monkeypatch.setattr(setup_lib.pipeline, "load_stable_diffusion", lambda *a, **k: pytest.fail("models loaded"))
   config = tiny_train_config(tiny_checkpoint, tmp_path / "run", class_chunk="auto")
   with pytest.raises(ConfigError, match=r"cpu backend does not report it; set --config.class_chunk=N"):
     train.train(config, log=lambda _: None)

@@ -10,6 +10,7 @@ import pytest
 from conftest import set_fields, tiny_train_config
 from mcti_jax.tokens import subspace
 from mcti_jax.training import train
+from mcti_jax.training import setup as setup_lib
 from mcti_jax.tokens import placeholders as tok
 from mcti_jax.errors import ConfigError
 from mcti_jax.methods import custom_tokens, mcti
@@ -125,7 +126,7 @@ def test_alignment_is_the_cross_entropy_over_class_prototypes():
 def test_bad_subspace_words_are_refused_before_the_models_load(tiny_checkpoint, tmp_path, words, message):
   config = custom_config(tiny_checkpoint, tmp_path / "run", **{"tokens.subspace_words": words})
   with pytest.raises(ConfigError, match=message):
-    train.prepare(config, log=lambda _: None)
+    setup_lib.prepare(config, log=lambda _: None)
 
 
 def test_words_spanning_the_whole_space_are_refused():

@@ -11,6 +11,7 @@ from conftest import set_fields, tiny_train_config
 from mcti_jax import classifiers
 from mcti_jax.generation import sampling
 from mcti_jax.training import train
+from mcti_jax.training import setup as setup_lib
 from mcti_jax.classifiers import file as classifier_file
 from mcti_jax.errors import ConfigError
 from mcti_jax.methods import dct
@@ -234,9 +235,9 @@ def test_step_memory_does_not_grow_with_the_sampling_steps(tiny_checkpoint, tmp_
   steps keep no activations for the backward pass). The 10-step program is the one-device run's (cached)."""
   import dataclasses
   from mcti_jax.training.step import TrainState, init_class_state, make_optimizer
-  setup = train.prepare(dct_config(tiny_checkpoint, tmp_path / "run", classifier_folder, num_devices=1),
+  setup = setup_lib.prepare(dct_config(tiny_checkpoint, tmp_path / "run", classifier_folder, num_devices=1),
                         log=lambda *_: None)
-  backbone = jax.device_put(train.make_backbone(setup), setup.data.valid.sharding)
+  backbone = jax.device_put(setup_lib.make_backbone(setup), setup.data.valid.sharding)
   template_ids = jax.device_put(jnp.asarray(setup.template_ids["dct"]), setup.data.valid.sharding)
   clock = jax.device_put((jnp.int32(0), jnp.int32(0)), setup.data.valid.sharding)
   memory = {}
@@ -260,7 +261,7 @@ def test_named_templates_hold_each_class_name(tiny_checkpoint):
   from mcti_jax.models import tokenizer as tokenizer_lib
   sd = pipeline.load_stable_diffusion(tiny_checkpoint / "sd")
   class_tokens = tok.add_class_tokens(sd.tokenizer, 2, 1)
-  ids = train._template_ids(sd.tokenizer, ("a photo of {} {name}",), class_tokens, ["cat", "dog"], 4)
+  ids = setup_lib._template_ids(sd.tokenizer, ("a photo of {} {name}",), class_tokens, ["cat", "dog"], 4)
   assert ids.shape == (4, 1, 77)
   for k, name in enumerate(["cat", "dog", "cat", "cat"]):  # padded classes take the first name
     want = tokenizer_lib.encode(sd.tokenizer, [f"a photo of <cls-0> {name}"])[0]
@@ -291,14 +292,14 @@ def test_the_dct_preset_names_each_token_for_its_classifier_class(tiny_checkpoin
   import dct as dct_configs  # configs/dct.py
   c = set_fields(dct_configs.get_config("tiny,names"), {"workdir": str(tmp_path / "run"),
                                                         "classifier.targets": (3, 7)})
-  setup = train.prepare(c, log=lambda *_: None)
+  setup = setup_lib.prepare(c, log=lambda *_: None)
   assert setup.class_names == ["three", "seven"]
   assert setup.targets.tolist() == [3, 7] and [setup.classifier.class_names[t] for t in setup.targets] == \
       setup.class_names
   c.data.class_names = ("zero", "one")  # a name for another class than the token's is refused
   with pytest.raises(ConfigError, match=r"learned for the classifier's classes at classifier.targets, "
                                         r"\('three', 'seven'\): their names; drop data.class_names"):
-    train.prepare(c, log=lambda *_: None)
+    setup_lib.prepare(c, log=lambda *_: None)
 
 
 def test_a_repeated_target_is_refused_before_anything_is_written(tiny_checkpoint, tmp_path, classifier_folder):

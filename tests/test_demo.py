@@ -81,3 +81,18 @@ def test_demo_command_takes_overrides_of_its_default_config():
   out = subprocess.run([sys.executable, "-m", "mcti_jax.cli", "demo", "--config.generation.num_images=3", "--help"],
                        cwd=ROOT, capture_output=True, text=True, check=True).stdout
   assert "num_images: 3" in out and "workdir: runs/demo" in out
+
+
+@pytest.mark.parametrize("file, module", [("demo", "demo"), ("dct_demo", "dct_demo"), ("custom_demo", "custom_demo")])
+def test_each_demo_config_names_its_demo_and_an_unknown_kind_is_refused(file, module):
+  from conftest import ROOT
+  from mcti_jax import demos
+  from mcti_jax.config_files import load_config
+  from mcti_jax.errors import ConfigError
+  _, config = load_config(f"{ROOT}/configs/{file}.py")
+  assert demos.KINDS[config.get("kind", "mcti")] == module
+  assert callable(importlib.import_module(f"mcti_jax.demos.{module}").run)
+  config.unlock()
+  config.kind = "mnist"
+  with pytest.raises(ConfigError, match=r"config.kind='mnist' names no demo; demos: mcti, dct, custom"):
+    demos.run(config)

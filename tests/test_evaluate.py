@@ -14,6 +14,7 @@ from conftest import tiny_train_config
 from mcti_jax.evaluation import evaluate, metrics
 from mcti_jax.tokens import export
 from mcti_jax.training import runs, train
+from mcti_jax.training import setup as setup_lib
 from mcti_jax.classify import clip_head
 from mcti_jax.models.frozen import freeze
 
@@ -343,6 +344,6 @@ def test_a_split_with_no_test_images_left_is_a_clear_error(tiny_checkpoint, tmp_
   config.train = tiny_train_config(tiny_checkpoint, tmp_path / "run",
                                    **{"phase.ti.steps": 1, "phase.mcti.steps": 0, "data.source": "folder", "data.root": str(tmp_path / "images"),
                                       "data.n_shots": 2, "data.class_names": None})
-  setup = train.prepare(config.train, log=lambda _: None)
+  setup = setup_lib.prepare(config.train, log=lambda _: None)
   with pytest.raises(ValueError, match="holds no images of the 2 trained classes"):
     evaluate.test_images(config, setup)

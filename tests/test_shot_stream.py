@@ -12,6 +12,7 @@ from conftest import tiny_train_config
 
 from mcti_jax import data as D
 from mcti_jax.training import runs, train
+from mcti_jax.training import setup as setup_lib
 from mcti_jax.data import cache
 from mcti_jax.errors import ConfigError
 
@@ -146,7 +147,7 @@ def test_the_trainers_shot_digests_are_runs_shot_digests_over_the_whole_array(mo
   few = _lazy(10, resolution=20)
   monkeypatch.setattr(D.labeled, "SHOT_CHUNK", 3)  # several chunks and a short one
   key = {"sd": "x", "source": few.source}
-  digests, cache_digests = train._hash_shots(few, key, flip=True)
+  digests, cache_digests = setup_lib._hash_shots(few, key, flip=True)
   np.testing.assert_array_equal(digests, runs.shot_digests(few.class_names, few.shot_ids, few.shots))
   assert cache_digests == [cache.class_digest(key, True, ids, p) for ids, p in zip(few.shot_ids, few.shots)]
 
@@ -187,7 +188,7 @@ def test_host_memory_is_bounded_by_the_chunk_not_by_k(tmp_path):
 def test_prepare_encodes_only_the_classes_a_bigger_run_adds(tiny_checkpoint, tmp_path, monkeypatch):
   """The trainer on the synthetic world: rerun with more classes, only the new classes' shots reach the encoder."""
   counts = []
-  make = train.make_encoder
+  make = setup_lib.make_encoder
 
   def counting(sd, clip):
     encode = make(sd, clip)
@@ -198,11 +199,11 @@ def test_prepare_encodes_only_the_classes_a_bigger_run_adds(tiny_checkpoint, tmp
       return encode(images)
     return call
 
-  monkeypatch.setattr(train, "make_encoder", counting)
+  monkeypatch.setattr(setup_lib, "make_encoder", counting)
   fields = {"data.source": "synthetic", "data.class_names": None, "tokens.label_words": (), "data.n_shots": 4}
-  first = train.prepare(tiny_train_config(tiny_checkpoint, tmp_path / "a", **fields, **{"data.num_classes": 6}),
+  first = setup_lib.prepare(tiny_train_config(tiny_checkpoint, tmp_path / "a", **fields, **{"data.num_classes": 6}),
                         log=lambda _: None)
-  second = train.prepare(tiny_train_config(tiny_checkpoint, tmp_path / "b", **fields, **{"data.num_classes": 10}),
+  second = setup_lib.prepare(tiny_train_config(tiny_checkpoint, tmp_path / "b", **fields, **{"data.num_classes": 10}),
                          log=lambda _: None)
   assert counts == [3, 2]  # 6 x 4 shots in batches of 8, then the 4 new classes' 16
   assert second.shots.pixels is None and second.shots.num_classes == 10
@@ -212,8 +213,8 @@ def test_prepare_encodes_only_the_classes_a_bigger_run_adds(tiny_checkpoint, tmp
 
 
 def test_a_file_as_cache_dir_is_refused_before_the_models_load(tiny_checkpoint, tmp_path, monkeypatch):
-  monkeypatch.setattr(train.pipeline, "load_stable_diffusion", lambda *a, **k: pytest.fail("models loaded"))
+  monkeypatch.setattr(setup_lib.pipeline, "load_stable_diffusion", lambda *a, **k: pytest.fail("models loaded"))
   (tmp_path / "cache").write_text("not a folder")
   config = tiny_train_config(tiny_checkpoint, tmp_path / "run", **{"data.cache_dir": str(tmp_path / "cache")})
   with pytest.raises(ConfigError, match=r"cache is a file, not a folder"):
-    train.prepare(config, log=lambda _: None)
+    setup_lib.prepare(config, log=lambda _: None)

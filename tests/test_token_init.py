@@ -13,6 +13,7 @@ from mcti_jax.tokens import conditioning, export
 from mcti_jax.evaluation import evaluators
 from mcti_jax import tiny
 from mcti_jax.training import token_init, train
+from mcti_jax.training import setup as setup_lib
 from mcti_jax.tokens import placeholders as tok
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError
@@ -26,12 +27,12 @@ CAPTIONS = ("bold leaning left", "three")  # 3 tokens and 1 token in the tiny vo
 
 def _keeping_setup(config):
   """train.train(config) and the Setup it prepared."""
-  seen, prepare = [], train.prepare
-  train.prepare = lambda *a, **k: seen.append(prepare(*a, **k)) or seen[-1]
+  seen, prepare = [], setup_lib.prepare
+  setup_lib.prepare = lambda *a, **k: seen.append(prepare(*a, **k)) or seen[-1]
   try:
     result = train.train(config, log=lambda _: None)
   finally:
-    train.prepare = prepare
+    setup_lib.prepare = prepare
   return result, seen[0]
 
 
@@ -143,7 +144,7 @@ def test_label_is_clips_zero_shot_vote_on_the_shots(tmp_path):
   here from the shots' pixels; CLIP knows the names of 0-4, so those come out right."""
   config = tiny_train_config(tiny.DEFAULT_OUT, tmp_path / "run", phases=("ti",),
                              **{"tokens.init": "label", "data.n_shots": 3})
-  setup = train.prepare(config, log=lambda _: None)
+  setup = setup_lib.prepare(config, log=lambda _: None)
   assert setup.clip is None  # loaded for the labels only
   words = list(config.tokens.label_words)
   clip_model, clip_tokenizer = pipeline.load_clip(config.model.clip_path)

@@ -25,6 +25,7 @@ from conftest import ROOT, crash_after, tiny_train_config
 from mcti_jax import data as D
 from mcti_jax.tokens import export
 from mcti_jax.training import phases, train
+from mcti_jax.training import setup as setup_lib
 from mcti_jax import tiny
 from mcti_jax.training import runs as run_record  # `runs` is the fixture below
 from mcti_jax.classify import clip_head
@@ -69,12 +70,12 @@ def runs(tiny_checkpoint, tmp_path_factory):
 
 def train_keeping_setup(config, **kwargs):
   """train.train(config), and the Setup it prepared (models, shot data) for tests to look into."""
-  seen, prepare = [], train.prepare
-  train.prepare = lambda *a, **k: seen.append(prepare(*a, **k)) or seen[-1]
+  seen, prepare = [], setup_lib.prepare
+  setup_lib.prepare = lambda *a, **k: seen.append(prepare(*a, **k)) or seen[-1]
   try:
     result = train.train(config, log=lambda _: None, **kwargs)
   finally:
-    train.prepare = prepare
+    setup_lib.prepare = prepare
   return result, seen[0]
 
 
@@ -175,7 +176,7 @@ def test_changed_shot_files_are_refused(tiny_checkpoint, tmp_path):
 
   for check in (record_and_stop, check_and_stop):  # the same config and data resume...
     with pytest.raises(Recorded):
-      train.prepare(config, log=lambda _: None, check_signature=check)
+      setup_lib.prepare(config, log=lambda _: None, check_signature=check)
   Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(root / "dog" / "3.png")  # ...an edited shot does not
   with pytest.raises(ConfigError, match=r"fingerprints\.data"):
     train.train(config, log=lambda _: None)
@@ -355,8 +356,8 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_run_resumes_to_the_
 def test_k_classes_in_one_step_equal_k_one_class_runs(tiny_checkpoint, tmp_path):
   config = tiny_train_config(tiny_checkpoint, tmp_path / "run", num_devices=1, batch_per_class=2,
                              **{"data.num_classes": 3})
-  setup = train.prepare(config, log=lambda _: None)
-  backbone, template_ids = train.make_backbone(setup), jnp.asarray(setup.template_ids["mcti"])
+  setup = setup_lib.prepare(config, log=lambda _: None)
+  backbone, template_ids = setup_lib.make_backbone(setup), jnp.asarray(setup.template_ids["mcti"])
   optimizer = make_optimizer(config.phase.mcti.lr)
   mcti_phase = phases.plan(config)[1]
   step = jax.jit(functools.partial(train_step, cfg=train.step_config(setup, mcti_phase), optimizer=optimizer,
@@ -382,8 +383,8 @@ def test_k_classes_in_one_step_equal_k_one_class_runs(tiny_checkpoint, tmp_path)
 @pytest.mark.slow
 def test_reg_gradient_reaches_the_tokens(tiny_checkpoint, tmp_path):
   config = tiny_train_config(tiny_checkpoint, tmp_path / "run", num_devices=1, **{"data.num_classes": 3})
-  setup = train.prepare(config, log=lambda _: None)
-  backbone, d = train.make_backbone(setup), setup.data
+  setup = setup_lib.prepare(config, log=lambda _: None)
+  backbone, d = setup_lib.make_backbone(setup), setup.data
   mcti_phase = phases.plan(config)[1]
   cfg = train.step_config(setup, mcti_phase)
   settings = Settings(cfg.settings)
