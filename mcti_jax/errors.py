@@ -12,3 +12,7 @@ class MctiError(ValueError):
 
 class ConfigError(MctiError):
   """A config field is missing, of the wrong kind, out of range, or does not fit the workdir's run."""
+
+
+class DataError(MctiError):
+  """A data source, image file, split file or cache file is missing, malformed or too small."""

@@ -16,20 +16,20 @@ import transformers
 
 from conftest import max_abs_diff
 from mcti_jax.errors import MctiError
-from mcti_jax.models import clip, frozen, hf_io, pipeline, tokenizer as tok
+from mcti_jax.models import clip, frozen, hf_io, pipeline, tokenizer as tokenizer_lib
 
 PLACEHOLDER = "<cat-0>"
 PROMPT = f"a photo of {PLACEHOLDER}"
 LEGACY = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)  # SD 1.x's text_encoder config
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=tok.MAX_LENGTH, **LEGACY)  # width 32 = the tiny UNet's cross-attention
+            max_position_embeddings=tokenizer_lib.MAX_LENGTH, **LEGACY)  # width 32 = the tiny UNet's cross-attention
 TOL = 1e-4
 
 
 def _tokenizer_with_placeholder(folder):
   """A tiny CLIP tokenizer (EOS last) with one added token after EOS, as TI adds its placeholder."""
-  tok.write_tokenizer_folder(folder, ["a photo of"])
-  tokenizer = tok.load_tokenizer(folder)
+  tokenizer_lib.write_tokenizer_folder(folder, ["a photo of"])
+  tokenizer = tokenizer_lib.load_tokenizer(folder)
   base_size = len(tokenizer)
   tokenizer.add_tokens([PLACEHOLDER])
   assert tokenizer.eos_token_id == base_size - 1 and tokenizer.convert_tokens_to_ids(PLACEHOLDER) == base_size
@@ -57,13 +57,13 @@ def resized(tmp_path_factory):
     config = hf_io.read_config(folder)
     saved = config.get("text_config", config)
     assert saved["eos_token_id"] == 2 and saved["vocab_size"] == len(tokenizer)
-  ids = tok.encode(tokenizer, [PROMPT, "a photo"])
+  ids = tokenizer_lib.encode(tokenizer, [PROMPT, "a photo"])
   return root, text, full, ids
 
 
 def _positions(ids, tokenizer_folder):
   """(first EOS, first placeholder) per row, from the tokenizer; the placeholder is the largest id."""
-  tokenizer = tok.load_tokenizer(tokenizer_folder)
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_folder)
   eos = np.argmax(ids == tokenizer.eos_token_id, axis=-1)
   placeholder = np.argmax(ids, axis=-1)
   assert ids[0, placeholder[0]] == tokenizer.convert_tokens_to_ids(PLACEHOLDER) and placeholder[0] != eos[0]
@@ -114,7 +114,7 @@ def test_legacy_config_without_tokenizer_asks_for_it(resized):
   assert isinstance(error.value, hf_io.CheckpointError) and "load_stable_diffusion" in str(error.value)
   model(ids, pooling="argmax")  # the legacy rule needs no id
   eos = _positions(ids, root / "tokenizer")
-  hidden, pooled = model(ids, eos_token_id=tok.load_tokenizer(root / "tokenizer").eos_token_id)
+  hidden, pooled = model(ids, eos_token_id=tokenizer_lib.load_tokenizer(root / "tokenizer").eos_token_id)
   assert max_abs_diff(pooled, _hidden_at(hidden, eos)) == 0
   with pytest.raises(hf_io.CheckpointError, match="eos_token_id=tokenizer.eos_token_id"):
     clip.from_pretrained(root / "clip").get_text_features(ids)

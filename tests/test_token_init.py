@@ -27,12 +27,12 @@ CAPTIONS = ("bold leaning left", "three")  # 3 tokens and 1 token in the tiny vo
 
 def _keeping_setup(config):
   """train.train(config) and the Setup it prepared."""
-  seen, prepare = [], setup_lib.prepare
-  setup_lib.prepare = lambda *a, **k: seen.append(prepare(*a, **k)) or seen[-1]
+  seen, prepare = [], train.prepare  # the name train.train calls
+  train.prepare = lambda *a, **k: seen.append(prepare(*a, **k)) or seen[-1]
   try:
     result = train.train(config, log=lambda _: None)
   finally:
-    setup_lib.prepare = prepare
+    train.prepare = prepare
   return result, seen[0]
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import transformers
 
-from mcti_jax.models import hf_io, tokenizer as tok
+from mcti_jax.models import hf_io, tokenizer as tokenizer_lib
 
 REAL_BPE = Path("/work/shared/data/bpe_simple_vocab_16e6.txt.gz")
 WORDS = ["a photo of the digit zero", "a photo of the digit one", "a photo of the digit three",
@@ -17,19 +17,19 @@ WORDS = ["a photo of the digit zero", "a photo of the digit one", "a photo of th
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-  return tok.write_tokenizer_folder(tmp_path_factory.mktemp("tok") / "tokenizer", WORDS)
+  return tokenizer_lib.write_tokenizer_folder(tmp_path_factory.mktemp("tok") / "tokenizer", WORDS)
 
 
 @pytest.fixture()
 def tiny(tiny_folder):
-  return tok.load_tokenizer(tiny_folder)
+  return tokenizer_lib.load_tokenizer(tiny_folder)
 
 
 @pytest.fixture(scope="module")
 def real_folder(tmp_path_factory):
   if not REAL_BPE.is_file():
     pytest.skip(f"{REAL_BPE} is not available")
-  return tok.write_tokenizer_from_bpe_gz(tmp_path_factory.mktemp("real") / "tokenizer", REAL_BPE)
+  return tokenizer_lib.write_tokenizer_from_bpe_gz(tmp_path_factory.mktemp("real") / "tokenizer", REAL_BPE)
 
 
 def test_real_bpe_gives_the_real_clip_ids(real_folder):
@@ -66,12 +66,12 @@ def test_tiny_vocab_round_trips_through_transformers(tiny_folder):
 
 def test_learned_merges_follow_bpe():
   # 'aab aab ab': the most frequent pair (a, b) is merged first, then (a, ab</w>).
-  assert tok.learn_merges(["aab aab ab"])[:2] == [("a", "b</w>"), ("a", "ab</w>")]
+  assert tokenizer_lib.learn_merges(["aab aab ab"])[:2] == [("a", "b</w>"), ("a", "ab</w>")]
 
 
 def test_placeholder_tokens_get_new_single_ids(tiny):
   eos = tiny.eos_token_id
-  ids = tok.add_placeholder_tokens(tiny, ["<digit-3>", "<digit-7>"])
+  ids = tokenizer_lib.add_placeholder_tokens(tiny, ["<digit-3>", "<digit-7>"])
   assert ids == [eos + 1, eos + 2]
   encoded = tiny("a photo of <digit-3>, and<digit-7>.").input_ids
   assert encoded.count(ids[0]) == 1 and encoded.count(ids[1]) == 1
@@ -83,50 +83,50 @@ def test_placeholder_tokens_get_new_single_ids(tiny):
 def test_placeholder_errors(tiny):
   for existing in ("photo", "<|endoftext|>", "a"):
     with pytest.raises(ValueError, match="already exists"):
-      tok.add_placeholder_tokens(tiny, [existing])
+      tokenizer_lib.add_placeholder_tokens(tiny, [existing])
   with pytest.raises(ValueError, match="distinct"):
-    tok.add_placeholder_tokens(tiny, ["<x>", "<x>"])
-  tok.add_placeholder_tokens(tiny, ["<x>"])
+    tokenizer_lib.add_placeholder_tokens(tiny, ["<x>", "<x>"])
+  tokenizer_lib.add_placeholder_tokens(tiny, ["<x>"])
   with pytest.raises(ValueError, match="already exists"):
-    tok.add_placeholder_tokens(tiny, ["<x>"])
+    tokenizer_lib.add_placeholder_tokens(tiny, ["<x>"])
 
 
 def test_placeholders_survive_save_and_load(tiny, tmp_path):
-  ids = tok.add_placeholder_tokens(tiny, ["<cls-0>", "<cls-1>"])
+  ids = tokenizer_lib.add_placeholder_tokens(tiny, ["<cls-0>", "<cls-1>"])
   tiny.save_pretrained(tmp_path / "saved")
-  reloaded = tok.load_tokenizer(tmp_path / "saved")
+  reloaded = tokenizer_lib.load_tokenizer(tmp_path / "saved")
   assert reloaded.convert_tokens_to_ids(["<cls-0>", "<cls-1>"]) == ids
-  np.testing.assert_array_equal(tok.encode(reloaded, "a <cls-1>"), tok.encode(tiny, "a <cls-1>"))
+  np.testing.assert_array_equal(tokenizer_lib.encode(reloaded, "a <cls-1>"), tokenizer_lib.encode(tiny, "a <cls-1>"))
 
 
 def test_encode_pads_and_truncates_to_77(tiny):
   bos, eos = tiny.bos_token_id, tiny.eos_token_id
   word = tiny("photo", add_special_tokens=False).input_ids[0]
-  ids = tok.encode(tiny, ["a photo", "photo " * 100])
+  ids = tokenizer_lib.encode(tiny, ["a photo", "photo " * 100])
   assert ids.shape == (2, 77) and ids.dtype == np.int32
   short = tiny("a photo").input_ids
   assert ids[0].tolist() == short + [tiny.pad_token_id] * (77 - len(short))
   assert ids[1].tolist() == [bos] + [word] * 75 + [eos]
-  assert tok.encode(tiny, "a photo").shape == (1, 77)
+  assert tokenizer_lib.encode(tiny, "a photo").shape == (1, 77)
 
 
 def test_sd2_style_padding(tmp_path):
-  folder = tok.write_tokenizer_folder(tmp_path / "tokenizer", WORDS, pad_token="!")
-  t = tok.load_tokenizer(folder)
+  folder = tokenizer_lib.write_tokenizer_folder(tmp_path / "tokenizer", WORDS, pad_token="!")
+  t = tokenizer_lib.load_tokenizer(folder)
   assert t.pad_token_id == t.get_vocab()["!"] == 0
-  ids = tok.encode(t, "a photo")[0]
+  ids = tokenizer_lib.encode(t, "a photo")[0]
   assert ids[:4].tolist() == [t.bos_token_id, *t("a photo", add_special_tokens=False).input_ids, t.eos_token_id]
   assert (ids[4:] == 0).all()
 
 
 def test_load_tokenizer_subfolder_and_errors(tiny_folder, tmp_path):
-  t = tok.load_tokenizer(tiny_folder.parent, subfolder="tokenizer")
+  t = tokenizer_lib.load_tokenizer(tiny_folder.parent, subfolder="tokenizer")
   assert t.model_max_length == 77
   (tmp_path / "empty").mkdir()
   with pytest.raises(hf_io.CheckpointError, match="vocab.json"):
-    tok.load_tokenizer(tmp_path / "empty")
+    tokenizer_lib.load_tokenizer(tmp_path / "empty")
   with pytest.raises(hf_io.CheckpointError, match="does not exist"):
-    tok.load_tokenizer(tmp_path / "missing")
+    tokenizer_lib.load_tokenizer(tmp_path / "missing")
 
 
 def test_bad_bpe_file(tmp_path):
@@ -134,6 +134,6 @@ def test_bad_bpe_file(tmp_path):
   with gzip.open(bad, "wt") as f:
     f.write("#version: 0.2\na b\nc d\n")
   with pytest.raises(ValueError, match="not a CLIP BPE merges file"):
-    tok.write_tokenizer_from_bpe_gz(tmp_path / "out", bad)
+    tokenizer_lib.write_tokenizer_from_bpe_gz(tmp_path / "out", bad)
   with pytest.raises(FileNotFoundError):
-    tok.write_tokenizer_from_bpe_gz(tmp_path / "out", tmp_path / "absent.txt.gz")
+    tokenizer_lib.write_tokenizer_from_bpe_gz(tmp_path / "out", tmp_path / "absent.txt.gz")

@@ -70,12 +70,12 @@ def runs(tiny_checkpoint, tmp_path_factory):
 
 def train_keeping_setup(config, **kwargs):
   """train.train(config), and the Setup it prepared (models, shot data) for tests to look into."""
-  seen, prepare = [], setup_lib.prepare
-  setup_lib.prepare = lambda *a, **k: seen.append(prepare(*a, **k)) or seen[-1]
+  seen, prepare = [], train.prepare  # the name train.train calls
+  train.prepare = lambda *a, **k: seen.append(prepare(*a, **k)) or seen[-1]
   try:
     result = train.train(config, log=lambda _: None, **kwargs)
   finally:
-    setup_lib.prepare = prepare
+    train.prepare = prepare
   return result, seen[0]
 
 

@@ -12,7 +12,7 @@ May import: errors, paths, models.
 """
 
 from mcti_jax.data.cache import cache_digest, cache_path, class_cache_path, class_digest, encode_by_class, encode_cached
-from mcti_jax.data.errors import DataError
+from mcti_jax.errors import DataError
 from mcti_jax.data.labeled import (SHOT_CHUNK, FewShot, LabeledImages, choose_shots, class_rng, sample_few_shot,
                                    shots_manifest, threaded_reader)
 from mcti_jax.data.preprocess import (IMAGE_EXTENSIONS, INTERPOLATIONS, center_crop_resize, flip_horizontal,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mcti_jax.data.errors import DataError
+from mcti_jax.errors import DataError
 from mcti_jax.data.labeled import SHOT_CHUNK, FewShot
 from mcti_jax.data.preprocess import flip_horizontal
 

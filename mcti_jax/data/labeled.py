@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mcti_jax.data import preprocess
-from mcti_jax.data.errors import DataError
+from mcti_jax.errors import DataError
 
 # Reads a batch of items (paths, record indices, ...) -> raw uint8 RGB images of any size.
 ReadFn = Callable[[Sequence[Any]], list[np.ndarray]]

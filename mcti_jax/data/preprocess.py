@@ -16,7 +16,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
-from mcti_jax.data.errors import DataError
+from mcti_jax.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 

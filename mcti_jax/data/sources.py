@@ -16,7 +16,7 @@ import numpy as np
 
 from mcti_jax import paths
 from mcti_jax.data import preprocess
-from mcti_jax.data.errors import DataError
+from mcti_jax.errors import DataError
 from mcti_jax.data.labeled import LabeledImages, threaded_reader
 from mcti_jax.data.synthetic import from_synthetic
 from mcti_jax.data.tfds_source import from_tfds

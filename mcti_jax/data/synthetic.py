@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 
-from mcti_jax.data.errors import DataError
+from mcti_jax.errors import DataError
 from mcti_jax.data.labeled import LabeledImages
 
 SIZE = 16  # the tiny models' resolution

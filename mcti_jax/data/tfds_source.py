@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from mcti_jax.data import preprocess
-from mcti_jax.data.errors import DataError
+from mcti_jax.errors import DataError
 from mcti_jax.data.labeled import LabeledImages
 
 _READABLE_FORMATS = ("array_record", "parquet")

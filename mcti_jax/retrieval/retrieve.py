@@ -300,7 +300,7 @@ def strip(rows: Sequence[tuple[Sequence[np.ndarray | None], Sequence[bool | None
 
 
 @dataclasses.dataclass
-class Setup:
+class RetrievalSetup:
   """What one retrieval needs: models, learned tokens, the gallery and its features, the queries and relevance."""
   clip: Frozen
   tokenizer: Any
@@ -314,7 +314,7 @@ class Setup:
   sd: Any = None  # pipeline.StableDiffusion; GAIR needs it
 
 
-def retrieve(setup: Setup, lams: Sequence[float], gair_config=None, out_dir: str | os.PathLike | None = None,
+def retrieve(setup: RetrievalSetup, lams: Sequence[float], gair_config=None, out_dir: str | os.PathLike | None = None,
              strip_images: int = 8, log: Callable[[str], None] = print) -> dict[str, Any]:
   """Rank the gallery with every fixed query and, given `gair_config`, with GAIR; write results.json and strips.
 
@@ -361,7 +361,7 @@ def retrieve(setup: Setup, lams: Sequence[float], gair_config=None, out_dir: str
   return results
 
 
-def _query_strip(s: Setup, scores: dict, shown: tuple[str, ...], i: int, refined, count: int) -> np.ndarray:
+def _query_strip(s: RetrievalSetup, scores: dict, shown: tuple[str, ...], i: int, refined, count: int) -> np.ndarray:
   """Row per query kind: [generated images (GAIR's row)] | its top `count` gallery images, framed by relevance."""
   generated = [] if refined is None else list(refined.images[i])
   rows = []
@@ -421,7 +421,7 @@ def gallery_features(clip: Frozen, gallery: D.LabeledImages, resolution: int, me
 
 
 def tiny_setup(tokens, *, attributes=TINY_ATTRIBUTES, template="a photo of a {}", sd_path=None,
-               clip_path=None, need_sd: bool = True, mesh=None, log=print) -> Setup:
+               clip_path=None, need_sd: bool = True, mesh=None, log=print) -> RetrievalSetup:
   """The tiny world's retrieval for one export: its gallery, the shape-word queries and their relevance."""
   sd, clip, tokenizer, learned, pooling, manifest = load_models(tokens, sd_path, clip_path, need_sd)
   num_classes = learned.class_tokens.num_classes
@@ -432,20 +432,21 @@ def tiny_setup(tokens, *, attributes=TINY_ATTRIBUTES, template="a photo of a {}"
   relevant = tiny_relevance(queries, gallery.labels, tiny_levels(images))
   log(f"tiny gallery: {len(gallery)} held-out digits; {len(queries)} queries, "
       f"{int((~relevant.any(1)).sum())} without a relevant image (skipped)")
-  return Setup(clip, tokenizer, learned, gallery, gallery_features(clip, gallery, resolution, mesh), queries,
-               relevant, resolution, pooling, sd)
+  return RetrievalSetup(clip, tokenizer, learned, gallery, gallery_features(clip, gallery, resolution, mesh), queries,
+                        relevant, resolution, pooling, sd)
 
 
 def labels_setup(tokens, labels_path, *, sd_path=None, clip_path=None, need_sd: bool = True, resolution: int = 0,
-                 mesh=None, log=print) -> Setup:
+                 mesh=None, log=print) -> RetrievalSetup:
   """A person's gallery and labels (`load_labels`) with one export."""
   labels = load_labels(labels_path)
   sd, clip, tokenizer, learned, pooling, _ = load_models(tokens, sd_path, clip_path, need_sd)
   check_classes(labels.queries, learned.class_tokens.num_classes, str(labels_path))
   resolution = resolution or clip.module.config.vision_config.image_size
   log(f"gallery: {len(labels.gallery)} images in {labels.gallery.source}; {len(labels.queries)} queries")
-  return Setup(clip, tokenizer, learned, labels.gallery, gallery_features(clip, labels.gallery, resolution, mesh),
-               labels.queries, labels.relevant, resolution, pooling, sd)
+  return RetrievalSetup(clip, tokenizer, learned, labels.gallery,
+                        gallery_features(clip, labels.gallery, resolution, mesh), labels.queries, labels.relevant,
+                        resolution, pooling, sd)
 
 
 def run(config, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -111,9 +111,9 @@ def add_class_tokens(tokenizer, num_classes: int, num_vectors: int = 1, counts=N
 
   `counts` [K] (default all V): class k's prompts hold only its first counts[k] words.
   """
-  from mcti_jax.models import tokenizer as tok
+  from mcti_jax.models import tokenizer as tokenizer_lib
   names = token_names(num_classes, num_vectors)
-  ids = np.asarray(tok.add_placeholder_tokens(tokenizer, [n for row in names for n in row]), np.int32)
+  ids = np.asarray(tokenizer_lib.add_placeholder_tokens(tokenizer, [n for row in names for n in row]), np.int32)
   ids = ids.reshape(num_classes, num_vectors)
   if not np.array_equal(ids.ravel(), ids[0, 0] + np.arange(ids.size)):
     raise ValueError("placeholder tokens did not get contiguous ids; was the tokenizer already holding some?")
@@ -136,10 +136,10 @@ def template_ids(tokenizer, template_list: tuple[str, ...], class_tokens: ClassT
 def class_template_ids(tokenizer, template_list: tuple[str, ...], class_tokens: ClassTokens, k: int) -> np.ndarray:
   """Token ids [T, 77] of the templates holding class k's V_k placeholders, written with class 0's ids (so that
   `ids_for_class(..., k)` makes them class k's)."""
-  from mcti_jax.models import tokenizer as tok
+  from mcti_jax.models import tokenizer as tokenizer_lib
   count = int(class_tokens.counts[k])
   word = " ".join(class_tokens.names[0][:count])
-  ids = tok.encode(tokenizer, [t.format(word) for t in template_list])
+  ids = tokenizer_lib.encode(tokenizer, [t.format(word) for t in template_list])
   held = np.isin(ids, class_tokens.ids[0]).sum(axis=1)
   if np.any(held != count):
     bad = template_list[int(np.argmax(held != count))]

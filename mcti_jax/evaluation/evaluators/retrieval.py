@@ -61,20 +61,20 @@ class Evaluator:
     report = retrieve.metrics(scores, s.relevant, [q.type for q in s.queries])
     return {**report["overall"], "by_type": report["by_type"], **info}
 
-  def setup(self, cell) -> retrieve.Setup:
+  def setup(self, cell) -> retrieve.RetrievalSetup:
     m, r, tc = cell.models, cell.result, cell.train_config
     learned, tokenizer = cell.learned_tokens(self.phase)
     if self.labels:
       labels = retrieve.load_labels(self.labels)
       check_classes(labels.queries, r.num_classes, self.labels)
       features = retrieve.gallery_features(m.clip, labels.gallery, tc.data.resolution, m.mesh)
-      return retrieve.Setup(m.clip, tokenizer, learned, labels.gallery, features, labels.queries, labels.relevant,
-                             tc.data.resolution, m.pooling, m.sd)
+      return retrieve.RetrievalSetup(m.clip, tokenizer, learned, labels.gallery, features, labels.queries,
+                                     labels.relevant, tc.data.resolution, m.pooling, m.sd)
     if tc.data.source != "digits":
       raise ConfigError(f"the retrieval evaluator knows relevance on the tiny digits only (data.source="
                         f"{tc.data.source!r}); give labels=<labels file> (format in mcti_jax/retrieval/retrieve.py)")
     queries = retrieve.tiny_queries(r.num_classes, self.attributes, self.template)
     levels = retrieve.tiny_levels(cell.test.load(np.arange(len(cell.test)), tc.data.resolution))
     relevant = retrieve.tiny_relevance(queries, cell.test.labels, levels)
-    return retrieve.Setup(m.clip, tokenizer, learned, cell.test, cell.test_features, queries, relevant,
-                           tc.data.resolution, m.pooling, m.sd)
+    return retrieve.RetrievalSetup(m.clip, tokenizer, learned, cell.test, cell.test_features, queries, relevant,
+                                   tc.data.resolution, m.pooling, m.sd)
