@@ -8,7 +8,7 @@
 The argument is "<preset>" or "<preset>,names": with names the prompts hold
 "<cls-k> <name>" (the paper's semantic case), without them "<cls-k>" alone.
 The classifier is `config.classifier` (see configs/mcti.py and
-mcti_jax/classifiers/); `classifier.targets` picks its classes, one token each.
+mcti_jax/guides/); `classifier.targets` picks its classes, one token each.
 """
 
 import os

@@ -116,7 +116,7 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   # thousands of classes); "auto" picks the largest c that fits the accelerator's memory. Results don't depend on it.
   c.class_chunk = ml_collections.FieldReference(0, field_type=object)
 
-  # The frozen classifier of methods that learn from one (DCT; mcti_jax/classifiers/): type file (a folder of
+  # The frozen classifier of methods that learn from one (DCT; mcti_jax/guides/): type file (a folder of
   # classifier.json + classifier.safetensors), clip_zeroshot (clip_path, class_names, template) or clip_tokens
   # (clip_path, export, template). targets: class k's class index in the classifier (default: all its classes).
   c.classifier = ml_collections.ConfigDict(dict(

@@ -17,9 +17,9 @@ import pytest
 from conftest import crash_after, set_fields, tiny_train_config
 from mcti_jax.training import class_chunks, train
 from mcti_jax.training import setup as setup_lib
-from mcti_jax import classifiers, methods
+from mcti_jax import guides, methods
 from mcti_jax.runtime import parallel
-from mcti_jax.classifiers import file as classifier_file
+from mcti_jax.guides import file as classifier_file
 from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax.training.step import ShotData, TrainState
 
@@ -55,7 +55,7 @@ def classifier_folder(tmp_path_factory):
   """A random classifier of NUM_CLASSES classes: DCT learns one token for each."""
   layers = ({"type": "conv", "name": "conv", "features": 4, "kernel": 3, "stride": 2, "padding": "SAME"},
             {"type": "relu"}, {"type": "flatten"}, {"type": "dense", "name": "fc", "features": NUM_CLASSES})
-  transform = classifiers.Transform(crop=(16, 16), mean=(0.5,), std=(0.25,))
+  transform = guides.Transform(crop=(16, 16), mean=(0.5,), std=(0.25,))
   folder = tmp_path_factory.mktemp("guide") / "guide"
   classifier_file.save(folder, classifier_file.init(layers, [f"k{i}" for i in range(NUM_CLASSES)], transform,
                                                     jax.random.key(0)))

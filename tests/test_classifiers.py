@@ -1,4 +1,4 @@
-"""Image classifiers as a plug-in (mcti_jax/classifiers) and the tiny world's guides (mcti_jax/tiny/guide.py)."""
+"""Image classifiers as a plug-in (mcti_jax/guides) and the tiny world's guides (mcti_jax/tiny/guide.py)."""
 
 import json
 import math
@@ -10,10 +10,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from mcti_jax import classifiers
+from mcti_jax import guides
 from mcti_jax.runtime import parallel
-from mcti_jax.classifiers import Transform
-from mcti_jax.classifiers import file as cfile
+from mcti_jax.guides import Transform
+from mcti_jax.guides import file as cfile
 from mcti_jax.errors import ConfigError
 from mcti_jax.models.hf_io import CheckpointError
 
@@ -173,7 +173,7 @@ def test_save_load_round_trip(tmp_path):
   config = json.loads((tmp_path / "clf" / cfile.CONFIG_NAME).read_text())
   assert config["format"] == "mcti-classifier" and config["version"] == 1 and config["info"] == {"made_by": "test"}
   assert config["layers"][3] == FLAT_NET[3]  # as written by hand
-  loaded = classifiers.load({"type": "file", "path": str(tmp_path / "clf")})
+  loaded = guides.load({"type": "file", "path": str(tmp_path / "clf")})
   assert loaded.class_names == NAMES and loaded.transform == GREY and loaded.apply == c.apply
   for k, v in c.params.items():
     np.testing.assert_array_equal(np.asarray(loaded.params[k]), np.asarray(v))
@@ -268,16 +268,16 @@ def test_save_writes_nothing_for_a_classifier_that_would_not_load(tmp_path):
 def test_spec_errors(tmp_path):
   cfile.save(tmp_path / "clf", random_classifier())
   with pytest.raises(ConfigError, match=r"guide\.type='onnx'; classifier types: file, clip_zeroshot, clip_tokens"):
-    classifiers.load({"type": "onnx"}, where="guide")
+    guides.load({"type": "onnx"}, where="guide")
   with pytest.raises(ConfigError, match="needs clip_path, export"):
-    classifiers.load({"type": "clip_tokens"})
+    guides.load({"type": "clip_tokens"})
   with pytest.raises(ConfigError, match=r"has no fields \['paht'\]"):
-    classifiers.load({"type": "file", "path": str(tmp_path / "clf"), "paht": "x"})
+    guides.load({"type": "file", "path": str(tmp_path / "clf"), "paht": "x"})
   with pytest.raises(ConfigError, match="needs class_names"):
-    classifiers.load({"type": "clip_zeroshot", "clip_path": "x"})
+    guides.load({"type": "clip_zeroshot", "clip_path": "x"})
   with pytest.raises(ConfigError, match=r"classes \['d'\] are not among"):
-    classifiers.load({"type": "file", "path": str(tmp_path / "clf")}, class_names=("a", "d"))
-  c = classifiers.load({"type": "file", "path": str(tmp_path / "clf")}, class_names=("c", "a"))
+    guides.load({"type": "file", "path": str(tmp_path / "clf")}, class_names=("a", "d"))
+  c = guides.load({"type": "file", "path": str(tmp_path / "clf")}, class_names=("c", "a"))
   np.testing.assert_array_equal(c.index_of(["c", "a"]), [2, 0])
 
 
@@ -291,7 +291,7 @@ def test_clip_zeroshot_is_scaled_cosine_of_clip_features(tiny_checkpoint):
   from mcti_jax.models import tokenizer as tokenizer_lib
   from mcti_jax.models.frozen import freeze
   names = ("zero", "one", "two")
-  c = classifiers.load({"type": "clip_zeroshot", "clip_path": str(tiny_checkpoint / "clip"), "class_names": names,
+  c = guides.load({"type": "clip_zeroshot", "clip_path": str(tiny_checkpoint / "clip"), "class_names": names,
                         "template": "a photo of a {}"})
   images = np.random.default_rng(0).uniform(size=(3, 20, 24, 3)).astype(np.float32)
   model, tokenizer = pipeline.load_clip(tiny_checkpoint / "clip")
@@ -326,13 +326,13 @@ def test_clip_tokens_of_word_embeddings_equal_zeroshot_of_the_words(tiny_checkpo
   vectors = table[ids][:, None, :]  # [K, V=1, D]
   export.export_tokens(tmp_path / "mcti", vectors, tok.add_class_tokens(tokenizer, 3, 1), ["nought", "uno", "deux"],
                        {"pooling": "eos"})
-  tokens = classifiers.load({"type": "clip_tokens", "clip_path": clip_path, "export": str(tmp_path / "mcti")})
-  zeroshot = classifiers.load({"type": "clip_zeroshot", "clip_path": clip_path, "class_names": words})
+  tokens = guides.load({"type": "clip_tokens", "clip_path": clip_path, "export": str(tmp_path / "mcti")})
+  zeroshot = guides.load({"type": "clip_zeroshot", "clip_path": clip_path, "class_names": words})
   assert tokens.class_names == ("nought", "uno", "deux")
   images = np.random.default_rng(1).uniform(size=(4, 16, 16, 3)).astype(np.float32)
   np.testing.assert_allclose(logits(tokens, images), logits(zeroshot, images), rtol=1e-5, atol=1e-5)
   with pytest.raises(ConfigError, match=r"classifier\.export=.*holds no manifest\.json"):
-    classifiers.load({"type": "clip_tokens", "clip_path": clip_path, "export": str(tmp_path)})
+    guides.load({"type": "clip_tokens", "clip_path": clip_path, "export": str(tmp_path)})
 
 
 # ---------------------------------------------------------------- the tiny world's guides and judges
@@ -345,7 +345,7 @@ def test_committed_guides_reach_their_recorded_accuracy(name, bar):
   folder = {"digits": guide.DIGITS_GUIDE, "slant": guide.SLANT_GUIDE}[name]
   card = json.loads((folder / guide.CARD_NAME).read_text())
   assert (folder / cfile.WEIGHTS_NAME).stat().st_size < 200_000
-  c = classifiers.load({"type": "file", "path": str(folder)})
+  c = guides.load({"type": "file", "path": str(folder)})
   images, labels = D.digits_images()
   parts = D.digits_split(labels)
   held = parts["heldout"]

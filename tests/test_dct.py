@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import set_fields, tiny_train_config
-from mcti_jax import classifiers
+from mcti_jax import guides
 from mcti_jax.generation import sampling
 from mcti_jax.training import train
 from mcti_jax.training import setup as setup_lib
-from mcti_jax.classifiers import file as classifier_file
+from mcti_jax.guides import file as classifier_file
 from mcti_jax.errors import ConfigError
 from mcti_jax.methods import dct
 from mcti_jax.models import pipeline
@@ -24,8 +24,8 @@ LAYERS = ({"type": "conv", "name": "conv", "features": 4, "kernel": 3, "stride":
           {"type": "relu"}, {"type": "flatten"}, {"type": "dense", "name": "fc", "features": 3})
 
 
-def random_classifier(seed: int = 0, size: int = 16) -> classifiers.Classifier:
-  transform = classifiers.Transform(crop=(size, size), mean=(0.5,), std=(0.25,))
+def random_classifier(seed: int = 0, size: int = 16) -> guides.Classifier:
+  transform = guides.Transform(crop=(size, size), mean=(0.5,), std=(0.25,))
   return classifier_file.init(LAYERS, ("a", "b", "c"), transform, jax.random.key(seed))
 
 
@@ -318,4 +318,4 @@ def test_a_classifier_of_the_wrong_class_count_is_refused(tmp_path):
   config["class_names"] = config["class_names"][:2]  # 2 names, 3 outputs
   (bad / "classifier.json").write_text(json.dumps(config))
   with pytest.raises(Exception, match="3"):
-    classifiers.load({"type": "file", "path": str(bad)})
+    guides.load({"type": "file", "path": str(bad)})

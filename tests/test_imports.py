@@ -4,7 +4,7 @@ Read with `ast`, so an import inside a function counts: one that dodges a
 cycle at import time still ties the two modules together. Cycles are refused
 between modules and between the names of LAYERS (a package counted as one), so
 names in one layer may import each other one way only. `importlib` calls (the
-registries of methods, evaluators, classifiers) are not seen; they stay inside
+registries of methods, evaluators, guides) are not seen; they stay inside
 their package. A new or moved module fails `test_every_module_is_placed` until
 it is placed in LAYERS, the one thing to edit when the package layout changes.
 
@@ -28,7 +28,7 @@ LAYERS = [
   ("models", "data"),  # the frozen backbones; images and shots
   ("tokens",),  # class tokens: placeholders, conditioning, the subspace, exports
   ("generation",),  # drawing with tokens; CLIP features of images
-  ("classify", "classifiers"),  # classifiers made of tokens; the frozen classifiers DCT learns from
+  ("classify", "guides"),  # classifiers made of tokens; the frozen classifiers DCT learns from
   ("tiny",),  # the tiny world: its models' pretraining, data, captions, guides, judges
   ("methods", "training"),  # one module per method; the trainer, which names none
   ("retrieval",),  # composite retrieval, GAIR, `mcti retrieve`

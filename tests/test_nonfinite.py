@@ -11,9 +11,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import ROOT, tiny_train_config
-from mcti_jax import classifiers, cli
+from mcti_jax import guides, cli
 from mcti_jax.training import train
-from mcti_jax.classifiers import file as cfile
+from mcti_jax.guides import file as cfile
 from mcti_jax.errors import MctiError
 from test_classifiers import random_classifier
 
@@ -90,7 +90,7 @@ def _poisoned_classifier(folder, value):
 def test_a_classifier_with_non_finite_weights_is_refused_at_load_naming_the_file_and_tensor(tmp_path, value, word):
   folder = _poisoned_classifier(tmp_path / "clf", value)
   with pytest.raises(MctiError) as e:
-    classifiers.load({"type": "file", "path": str(folder)})
+    guides.load({"type": "file", "path": str(folder)})
   message = str(e.value)
   assert str(folder / cfile.WEIGHTS_NAME) in message and "'conv1.kernel'" in message and word in message, message
   assert "\n" not in message
@@ -116,7 +116,7 @@ def test_a_clip_classifier_with_non_finite_weights_is_refused_at_load(tiny_check
   tensors[name][0, 0] = np.nan
   save_file(tensors, str(weights), metadata={"format": "pt"})
   with pytest.raises(MctiError, match=rf"{clip}.*visual_projection.*nan"):
-    classifiers.load({"type": "clip_zeroshot", "clip_path": str(clip), "class_names": ("zero", "one")})
+    guides.load({"type": "clip_zeroshot", "clip_path": str(clip), "class_names": ("zero", "one")})
 
 
 # ---------------------------------------------------------------- a failed checkpoint save leaves no debris

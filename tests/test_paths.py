@@ -15,7 +15,7 @@ from conftest import tiny_train_config
 from mcti_jax import cli, config_files, paths
 from mcti_jax.retrieval import retrieve
 from mcti_jax.training import token_init, train
-from mcti_jax.classifiers import file as file_classifier
+from mcti_jax.guides import file as file_classifier
 from mcti_jax.data import sources
 from mcti_jax.errors import MctiError
 from mcti_jax.models import hf_io, pipeline

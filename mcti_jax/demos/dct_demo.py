@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcti_jax import classifiers, paths
+from mcti_jax import guides, paths
 from mcti_jax.demos import demo
 from mcti_jax.generation import generate
 from mcti_jax.training import train
@@ -104,7 +104,7 @@ def _digits(config, seed: int, workdir: Path, judges: dict, log) -> dict:
   c = config.digits
   result = _train(c, seed, workdir, log)
   targets = np.asarray(c.classifier.targets if c.classifier.targets is not None else range(10))
-  guide_classifier = classifiers.load({"type": "file", "path": c.classifier.path})
+  guide_classifier = guides.load({"type": "file", "path": c.classifier.path})
   template = c.phase.dct.templates[0]
   before = _images(c, None, template, len(targets), config.generation, fill=c.tokens.init_word)
   after = _images(c, result.exports["dct"], template, len(targets), config.generation)

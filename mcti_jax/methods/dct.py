@@ -3,7 +3,7 @@
 No images of the class are needed. For class k, images are generated from
 "a photo of <cls-k>"-like prompts by DDIM with classifier-free guidance, from
 starting latents that are the same every epoch; a frozen classifier (the
-config's `classifier`, mcti_jax/classifiers/) scores them, and the loss is the
+config's `classifier`, mcti_jax/guides/) scores them, and the loss is the
 cross-entropy against class k's target class. The first n - 1 denoising steps
 run without gradient: the last UNet call, its guidance, the scheduler step,
 the VAE decode, the classifier's input transform and the classifier keep the

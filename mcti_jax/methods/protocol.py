@@ -44,7 +44,7 @@ class Loaded:
   """What the trainer loaded, for a method's `backbone_parts` to build its parts from."""
   sd: Any  # models.pipeline.StableDiffusion
   text_encoder: Any  # SD's text encoder, frozen (models.frozen.Frozen)
-  classifier: Any  # classifiers.Classifier where a method needs "classifier", else None
+  classifier: Any  # guides.Classifier where a method needs "classifier", else None
   targets: Any  # [Kp] int32 class k's class in the classifier (padded to the mesh), else None
 
 

@@ -9,7 +9,7 @@ small private trainer (`trainer`), the model card (`card`) and the command (`mai
 the frozen classifiers DCT learns from (`guide`) and the pixel judges of
 generated digits (`judges`).
 
-May import: errors, paths, config_files, models, data, tokens, classifiers.
+May import: errors, paths, config_files, models, data, tokens, guides.
 """
 
 from pathlib import Path

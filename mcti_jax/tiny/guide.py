@@ -1,7 +1,7 @@
 """Two small frozen "guide" classifiers of the tiny world.
 
 A guide is what Discriminative Class Tokens back-propagate through: a convnet
-on 16x16 digits, in the `classifiers/file.py` format, trained here on the
+on 16x16 digits, in the `guides/file.py` format, trained here on the
 pretraining half of ALL ten digits (random shifts of up to 2 px):
 
   guide_digits   the ten digits ("zero" ... "nine")
@@ -9,7 +9,7 @@ pretraining half of ALL ten digits (random shifts of up to 2 px):
                  cut at the terciles of the pretraining images
 
   python -m mcti_jax.tiny.guide [OUT_ROOT]   # default mcti_jax/assets/tiny; ~30 s on 2 CPU cores
-  classifiers.load(dict(type="file", path=str(guide.DIGITS_GUIDE)))
+  guides.load(dict(type="file", path=str(guide.DIGITS_GUIDE)))
 
 Each folder also holds guide_card.json (held-out accuracy, seed, steps, date).
 The judges of what DCT's tokens draw are in judges.py.
@@ -27,8 +27,8 @@ import numpy as np
 import optax
 
 from mcti_jax import data as D
-from mcti_jax.classifiers import Classifier, Transform
-from mcti_jax.classifiers import file as classifier_file
+from mcti_jax.guides import Classifier, Transform
+from mcti_jax.guides import file as classifier_file
 from mcti_jax.tiny import DEFAULT_OUT, trainer
 from mcti_jax.tiny.captions import ATTRIBUTES, NAMES, attribute_levels, shape_measures
 from mcti_jax.tiny.data import shift_images

@@ -2,5 +2,5 @@
 signature, where tokens start, classes per pass.
 
 May import: errors, paths, plots, models, data, tokens, methods, runtime, generation, classify,
-classifiers.
+guides.
 """

@@ -72,7 +72,7 @@ class Setup:
   shot_positions: np.ndarray | None  # [K, N] every class's shots' positions in the source
   shots_manifest: dict[str, Any] | None  # which images every class's shots are (export manifests record it)
   data: ShotData
-  classifier: Any  # classifiers.Classifier, for methods that need one; else None
+  classifier: Any  # guides.Classifier, for methods that need one; else None
   targets: np.ndarray | None  # [K] class k's class in the classifier
   init_tokens: jax.Array  # [Kp, V, D], class-sharded
   signature: dict[str, Any]  # what run.json records (runs.signature)
@@ -249,14 +249,14 @@ def _template_ids(tokenizer, templates: tuple[str, ...], class_tokens, class_nam
 
 def _load_classifier(config, plan) -> tuple[Any, np.ndarray]:
   """The config's classifier and the target class of each class (all of the classifier's when unset)."""
-  from mcti_jax import classifiers
+  from mcti_jax import guides
   spec = config.classifier
   users = ", ".join(p.name for p in plan if "classifier" in p.caps.needs)
   if not spec.type:
     raise ConfigError(f"phase(s) {users} learn from a classifier, but config.classifier.type is unset: set it to "
                       f"file, clip_zeroshot or clip_tokens with its path (see configs/dct.py and the README)")
-  required, optional = classifiers.TYPES.get(spec.type, ((), ()))
-  classifier = classifiers.load({k: spec[k] for k in ("type", *required, *optional) if spec.get(k) is not None})
+  required, optional = guides.TYPES.get(spec.type, ((), ()))
+  classifier = guides.load({k: spec[k] for k in ("type", *required, *optional) if spec.get(k) is not None})
   count = classifier.num_classes
   targets = np.arange(count) if spec.targets is None else np.asarray(spec.targets)
   if targets.ndim != 1 or not len(targets) or not np.issubdtype(targets.dtype, np.integer):

@@ -380,8 +380,8 @@ def _finish(setup: Setup, workdir: Path, plan: list[phases.Phase], ended, metric
   info = {"base_model": str(c.model.sd_path), "clip_model": str(c.model.clip_path), "pooling": c.model.pooling,
           "shots": setup.shots_manifest}
   if setup.classifier is not None:
-    from mcti_jax import classifiers
-    fields = ("type",) + sum(classifiers.TYPES[c.classifier.type], ())
+    from mcti_jax import guides
+    fields = ("type",) + sum(guides.TYPES[c.classifier.type], ())
     info["classifier"] = {**{k: c.classifier[k] for k in fields if c.classifier.get(k) is not None},
                           "targets": setup.targets.tolist(),
                           "target_names": [setup.classifier.class_names[t] for t in setup.targets]}

@@ -1,4 +1,5 @@
-"""Frozen image classifiers as a plug-in: images in [0, 1] -> logits, differentiable in the images.
+"""Guides: the frozen image classifiers that DCT learns from, as a plug-in (images in [0, 1] -> logits,
+differentiable in the images). `config.classifier` names one; `classify/` holds the classifiers made of tokens.
 
 Discriminative Class Tokens learn a token by back-propagating a frozen
 classifier's cross-entropy through the images it conditions, so a classifier
@@ -163,7 +164,7 @@ def load(spec: Mapping[str, Any], *, class_names: Sequence[str] | None = None,
       raise ConfigError(f"{where} (clip_zeroshot) needs class_names: set {where}.class_names to the names to put in "
                         "the template, e.g. ('cat', 'dog')")
     spec["class_names"] = tuple(class_names)
-  module = importlib.import_module(f"mcti_jax.classifiers.{kind}")
+  module = importlib.import_module(f"mcti_jax.guides.{kind}")
   if kind == "file":
     classifier = module.load(spec["path"])
   else:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from mcti_jax.classifiers import Classifier, Transform, module_tensors, refuse_nonfinite, resolve_templates
+from mcti_jax.guides import Classifier, Transform, module_tensors, refuse_nonfinite, resolve_templates
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError
 from mcti_jax.models import clip as clip_lib

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from mcti_jax.tokens import conditioning
 from mcti_jax.tokens import placeholders as tok
-from mcti_jax.classifiers import Classifier, module_tensors, refuse_nonfinite, resolve_templates
-from mcti_jax.classifiers.clip_zeroshot import cosine_classifier
+from mcti_jax.guides import Classifier, module_tensors, refuse_nonfinite, resolve_templates
+from mcti_jax.guides.clip_zeroshot import cosine_classifier
 from mcti_jax.classify import clip_head
 from mcti_jax.errors import ConfigError, MctiError
 from mcti_jax.tokens.export import MANIFEST

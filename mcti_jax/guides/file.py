@@ -2,7 +2,7 @@
 
 Only safetensors are read (never pickle), and the network is a plain list of
 layers, so a file says all it does. Load it with
-`classifiers.load(dict(type="file", path=FOLDER))`; write one with `save`.
+`guides.load(dict(type="file", path=FOLDER))`; write one with `save`.
 
 classifier.json, version 1:
 
@@ -10,7 +10,7 @@ classifier.json, version 1:
     "format": "mcti-classifier",
     "version": 1,
     "class_names": ["zero", "one", ...],           # one per output, in output order
-    "input": {                                     # classifiers.Transform; every key optional
+    "input": {                                     # guides.Transform; every key optional
       "resize": 16,                                # shorter side in pixels, or null (keep the size)
       "crop": [16, 16],                            # centered crop [H, W], or null (whole image)
       "method": "bilinear",                        # of the resize: "bilinear" or "bicubic"
@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcti_jax import paths
-from mcti_jax.classifiers import Classifier, Transform, refuse_nonfinite
+from mcti_jax.guides import Classifier, Transform, refuse_nonfinite
 from mcti_jax.models import hf_io
 from mcti_jax.models.hf_io import CheckpointError
 
@@ -223,10 +223,10 @@ def _check(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], json_fi
     raise bad(f"expected a JSON object with {list(_KEYS[:5])}")
   if config.get("format") != FORMAT:
     raise bad(f"format={config.get('format')!r}, expected {FORMAT!r}: this is not an mcti classifier file "
-              "(see mcti_jax/classifiers/file.py for the format)")
+              "(see mcti_jax/guides/file.py for the format)")
   if config.get("version") != VERSION:
     raise bad(f"version={config.get('version')!r}; this mcti_jax reads version {VERSION}. "
-              "Write the file with this version's classifiers.file.save, or update mcti_jax.")
+              "Write the file with this version's guides.file.save, or update mcti_jax.")
   unknown = sorted(set(config) - set(_KEYS))
   if unknown:
     raise bad(f"unknown keys {unknown}; the keys are {list(_KEYS)} (put anything else under \"info\")")
@@ -276,7 +276,7 @@ def _check(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], json_fi
 def load(folder: str | Path) -> Classifier:
   """The classifier of a folder holding classifier.json and classifier.safetensors (module docstring)."""
   folder = paths.input_folder(folder, "classifier folder", f"a file classifier is a folder holding {CONFIG_NAME} "
-                              f"and {WEIGHTS_NAME} (see mcti_jax/classifiers/file.py)", CheckpointError)
+                              f"and {WEIGHTS_NAME} (see mcti_jax/guides/file.py)", CheckpointError)
   json_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
   for file in (json_file, weights_file):
     if not file.is_file():
@@ -286,7 +286,7 @@ def load(folder: str | Path) -> Classifier:
         hint = f" ({', '.join(others)} are not read: pickles can run code; save the weights as safetensors)"
       kind = "is a folder, not a file" if file.exists() else "is missing"
       raise CheckpointError(f"{file} {kind}: a file classifier folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
-                            f"{hint} (see mcti_jax/classifiers/file.py)")
+                            f"{hint} (see mcti_jax/guides/file.py)")
   try:
     config = json.loads(paths.read_text(json_file, "classifier file", error=CheckpointError))
   except json.JSONDecodeError as e:
