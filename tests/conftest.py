@@ -1,6 +1,7 @@
 """Shared test helpers. Tests run on CPU with 8 simulated devices (see Makefile)."""
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -86,6 +87,25 @@ def set_fields(config, overrides: dict):
       target = target[p]
     target[leaf] = value
   return config
+
+
+def train_keeping_setup(config, **kwargs):
+  """train.train(config), and the Setup it prepared (models, shot data) for tests to look into."""
+  from mcti_jax.training import train
+  seen, prepare = [], train.prepare  # the name train.train calls
+  train.prepare = lambda *a, **k: seen.append(prepare(*a, **k)) or seen[-1]
+  try:
+    result = train.train(config, log=lambda _: None, **kwargs)
+  finally:
+    train.prepare = prepare
+  return result, seen[0]
+
+
+def free_port() -> int:
+  """A localhost TCP port nobody listens on (now)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 @pytest.fixture

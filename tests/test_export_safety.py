@@ -162,7 +162,7 @@ def test_every_file_and_folder_of_an_export_gets_the_umasks_mode(tmp_path, umask
   assert modes == want
 
 
-def test_save_safetensors_replaces_a_file_in_one_step_with_the_umasks_mode(tmp_path, umask):
+def test_save_safetensors_replaces_a_0600_file_with_the_umasks_mode(tmp_path, umask):
   path = tmp_path / "w.safetensors"
   path.write_text("old")
   os.chmod(path, 0o600)

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from ml_collections import ConfigDict
 
+from conftest import free_port
 from mcti_jax import cli
 from mcti_jax.config_files import load_config
 
@@ -466,13 +467,6 @@ def _join(address: str, process_id: int, timeout: str | None, tmp_path: Path
   return done, time.time() - t
 
 
-def _unused_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("process_id", [1, 0], ids=["no coordinator", "a lone process 0"])
 def test_a_join_nobody_answers_ends_within_the_timeout_with_one_line(process_id, tmp_path):
@@ -480,7 +474,7 @@ def test_a_join_nobody_answers_ends_within_the_timeout_with_one_line(process_id,
   MCTI_DISTRIBUTED_TIMEOUT (+ the start-up) with one line naming the address (JAX alone: 5 minutes, a C++ abort)."""
   from mcti_jax.runtime import distributed
   assert distributed.DEFAULT_TIMEOUT_S < 60
-  address = f"127.0.0.1:{_unused_port()}"
+  address = f"127.0.0.1:{free_port()}"
   done, seconds = _join(address, process_id, "3", tmp_path)
   assert done.returncode == 1, done.stderr
   lines = done.stderr.strip().splitlines()

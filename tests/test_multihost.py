@@ -8,7 +8,6 @@ of one 8-device process, stop together on a SIGTERM that reaches one of them, an
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 from mcti_jax.evaluation import evaluate
 from mcti_jax.tokens import export
 
@@ -59,12 +58,6 @@ def _supports_cpu_collectives() -> str | None:
   return None
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _write_config(path: Path, checkpoint: Path, workdir: Path, steps: int) -> Path:
   path.write_text(CONFIG.format(configs=str(ROOT / "configs"), workdir=str(workdir), sd=str(checkpoint / "sd"),
                                 clip=str(checkpoint / "clip"), cache=str(workdir.parent / "cache"), steps=steps))
@@ -73,7 +66,7 @@ def _write_config(path: Path, checkpoint: Path, workdir: Path, steps: int) -> Pa
 
 def _launch(args: list[str], log_dir: Path) -> list[subprocess.Popen]:
   """`mcti <args> --distributed` as processes 0 and 1 of one run, each with 4 CPU devices."""
-  port = _free_port()
+  port = free_port()
   procs = []
   for rank in range(PROCESSES):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_EACH}",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import tiny_train_config
+from conftest import tiny_train_config, train_keeping_setup
 from mcti_jax.tokens import conditioning, export
 from mcti_jax.evaluation import evaluators
 from mcti_jax import tiny
@@ -25,17 +25,6 @@ from mcti_jax.training.step import make_optimizer
 CAPTIONS = ("bold leaning left", "three")  # 3 tokens and 1 token in the tiny vocabulary
 
 
-def _keeping_setup(config):
-  """train.train(config) and the Setup it prepared."""
-  seen, prepare = [], train.prepare  # the name train.train calls
-  train.prepare = lambda *a, **k: seen.append(prepare(*a, **k)) or seen[-1]
-  try:
-    result = train.train(config, log=lambda _: None)
-  finally:
-    train.prepare = prepare
-  return result, seen[0]
-
-
 @pytest.fixture(scope="module")
 def caption_run(tiny_checkpoint, tmp_path_factory):
   """TI on K=2 classes (6 padded ones on 8 devices), class 0 from a 3-token caption, class 1 from a 1-token one."""
@@ -44,7 +33,7 @@ def caption_run(tiny_checkpoint, tmp_path_factory):
   config = tiny_train_config(tiny_checkpoint, base / "run", phases=("ti",),
                              **{"data.num_classes": 2, "tokens.init": "caption",
                                 "tokens.caption_file": str(base / "captions.txt")})
-  result, setup = _keeping_setup(config)
+  result, setup = train_keeping_setup(config)
   return config, result, setup
 
 

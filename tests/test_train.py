@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import ROOT, crash_after, tiny_train_config
+from conftest import ROOT, crash_after, tiny_train_config, train_keeping_setup
 from mcti_jax import data as D
 from mcti_jax.tokens import export
 from mcti_jax.training import phases, train
@@ -66,17 +66,6 @@ def runs(tiny_checkpoint, tmp_path_factory):
     out[devices], out[f"setup{devices}"] = train_keeping_setup(config)
     out[f"config{devices}"] = config
   return out
-
-
-def train_keeping_setup(config, **kwargs):
-  """train.train(config), and the Setup it prepared (models, shot data) for tests to look into."""
-  seen, prepare = [], train.prepare  # the name train.train calls
-  train.prepare = lambda *a, **k: seen.append(prepare(*a, **k)) or seen[-1]
-  try:
-    result = train.train(config, log=lambda _: None, **kwargs)
-  finally:
-    train.prepare = prepare
-  return result, seen[0]
 
 
 def _tokens(result, phase):

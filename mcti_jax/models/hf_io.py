@@ -195,24 +195,17 @@ def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | dict | M
 
 
 def save_safetensors(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-  """Write a safetensors file whole (a temporary sibling, then os.replace), with the mode the umask gives.
+  """Write a safetensors file with the mode the umask gives.
 
   safetensors' save_file creates its file 0600, so on a shared machine others could read the manifest beside
-  it but not load the tokens; every safetensors file this project writes goes through here.
+  it but not load the tokens; every safetensors file this project writes goes through here. Atomicity is
+  write_folder's: it writes into a staged folder and moves that into place whole.
   """
   from safetensors.numpy import save_file
 
-  path = Path(path)
   arrays = {k: np.require(v, requirements="C") for k, v in arrays.items()}  # keeps 0-d
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  os.close(fd)
-  try:
-    save_file(arrays, tmp, metadata={"format": "pt"})
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  save_file(arrays, str(path), metadata={"format": "pt"})
+  os.chmod(path, 0o666 & ~_umask())
 
 
 def _umask() -> int:
