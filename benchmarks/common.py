@@ -22,7 +22,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mcti_jax.models import attention, clip, init, pipeline, schedule, tiny, unet, vae
+from mcti_jax.models import attention, clip, init, pipeline, schedule, unet, vae
+from mcti_jax.tiny import checkpoints as tiny_checkpoints
 
 TINY_VOCAB = 64  # the tiny text towers' vocabulary when no tokenizer is involved
 SD_SCALING_FACTOR = 0.18215
@@ -33,12 +34,12 @@ SD_SCALING_FACTOR = 0.18215
 
 def unet_config(full: bool) -> unet.UNetConfig:
   """SD 1.5's UNet (860M; 64x64x4 latents of 512px images) or the tiny one."""
-  return unet.UNetConfig(sample_size=64, cross_attention_dim=768) if full else tiny.unet_config()
+  return unet.UNetConfig(sample_size=64, cross_attention_dim=768) if full else tiny_checkpoints.unet_config()
 
 
 def vae_config(full: bool) -> vae.VAEConfig:
   if not full:
-    return tiny.vae_config()
+    return tiny_checkpoints.vae_config()
   return vae.VAEConfig(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, sample_size=512,
                        scaling_factor=SD_SCALING_FACTOR)
@@ -47,7 +48,7 @@ def vae_config(full: bool) -> vae.VAEConfig:
 def sd_text_config(full: bool, vocab_size: int = TINY_VOCAB) -> clip.CLIPTextConfig:
   """SD 1.5's text encoder (the CLIP ViT-L/14 text tower, legacy eos_token_id=2) or the tiny one."""
   if not full:
-    return tiny.clip_config(vocab_size).text_config
+    return tiny_checkpoints.clip_config(vocab_size).text_config
   return clip.CLIPTextConfig(hidden_size=768, intermediate_size=3072, projection_dim=768, num_attention_heads=12,
                              eos_token_id=2)
 
@@ -55,7 +56,7 @@ def sd_text_config(full: bool, vocab_size: int = TINY_VOCAB) -> clip.CLIPTextCon
 def clip_config(full: bool, vocab_size: int = TINY_VOCAB) -> clip.CLIPConfig:
   """CLIP ViT-L/14 (openai/clip-vit-large-patch14), MC-TI's regulariser, or the tiny CLIP."""
   if not full:
-    return tiny.clip_config(vocab_size)
+    return tiny_checkpoints.clip_config(vocab_size)
   text = clip.CLIPTextConfig(hidden_size=768, intermediate_size=3072, projection_dim=768, num_attention_heads=12)
   vision = clip.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, projection_dim=768, num_hidden_layers=24,
                                  num_attention_heads=16, image_size=224, patch_size=14)
@@ -63,7 +64,7 @@ def clip_config(full: bool, vocab_size: int = TINY_VOCAB) -> clip.CLIPConfig:
 
 
 def scheduler_config() -> schedule.SchedulerConfig:
-  return tiny.scheduler_config()  # SD 1.5's training schedule; the tiny models use it too
+  return tiny_checkpoints.scheduler_config()  # SD 1.5's training schedule; the tiny models use it too
 
 
 # ------------------------------------------------------------------ our models

@@ -26,22 +26,24 @@ import jax
 import common
 from mcti_jax.generation import generate as G
 from mcti_jax.runtime import parallel
-from mcti_jax.models import pipeline, schedule, tiny
+from mcti_jax.models import pipeline, schedule
+from mcti_jax.tiny import checkpoints as tiny_checkpoints
 
 
 def sd15_random(dtype: str, seed: int = 0) -> pipeline.StableDiffusion:
   """SD 1.5's configs with random weights (the tiny tokenizer: its ids are all valid for a 49408 vocabulary)."""
-  tok = tiny.load_tiny_tokenizer()
+  text_tokenizer = tiny_checkpoints.load_tiny_tokenizer()
   return pipeline.StableDiffusion(
       unet=common.jax_unet(common.unet_config(True), dtype, seed),
       vae=common.jax_vae(common.vae_config(True), dtype, seed + 1),
-      text_encoder=common.jax_text(common.sd_text_config(True), dtype, seed + 2, eos_token_id=tok.eos_token_id),
-      schedule=schedule.NoiseSchedule.from_config(common.scheduler_config()), tokenizer=tok,
+      text_encoder=common.jax_text(common.sd_text_config(True), dtype, seed + 2,
+                                   eos_token_id=text_tokenizer.eos_token_id),
+      schedule=schedule.NoiseSchedule.from_config(common.scheduler_config()), tokenizer=text_tokenizer,
       source="random SD1.5-shaped")
 
 
 def tiny_random(dtype: str) -> pipeline.StableDiffusion:
-  sd = tiny.build(0).sd
+  sd = tiny_checkpoints.build(0).sd
   if dtype != "float32":
     raise SystemExit("the tiny benchmark runs in float32; use --full for other dtypes")
   return sd

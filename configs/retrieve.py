@@ -10,7 +10,7 @@ world's held-out digits minus the run's shots, the queries are
 "a photo of a <cls-k> <word>" for both words of each of `attributes`, and an
 image is relevant when it is of class k and its measured attribute lies in the
 tercile the word names. `labels` is a JSON file over a folder of images (format
-in mcti_jax/retrieval/retrieve.py): {"queries": [{"prompt": "a photo of a <cls-3> with a
+in mcti_jax/retrieval/labels.py): {"queries": [{"prompt": "a photo of a <cls-3> with a
 red collar", "relevant": ["img001.png"]}]}.
 
 Every query is ranked by the plain composite prompt, by q(lam) for each of `lams`
@@ -28,6 +28,7 @@ import dataclasses
 import ml_collections
 
 from mcti_jax.retrieval import retrieve
+from mcti_jax.retrieval import tiny_world
 from mcti_jax.retrieval import gair
 
 
@@ -40,7 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sd_path = ""  # default: the export's base model
   c.clip_path = ""  # default: the export's CLIP
   c.labels = ""  # a labels file over your own gallery; empty: the tiny world's digits and shape words
-  c.attributes = retrieve.TINY_ATTRIBUTES  # tiny world: its queries use both words of each (tiny/captions.py)
+  c.attributes = tiny_world.TINY_ATTRIBUTES  # tiny world: its queries use both words of each (tiny/captions.py)
   c.template = "a photo of a {}"  # tiny world: the class prompt; the words follow it
   c.lams = retrieve.LAMS  # the fixed queries q(lam); q(1) is the composite prompt, always reported
   c.resolution = 0  # labels galleries are read at this size; 0: CLIP's input size

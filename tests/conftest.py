@@ -47,9 +47,9 @@ def _torch_threads():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
   """Random tiny CLIP + SD checkpoints in the Hugging Face layouts: <root>/clip, <root>/sd."""
-  from mcti_jax.models import tiny
+  from mcti_jax.tiny import checkpoints as tiny_checkpoints
   root = tmp_path_factory.mktemp("tiny")
-  tiny.make_random_checkpoints(root, seed=0)
+  tiny_checkpoints.make_random_checkpoints(root, seed=0)
   return root
 
 

@@ -146,11 +146,11 @@ def test_preset_words_are_single_tokens_of_their_vocabularies():
   """Every preset's subspace words are one token of the real CLIP BPE vocabulary (where ../shared has it); the tiny
   preset's are words of the embedded tiny tokenizer."""
   import custom_tokens as configs
-  from mcti_jax.models import tiny
+  from mcti_jax.tiny import checkpoints as tiny_checkpoints
   words = {w for name, ws in configs.SUBSPACE_WORDS.items() if name != "tiny" for w in ws}
   tiny_tokenizer = tokenizer_lib.load_tokenizer(Path(configs.mcti.TINY_ASSETS) / "sd", "tokenizer")
   subspace.word_ids(tiny_tokenizer, configs.SUBSPACE_WORDS["tiny"], len(tiny_tokenizer))
-  assert set(configs.SUBSPACE_WORDS["tiny"]) <= set(tiny.WORDS)
+  assert set(configs.SUBSPACE_WORDS["tiny"]) <= set(tiny_checkpoints.WORDS)
   if not BPE.is_file():
     pytest.skip(f"{BPE} is absent: the real CLIP vocabulary is not here")
   import tempfile

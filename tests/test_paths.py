@@ -14,6 +14,7 @@ from conftest import tiny_train_config
 
 from mcti_jax import cli, config_files, paths
 from mcti_jax.retrieval import retrieve
+from mcti_jax.retrieval import labels as labels_lib
 from mcti_jax.training import token_init, train
 from mcti_jax.guides import file as file_classifier
 from mcti_jax.data import sources
@@ -94,7 +95,7 @@ def test_a_labels_file_with_a_byte_order_mark_loads_as_the_plain_one(tmp_path):
   content = json.dumps({"queries": [{"prompt": "a photo of a <cls-0> bold", "relevant": ["img.png"]}]})
   (tmp_path / "plain.json").write_text(content, encoding="utf-8")
   (tmp_path / "notepad.json").write_text(content, encoding="utf-8-sig")
-  plain, notepad = retrieve.load_labels(tmp_path / "plain.json"), retrieve.load_labels(tmp_path / "notepad.json")
+  plain, notepad = labels_lib.load_labels(tmp_path / "plain.json"), labels_lib.load_labels(tmp_path / "notepad.json")
   assert notepad.queries == plain.queries and list(notepad.gallery.ids) == list(plain.gallery.ids) == ["img.png"]
   assert notepad.relevant.tolist() == plain.relevant.tolist() == [[True]]
 
@@ -151,8 +152,8 @@ def _retrieve_tokens(path):
 @pytest.mark.parametrize("reader, kind", [
     (_caption_file, "file"),
     (file_classifier.load, "folder"),
-    (retrieve.gallery_folder, "folder"),
-    (retrieve.load_labels, "file"),
+    (labels_lib.gallery_folder, "folder"),
+    (labels_lib.load_labels, "file"),
     (sources.from_folder, "folder"),
     (sources.from_file_lists, "file"),
     (_config_file, "file"),

@@ -39,9 +39,9 @@ def test_pretraining_sees_only_the_pretraining_half_of_known_digits():
 def test_short_caption_rows_give_the_same_pooled_text_features():
   """The CLIP phase tokenizes captions to CLIP_TEXT_LENGTH, not 77: exact, because the tower is causal."""
   import jax.numpy as jnp
-  from mcti_jax.models import tiny
+  from mcti_jax.tiny import checkpoints as tiny_checkpoints
   from mcti_jax.models import tokenizer as tokenizer_lib
-  clip_model, tokenizer = tiny.build(0).clip, tiny.load_tiny_tokenizer()
+  clip_model, tokenizer = tiny_checkpoints.build(0).clip, tiny_checkpoints.load_tiny_tokenizer()
   levels = np.array([0, 2, 0, 2, 0])  # every attribute mentioned: the longest captions
   texts = [C.attribute_caption(t, 3, levels, np.ones(5, bool)) for t in C.caption_templates()[:8]]
   short = tokenizer_lib.encode(tokenizer, texts, max_length=C.CLIP_TEXT_LENGTH)
@@ -124,7 +124,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     (Path(root) / "clip" / "half.bin").write_bytes(b"x")
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(P.tiny, "save", failing_save)
+  monkeypatch.setattr(P.tiny_checkpoints, "save", failing_save)
   with pytest.raises(KeyboardInterrupt):
     P._write_atomically(None, out, "card", {})
   assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
@@ -134,7 +134,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     (Path(root) / "clip").mkdir()
     (Path(root) / "clip" / "new.txt").write_text(card)
 
-  monkeypatch.setattr(P.tiny, "save", good_save)
+  monkeypatch.setattr(P.tiny_checkpoints, "save", good_save)
   P._write_atomically(None, out, "card", {"x": 1})
   assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
   assert [p.name for p in (out / "clip").iterdir()] == ["new.txt"]

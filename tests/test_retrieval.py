@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from mcti_jax.retrieval import retrieve
+from mcti_jax.retrieval import labels as labels_lib
+from mcti_jax.retrieval import metrics as retrieval_metrics
+from mcti_jax.retrieval import tiny_world
 from mcti_jax.retrieval import gair
 from mcti_jax.data import DataError
 from mcti_jax.errors import ConfigError
@@ -20,8 +22,8 @@ def test_ranks_and_metrics_match_a_hand_count():
                      [0.5, 0.5, 0.1, 0.0],  # no relevant image: skipped
                      [0.5, 0.5, 0.1, 0.0]])  # a tie keeps gallery order: 0 before 1
   relevant = np.array([[0, 0, 0, 1], [0, 1, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]], bool)
-  np.testing.assert_array_equal(retrieve.first_relevant_ranks(scores, relevant), [3, 1, 0, 2])
-  m = retrieve.metrics(scores, relevant, ["a", "b", "a", "b"], ks=(1, 2, 5))
+  np.testing.assert_array_equal(retrieval_metrics.first_relevant_ranks(scores, relevant), [3, 1, 0, 2])
+  m = retrieval_metrics.metrics(scores, relevant, ["a", "b", "a", "b"], ks=(1, 2, 5))
   assert m["overall"] == pytest.approx({"queries": 3, "skipped": 1, "mrr": (1 / 3 + 1 + 1 / 2) / 3, "r1": 1 / 3,
                                         "r2": 2 / 3, "r5": 1.0})
   assert m["by_type"]["a"] == pytest.approx({"queries": 1, "skipped": 1, "mrr": 1 / 3, "r1": 0.0, "r2": 0.0,
@@ -29,15 +31,15 @@ def test_ranks_and_metrics_match_a_hand_count():
   assert m["by_type"]["b"] == pytest.approx({"queries": 2, "skipped": 0, "mrr": 0.75, "r1": 0.5, "r2": 1.0,
                                              "r5": 1.0})
   assert list(m["by_type"]) == ["a", "b"]
-  top = retrieve.top_results(scores, relevant, ["w", "x", "y", "z"], k=2)
+  top = retrieval_metrics.top_results(scores, relevant, ["w", "x", "y", "z"], k=2)
   assert [r["id"] for r in top[0]] == ["w", "y"] and [r["relevant"] for r in top[1]] == [True, True]
 
 
 def test_metrics_with_no_answerable_query_and_bad_shapes():
-  m = retrieve.metrics(np.zeros((2, 3)), np.zeros((2, 3), bool))
+  m = retrieval_metrics.metrics(np.zeros((2, 3)), np.zeros((2, 3), bool))
   assert m["overall"] == {"queries": 0, "skipped": 2, "mrr": None, "r1": None, "r5": None}
   with pytest.raises(ValueError, match=r"must both be \[queries, gallery images\]"):
-    retrieve.metrics(np.zeros((2, 3)), np.zeros((2, 4), bool))
+    retrieval_metrics.metrics(np.zeros((2, 3)), np.zeros((2, 4), bool))
 
 
 def test_mix_goes_from_the_class_prompt_to_the_composite():
@@ -64,17 +66,17 @@ def test_a_query_splits_into_its_class_prompt_and_words():
 
 
 def test_tiny_queries_and_relevance_by_hand():
-  queries = retrieve.tiny_queries(2, attributes=("ink", "slant"))
+  queries = tiny_world.tiny_queries(2, attributes=("ink", "slant"))
   assert [q.prompt for q in queries[:4]] == ["a photo of a <cls-0> thin", "a photo of a <cls-0> bold",
                                              "a photo of a <cls-0> leaning right", "a photo of a <cls-0> leaning left"]
   assert queries[1].opposite == "thin" and queries[1].type == "bold" and len(queries) == 8
   # Levels [M, 5] of ink, width, skew_y, skew_x, slant; labels [M].
   labels = np.array([1, 1, 0, 1])
   levels = np.array([[2, 1, 1, 1, 0], [0, 1, 1, 1, 2], [2, 1, 1, 1, 2], [1, 1, 1, 1, 1]])
-  relevant = retrieve.tiny_relevance(queries[4:], labels, levels)  # class 1: thin, bold, leaning right, left
+  relevant = tiny_world.tiny_relevance(queries[4:], labels, levels)  # class 1: thin, bold, leaning right, left
   np.testing.assert_array_equal(relevant, [[0, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]])
   with pytest.raises(ConfigError, match="tiny attributes \\['colour'\\] are unknown"):
-    retrieve.tiny_queries(2, attributes=("colour",))
+    tiny_world.tiny_queries(2, attributes=("colour",))
 
 
 def test_tiny_levels_read_ink_and_slant_from_pixels():
@@ -85,10 +87,10 @@ def test_tiny_levels_read_ink_and_slant_from_pixels():
   for i in range(3, 13):
     images[2, i, i] = 255  # top left to bottom right: the bottom sits right of the top
     images[3, i, 15 - i] = 255
-  levels = retrieve.tiny_levels(images)
+  levels = tiny_world.tiny_levels(images)
   assert levels[0, 0] == 2 and levels[1, 0] == 0  # ink: bold, thin
   assert levels[2, 4] == 2 and levels[3, 4] == 0  # slant: leaning left, leaning right
-  assert retrieve.tiny_words()["leaning left"] == (4, 2, "leaning right")
+  assert tiny_world.tiny_words()["leaning left"] == (4, 2, "leaning right")
 
 
 # ------------------------------------------------------------------ labels file
@@ -110,8 +112,8 @@ def test_labels_file_round_trip(tmp_path):
              parse_query("a photo of a <cls-0> with a red collar")]
   relevant_ids = [["img2.png", "sub/deep.png"], ["img0.png"]]
   path = tmp_path / "labels.json"
-  path.write_text(json.dumps(retrieve.labels_json(queries, relevant_ids, gallery="images")))
-  labels = retrieve.load_labels(path)
+  path.write_text(json.dumps(labels_lib.labels_json(queries, relevant_ids, gallery="images")))
+  labels = labels_lib.load_labels(path)
   assert labels.queries == queries
   assert sorted(labels.gallery.ids) == sorted(names)
   for i, ids in enumerate(relevant_ids):
@@ -133,17 +135,17 @@ def test_labels_file_errors_name_the_query_and_the_fix(tmp_path, query, message)
   path = tmp_path / "labels.json"
   path.write_text(json.dumps({"queries": [query]}))
   with pytest.raises(DataError, match=message):
-    retrieve.load_labels(path)
+    labels_lib.load_labels(path)
 
 
 def test_labels_file_that_is_not_one(tmp_path):
   path = tmp_path / "labels.json"
   path.write_text("{not json")
   with pytest.raises(DataError, match="is not valid JSON"):
-    retrieve.load_labels(path)
+    labels_lib.load_labels(path)
   path.write_text(json.dumps({"queries": []}))
   with pytest.raises(DataError, match="with at least one query"):
-    retrieve.load_labels(path)
+    labels_lib.load_labels(path)
 
 
 # ------------------------------------------------------------------ GAIR
@@ -223,7 +225,7 @@ def test_retrieve_command_on_the_tiny_model(tiny_checkpoint, tmp_path):
   _gallery(tmp_path / "images", count=5)
   queries = [parse_query("a photo of a <cls-1> bold", type="bold", opposite="thin"),
              parse_query("a photo of a <cls-2> with a hat")]
-  (tmp_path / "labels.json").write_text(json.dumps(retrieve.labels_json(queries, [["img0.png"], ["sub/deep.png"]],
+  (tmp_path / "labels.json").write_text(json.dumps(labels_lib.labels_json(queries, [["img0.png"], ["sub/deep.png"]],
                                                                         gallery="images")))
   out = tmp_path / "out"
   cli.main(["mcti", "retrieve", "--tokens", str(tokens), f"--config.labels={tmp_path / 'labels.json'}",
@@ -284,22 +286,22 @@ def test_the_tiny_gallery_of_classifier_trained_tokens_holds_the_digits_they_wer
   from mcti_jax import data as D
   manifest = {"shots": None, "classifier": {"targets": [3, 7], "target_names": ["three", "seven"]},
               "classes": [{"name": "three"}, {"name": "seven"}]}
-  gallery = retrieve.tiny_gallery(manifest, 2)
+  gallery = tiny_world.tiny_gallery(manifest, 2)
   pool = D.from_digits("heldout")
   digit_of = dict(zip(pool.ids, pool.labels.tolist()))
   assert sorted(set(gallery.labels.tolist())) == [0, 1] and len(gallery) == sum(d in (3, 7) for d in pool.labels)
   assert all(digit_of[i] == (3, 7)[label] for i, label in zip(gallery.ids, gallery.labels.tolist()))
   with pytest.raises(ConfigError, match=r"learned for the classifier classes \['leaning left'\], not digits"):
-    retrieve.tiny_gallery({"shots": None, "classifier": {"target_names": ["leaning left"]}}, 1)
+    tiny_world.tiny_gallery({"shots": None, "classifier": {"target_names": ["leaning left"]}}, 1)
 
 
 def test_tiny_gallery_leaves_out_the_shots_and_refuses_other_data():
   shots = {"source": "digits:heldout:0123456789", "classes": [{"index": 1, "shots": ["digits[1]"]}]}
   names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-  full = retrieve.tiny_gallery({"shots": None, "classifier": {"target_names": names}}, 10)  # learned from no images
+  full = tiny_world.tiny_gallery({"shots": None, "classifier": {"target_names": names}}, 10)  # learned from no images
   assert "digits[1]" in full.ids and set(full.labels.tolist()) == set(range(10))
-  gallery = retrieve.tiny_gallery({"shots": shots}, 3)
+  gallery = tiny_world.tiny_gallery({"shots": shots}, 3)
   assert "digits[1]" not in gallery.ids and len(gallery) == (full.labels < 3).sum() - 1
   with pytest.raises(ConfigError, match="trained on tfds:oxford_iiit_pet; give your gallery and queries as "
                                         "--config.labels"):
-    retrieve.tiny_gallery({"shots": {"source": "tfds:oxford_iiit_pet", "classes": []}}, 3)
+    tiny_world.tiny_gallery({"shots": {"source": "tfds:oxford_iiit_pet", "classes": []}}, 3)

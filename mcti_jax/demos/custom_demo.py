@@ -5,7 +5,7 @@
    by side (phases of configs/custom_demo.py). The eval harness scores each
    on plain classification (the CLIP-token head, known 0-4 / unknown 5-9) and
    on composite queries "a photo of a S_k <shape word>" over the held-out
-   digits (retrieve.py). GAIR (retrieval/gair.py) then refines the queries of
+   digits (retrieval/tiny_world.py). GAIR (retrieval/gair.py) then refines the queries of
    every method's tokens, against the best fixed query of the same tokens.
 2. The subspace's residual: the distance of the exported custom tokens from
    the span of the words, measured independently (least squares).

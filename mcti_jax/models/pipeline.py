@@ -60,13 +60,13 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *, dtype: str = "fl
     raise hf_io.CheckpointError(f"{folder} is not a complete Stable Diffusion folder: missing {missing}. "
                                 f"Expected model_index.json and the subfolders {list(SD_PARTS)}.")
   kw = dict(dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype))
-  tok = tokenizer.load_tokenizer(folder, "tokenizer")
+  text_tokenizer = tokenizer.load_tokenizer(folder, "tokenizer")
   return StableDiffusion(
       unet=unet.from_pretrained(folder, "unet", remat=remat, **kw),
       vae=vae.from_pretrained(folder, "vae", **kw),
-      text_encoder=clip.text_from_pretrained(folder, "text_encoder", eos_token_id=tok.eos_token_id, **kw),
+      text_encoder=clip.text_from_pretrained(folder, "text_encoder", eos_token_id=text_tokenizer.eos_token_id, **kw),
       schedule=schedule.from_pretrained(folder, "scheduler"),
-      tokenizer=tok,
+      tokenizer=text_tokenizer,
       source=str(path_or_hub_id),
   )
 
@@ -76,13 +76,13 @@ def load_clip(path_or_hub_id: str | os.PathLike, *, dtype: str = "float32", para
 
   The text tower pools at the tokenizer's EOS id (see the "Pooling trap" in clip.py).
   """
-  tok = tokenizer.load_tokenizer(path_or_hub_id)
-  model = clip.from_pretrained(path_or_hub_id, eos_token_id=tok.eos_token_id, dtype=dtype_of(dtype),
+  text_tokenizer = tokenizer.load_tokenizer(path_or_hub_id)
+  model = clip.from_pretrained(path_or_hub_id, eos_token_id=text_tokenizer.eos_token_id, dtype=dtype_of(dtype),
                                param_dtype=dtype_of(param_dtype))
   if not isinstance(model, clip.CLIPModel):
     raise hf_io.CheckpointError(f"{path_or_hub_id} holds only one CLIP tower; MC-TI needs a full CLIP folder "
                                 "(both towers and projections, e.g. openai/clip-vit-large-patch14).")
-  return model, tok
+  return model, text_tokenizer
 
 
 def save_stable_diffusion(sd: StableDiffusion, folder: str | os.PathLike, *, save_tokenizer: bool = True) -> None:

@@ -6,7 +6,8 @@ queries.py, which GAIR shares) ranks the gallery's CLIP image features by
 cosine. An image is relevant when it is of class k and shows the words: in the
 tiny world, when its measured shape attribute (tiny/captions.py) falls in the
 tercile the words name, the terciles of the pretraining images the tiny CLIP
-learned its words from; elsewhere, as a person labelled it (`load_labels`).
+learned its words from (tiny_world.py); elsewhere, as a person labelled it
+(labels.py).
 
   queries = tiny_queries(10)                                  # "a photo of a <cls-k> bold", ... 60 queries
   text = prompt_features(clip, tokenizer, [q.prompt for q in queries], learned)
@@ -16,22 +17,14 @@ learned its words from; elsewhere, as a person labelled it (`load_labels`).
 `mcti retrieve` (configs/retrieve.py) and `evaluate_tiny` the same on the tiny
 world for a demo.
 
-A person's labels are a JSON file over a folder of images:
-
-  {"gallery": "images",                 (optional: a folder relative to this file; default: the file's folder)
-   "queries": [{"prompt": "a photo of a <cls-3> with a red collar",
-                "relevant": ["img001.png", "beach/img007.jpg"],   (paths in the gallery folder, at least one)
-                "type": "collar",                                  (optional: results are grouped by type)
-                "opposite": "without a collar"}]}                  (optional: GAIR's attribute judge, see gair.py)
-
-Every image file under the gallery folder is in the gallery, named by its path
-relative to the folder.
+The pieces: queries.py (parsing, the fixed queries), metrics.py (MRR, R@k),
+tiny_world.py (the tiny world's queries and relevance), labels.py (a person's
+labels file and its format), gair.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -40,230 +33,20 @@ from typing import Any
 
 import numpy as np
 
-from mcti_jax.tokens import conditioning
-from mcti_jax.generation import generate
-from mcti_jax import paths
 from mcti_jax import data as D
-from mcti_jax.tokens import placeholders as tok
-from mcti_jax.retrieval import gair
+from mcti_jax import paths
 from mcti_jax.errors import ConfigError
+from mcti_jax.generation import generate
 from mcti_jax.models import hf_io
 from mcti_jax.models.frozen import Frozen
-from mcti_jax.retrieval.queries import Query, check_classes, fixed_queries, normalize, parse_query
+from mcti_jax.retrieval import gair
+from mcti_jax.retrieval.labels import load_labels
+from mcti_jax.retrieval.metrics import metrics, top_results
+from mcti_jax.retrieval.queries import Query, check_classes, fixed_queries, normalize
+from mcti_jax.retrieval.tiny_world import TINY_ATTRIBUTES, tiny_gallery, tiny_levels, tiny_queries, tiny_relevance
+from mcti_jax.tokens import conditioning
 
-KS = (1, 5)  # R@k reported
-TOP = 5  # results per query in results.json
 LAMS = (0.0, 0.25, 0.5, 0.75, 1.5, 2.0)  # the fixed queries q(lam); q(1) is the composite prompt, reported as it
-TINY_ATTRIBUTES = ("ink", "width", "slant")  # the tiny world's queries: both words of each (tiny/captions.py)
-
-
-# ------------------------------------------------------------------ metrics
-
-
-def first_relevant_ranks(scores, relevant) -> np.ndarray:
-  """1-based rank of each query's best-placed relevant image [Q]; 0 where the query has none.
-
-  scores [Q, M] (higher first), relevant bool [Q, M]. Equal scores keep gallery
-  order (a stable sort), so ranks are reproducible.
-  """
-  scores, relevant = np.asarray(scores), np.asarray(relevant, bool)
-  if scores.shape != relevant.shape or scores.ndim != 2:
-    raise ValueError(f"scores {scores.shape} and relevant {relevant.shape} must both be [queries, gallery images]")
-  order = np.argsort(-scores, axis=1, kind="stable")
-  hits = np.take_along_axis(relevant, order, 1)
-  return np.where(hits.any(1), hits.argmax(1) + 1, 0)
-
-
-def summarize(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, Any]:
-  """MRR and R@k (the fraction of queries with a relevant image in the top k) of first-relevant ranks; 0 = skipped."""
-  ranks = np.asarray(ranks)
-  kept = ranks[ranks > 0]
-  out: dict[str, Any] = {"queries": int(kept.size), "skipped": int((ranks == 0).sum())}
-  out["mrr"] = float(np.mean(1.0 / kept)) if kept.size else None
-  for k in ks:
-    out[f"r{k}"] = float(np.mean(kept <= k)) if kept.size else None
-  return out
-
-
-def metrics(scores, relevant, types: Sequence[str] | None = None, ks: Sequence[int] = KS) -> dict[str, Any]:
-  """{"overall": {mrr, r1, r5, queries, skipped}, "by_type": {type: the same}} of a score matrix [Q, M].
-
-  A query with no relevant gallery image is skipped (counted in "skipped").
-  """
-  ranks = first_relevant_ranks(scores, relevant)
-  out = {"overall": summarize(ranks, ks)}
-  if types is not None:
-    types = np.asarray(types, object)
-    if len(types) != len(ranks):
-      raise ValueError(f"{len(types)} query types for {len(ranks)} queries")
-    out["by_type"] = {t: summarize(ranks[types == t], ks) for t in dict.fromkeys(types.tolist())}
-  return out
-
-
-def top_results(scores, relevant, ids: Sequence[str], k: int = TOP) -> list[list[dict[str, Any]]]:
-  """Each query's k best images: [{"id", "score", "relevant"}], best first."""
-  scores = np.asarray(scores)
-  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-  return [[{"id": ids[j], "score": round(float(scores[q, j]), 5), "relevant": bool(relevant[q, j])} for j in row]
-          for q, row in enumerate(order)]
-
-
-# ------------------------------------------------------------------ the tiny world
-
-
-def tiny_words() -> dict[str, tuple[int, int, str]]:
-  """Attribute words of the tiny CLIP -> (attribute index, level 0 or 2, the opposite words)."""
-  out = {}
-  for a, (_, low, high) in enumerate(captions().ATTRIBUTES):
-    out[low], out[high] = (a, 0, high), (a, 2, low)
-  return out
-
-
-def captions():
-  from mcti_jax.tiny import captions as tiny_captions
-  return tiny_captions
-
-
-def tiny_queries(num_classes: int, attributes: Sequence[str] = TINY_ATTRIBUTES,
-                 template: str = "a photo of a {}") -> list[Query]:
-  """For every class k and both words of each attribute: "<template with <cls-k>> <word>", typed by the word."""
-  by_name = {name: (low, high) for name, low, high in captions().ATTRIBUTES}
-  unknown = [a for a in attributes if a not in by_name]
-  if unknown:
-    raise ConfigError(f"tiny attributes {unknown} are unknown; the tiny CLIP knows {', '.join(by_name)}")
-  template = tok.templates(template)[0]
-  out = []
-  for k in range(num_classes):
-    for name in attributes:
-      low, high = by_name[name]
-      for word, other in ((low, high), (high, low)):
-        out.append(parse_query(f"{template.format(f'<cls-{k}>')} {word}", type=word, opposite=other))
-  return out
-
-
-def tiny_levels(images: np.ndarray) -> np.ndarray:
-  """Attribute levels [M, A] (0 low third, 1 middle, 2 high third) of uint8 images, by the pretraining terciles."""
-  from mcti_jax.tiny.data import pretraining_data
-  c = captions()
-  return c.attribute_levels(c.shape_measures(np.asarray(images)), c.shape_measures(pretraining_data()[0]))
-
-
-def tiny_relevance(queries: Sequence[Query], labels: np.ndarray, levels: np.ndarray) -> np.ndarray:
-  """relevant [Q, M]: the image is of the query's class and its attribute is at the level the words name."""
-  words = tiny_words()
-  out = np.zeros((len(queries), len(labels)), bool)
-  for i, q in enumerate(queries):
-    if q.words not in words:
-      raise ValueError(f"query {q.prompt!r}: {q.words!r} is not an attribute word of the tiny CLIP "
-                       f"({', '.join(words)})")
-    attribute, level, _ = words[q.words]
-    out[i] = (np.asarray(labels) == q.class_index) & (levels[:, attribute] == level)
-  return out
-
-
-def tiny_gallery(manifest: dict, num_classes: int) -> D.LabeledImages:
-  """The held-out digits of the trained classes minus the run's shots (as `evaluate.test_images`).
-
-  Tokens learned from no images (DCT: the manifest's shots are null) get the held-out images of the digits their
-  classifier targets (`target_digits`), labelled by token.
-  """
-  shots = manifest.get("shots", "missing")
-  if shots is None:
-    return D.from_digits("heldout", target_digits(manifest, num_classes))
-  if shots == "missing" or (shots is not None and not str(shots.get("source", "")).startswith("digits")):
-    where = "images the manifest does not name" if shots == "missing" else shots.get("source")
-    raise ConfigError(f"the tiny world's gallery is the sklearn digits, but these tokens were trained on {where}; "
-                      "give your gallery and queries as --config.labels=<labels file> (format in "
-                      "mcti_jax/retrieval/retrieve.py)")
-  pool = D.from_digits("heldout")
-  shots = {s for c in (shots or {}).get("classes", []) for s in c["shots"]}
-  keep = [i for i, (image_id, label) in enumerate(zip(pool.ids, pool.labels)) if label < num_classes
-          and image_id not in shots]
-  return pool.subset(keep)
-
-
-def target_digits(manifest: dict, num_classes: int) -> list[int]:
-  """The digit each of a classifier-trained export's tokens stands for: its classifier class's name (manifest
-  "classifier.target_names"; older exports: the class names), which must be a digit's."""
-  names = (manifest.get("classifier") or {}).get("target_names") or [c["name"] for c in manifest["classes"]]
-  names = list(names)[:num_classes]
-  digit_names = captions().NAMES
-  unknown = [n for n in names if n not in digit_names]
-  if unknown:
-    raise ConfigError(f"the tiny world's gallery is the sklearn digits, but these tokens were learned for the "
-                      f"classifier classes {unknown}, not digits; give your gallery and queries as "
-                      "--config.labels=<labels file> (format in mcti_jax/retrieval/retrieve.py)")
-  return [digit_names.index(n) for n in names]
-
-
-# ------------------------------------------------------------------ a person's labels
-
-
-@dataclasses.dataclass(frozen=True)
-class Labels:
-  gallery: D.LabeledImages  # every image of the gallery folder (one class: "gallery")
-  queries: list[Query]
-  relevant: np.ndarray  # bool [Q, M]
-
-
-def gallery_folder(folder: str | os.PathLike) -> D.LabeledImages:
-  """Every image file under `folder` (hidden entries skipped), named by its path relative to `folder`."""
-  folder = paths.input_folder(folder, "gallery folder", error=D.DataError)
-  names = []
-  for root, dirs, files in os.walk(folder):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    rel = Path(root).relative_to(folder)
-    names += [(rel / f).as_posix() for f in sorted(files) if not f.startswith(".") and D.preprocess.is_image_file(f)]
-  if not names:
-    raise D.DataError(f"gallery folder {folder} holds no images (looked for {', '.join(D.IMAGE_EXTENSIONS)})")
-  return D.from_file_lists({"gallery": names}, root=folder)
-
-
-def load_labels(path: str | os.PathLike) -> Labels:
-  """A labels file (format in the module docstring) -> the gallery, the queries and relevant [Q, M]."""
-  path = Path(path)
-  where = str(path)
-  try:
-    content = json.loads(paths.read_text(path, "labels file", error=D.DataError))
-  except json.JSONDecodeError as e:
-    raise D.DataError(f"labels file {where} is not valid JSON: {e}") from None
-  if not isinstance(content, dict) or not isinstance(content.get("queries"), list) or not content["queries"]:
-    raise D.DataError(f"labels file {where} should hold {{\"queries\": [{{\"prompt\": ..., \"relevant\": [...]}}, "
-                      "...]}} with at least one query (see mcti_jax/retrieval/retrieve.py)")
-  folder = path.parent / content.get("gallery", ".")
-  gallery = gallery_folder(folder)
-  position = {name: i for i, name in enumerate(gallery.ids)}
-  queries, relevant = [], np.zeros((len(content["queries"]), len(gallery)), bool)
-  for i, entry in enumerate(content["queries"]):
-    what = f"labels file {where}, query {i}"
-    if not isinstance(entry, dict) or "prompt" not in entry:
-      raise D.DataError(f"{what} should be {{\"prompt\": ..., \"relevant\": [image paths]}}, got {entry!r}")
-    try:
-      queries.append(parse_query(entry["prompt"], str(entry.get("type", "query")), entry.get("opposite")))
-    except ValueError as e:
-      raise D.DataError(f"{what}: {e}") from None
-    names = entry.get("relevant")
-    if not isinstance(names, list) or not names:
-      raise D.DataError(f"{what} ({entry['prompt']!r}) lists no relevant images; give at least one path in the "
-                        f"gallery folder {folder}")
-    unknown = [n for n in names if n not in position]
-    if unknown:
-      raise D.DataError(f"{what} ({entry['prompt']!r}) names images that are not in the gallery folder {folder}: "
-                        f"{unknown[:5]}; paths are relative to that folder, e.g. {gallery.ids[0]!r}")
-    relevant[i, [position[n] for n in names]] = True
-  return Labels(gallery, queries, relevant)
-
-
-def labels_json(queries: Sequence[Query], relevant_ids: Sequence[Sequence[str]], gallery: str = ".") -> dict:
-  """The labels file's content (what `load_labels` reads) for queries and their relevant image paths."""
-  entries = []
-  for q, ids in zip(queries, relevant_ids, strict=True):
-    entry = {"prompt": q.prompt, "relevant": list(ids), "type": q.type}
-    if q.opposite is not None:
-      entry["opposite"] = q.opposite
-    entries.append(entry)
-  return {"gallery": gallery, "queries": entries}
-
 
 # ------------------------------------------------------------------ image strips
 

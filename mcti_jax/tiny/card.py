@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mcti_jax.models import tiny
+from mcti_jax.tiny import checkpoints as tiny_checkpoints
 from mcti_jax.tiny.captions import KNOWN_DIGITS
 
 
@@ -17,7 +17,7 @@ def _num_params(module) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(module))))
 
 
-def model_card(models: tiny.TinyModels, stats: dict[str, Any]) -> str:
+def model_card(models: tiny_checkpoints.TinyModels, stats: dict[str, Any]) -> str:
   """README.md of clip/ and sd/: data, split, models, settings, losses and times of the run in `stats`."""
   sched, sec, losses = stats["schedule"], stats["seconds"], stats["losses"]
   c = models.clip.config

@@ -32,11 +32,12 @@ from flax import nnx
 
 from mcti_jax import data as D
 from mcti_jax.models import clip as clip_lib
-from mcti_jax.models import hf_io, tiny
+from mcti_jax.models import hf_io
 from mcti_jax.models import tokenizer as tokenizer_lib
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import Frozen, freeze
 from mcti_jax.tiny import card, trainer
+from mcti_jax.tiny import checkpoints as tiny_checkpoints
 from mcti_jax.tiny.captions import (ATTRIBUTES, CLIP_TEXT_LENGTH, KNOWN_DIGITS, attribute_caption, attribute_levels,
                                     caption_ids, caption_templates, shape_measures)
 from mcti_jax.tiny.data import pretraining_data, shift_images, translate
@@ -221,10 +222,10 @@ def pretrain(config, progress: bool = True, log: Callable[[str], None] = print) 
   seed, out = config.seed, Path(config.out)
   t_start = time.time()
   images, labels = pretraining_data()
-  tokenizer = tiny.load_tiny_tokenizer()
+  tokenizer = tiny_checkpoints.load_tiny_tokenizer()
   ids = caption_ids(tokenizer, KNOWN_DIGITS)
   class_of = np.searchsorted(np.asarray(KNOWN_DIGITS), labels)  # digit -> row of `ids`
-  models = tiny.build(seed)
+  models = tiny_checkpoints.build(seed)
   log(f"pretraining on {len(images)} images of digits {KNOWN_DIGITS} "
       f"({ids.shape[1]} captions per digit), seed {seed}; {jax.device_count()} device(s), "
       f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
@@ -233,7 +234,7 @@ def pretrain(config, progress: bool = True, log: Callable[[str], None] = print) 
   models.clip, curves["clip"], seconds["clip"] = train_clip(models.clip, tokenizer, images, labels, config, seed,
                                                             progress)
   log(f"clip: {seconds['clip']:.0f}s")
-  models.sd.text_encoder = tiny.text_tower_of(models.clip)
+  models.sd.text_encoder = tiny_checkpoints.text_tower_of(models.clip)
   vae_model, curves["vae"], seconds["vae"] = train_vae(models.sd.vae, images, config, seed, progress)
   scaling = 1.0 / latent_std(vae_model, images)
   vae_model.config = dataclasses.replace(vae_model.config, scaling_factor=round(scaling, 5))
@@ -262,8 +263,8 @@ def pretrain(config, progress: bool = True, log: Callable[[str], None] = print) 
   return stats
 
 
-def _write_atomically(models: tiny.TinyModels, out: Path, card_text: str, stats: dict[str, Any]) -> None:
+def _write_atomically(models: tiny_checkpoints.TinyModels, out: Path, card_text: str, stats: dict[str, Any]) -> None:
   """Stage the whole checkpoint, then swap it in (`hf_io.staged_folder`): never a half-written one at `out`."""
   with hf_io.staged_folder(out, replace=True) as staged:
-    tiny.save(models, staged, card=card_text)
+    tiny_checkpoints.save(models, staged, card=card_text)
     (staged / STATS_NAME).write_text(json.dumps(stats, indent=1) + "\n")

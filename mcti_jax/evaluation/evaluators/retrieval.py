@@ -1,6 +1,6 @@
 """Composite retrieval: rank the cell's test images for "a photo of a S_k <words>" queries with a phase's tokens.
 
-Its row holds MRR, R@1 and R@5 (retrieve.metrics, overall and per query type)
+Its row holds MRR, R@1 and R@5 (retrieval_metrics.metrics, overall and per query type)
 instead of a classification report. The gallery is the cell's test images;
 relevance is the tiny world's measured shape attributes (the digits source), or
 a person's labels file (`labels`; its gallery folder then replaces the test
@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 
 from mcti_jax.retrieval import retrieve
+from mcti_jax.retrieval import labels as labels_lib
+from mcti_jax.retrieval import metrics as retrieval_metrics
+from mcti_jax.retrieval import tiny_world
 from mcti_jax.retrieval import gair as gair_lib
 from mcti_jax.errors import ConfigError
 from mcti_jax.retrieval.queries import check_classes, fixed_queries, normalize, prompt_features
@@ -32,10 +35,10 @@ class Evaluator:
   phase: str = "mcti"  # whose tokens: a phase of the training run
   query: str = "gair"  # composite | mix | gair
   lam: float = 0.5  # q(lam) of query="mix"
-  attributes: tuple = retrieve.TINY_ATTRIBUTES  # the tiny world's queries: both words of each
+  attributes: tuple = tiny_world.TINY_ATTRIBUTES  # the tiny world's queries: both words of each
   template: str = "a photo of a {}"  # the class prompt; the words follow it
   gair: Any = None  # GairConfig fields to change, e.g. dict(rounds=4)
-  labels: str = ""  # a labels file (retrieve.py): its gallery and queries instead of the tiny world's
+  labels: str = ""  # a labels file (retrieval/labels.py): its gallery and queries instead of the tiny world's
 
   def __post_init__(self):
     if self.query not in QUERIES:
@@ -58,23 +61,23 @@ class Evaluator:
       features = refined.query_features
       info = {"lam_mean": float(np.mean(refined.lam)), "gair_seconds": refined.seconds}
     scores = features @ normalize(np.asarray(s.gallery_features, np.float32)).T
-    report = retrieve.metrics(scores, s.relevant, [q.type for q in s.queries])
+    report = retrieval_metrics.metrics(scores, s.relevant, [q.type for q in s.queries])
     return {**report["overall"], "by_type": report["by_type"], **info}
 
   def setup(self, cell) -> retrieve.RetrievalSetup:
     m, r, tc = cell.models, cell.result, cell.train_config
     learned, tokenizer = cell.learned_tokens(self.phase)
     if self.labels:
-      labels = retrieve.load_labels(self.labels)
+      labels = labels_lib.load_labels(self.labels)
       check_classes(labels.queries, r.num_classes, self.labels)
       features = retrieve.gallery_features(m.clip, labels.gallery, tc.data.resolution, m.mesh)
       return retrieve.RetrievalSetup(m.clip, tokenizer, learned, labels.gallery, features, labels.queries,
                                      labels.relevant, tc.data.resolution, m.pooling, m.sd)
     if tc.data.source != "digits":
       raise ConfigError(f"the retrieval evaluator knows relevance on the tiny digits only (data.source="
-                        f"{tc.data.source!r}); give labels=<labels file> (format in mcti_jax/retrieval/retrieve.py)")
-    queries = retrieve.tiny_queries(r.num_classes, self.attributes, self.template)
-    levels = retrieve.tiny_levels(cell.test.load(np.arange(len(cell.test)), tc.data.resolution))
-    relevant = retrieve.tiny_relevance(queries, cell.test.labels, levels)
+                        f"{tc.data.source!r}); give labels=<labels file> (format in mcti_jax/retrieval/labels.py)")
+    queries = tiny_world.tiny_queries(r.num_classes, self.attributes, self.template)
+    levels = tiny_world.tiny_levels(cell.test.load(np.arange(len(cell.test)), tc.data.resolution))
+    relevant = tiny_world.tiny_relevance(queries, cell.test.labels, levels)
     return retrieve.RetrievalSetup(m.clip, tokenizer, learned, cell.test, cell.test_features, queries, relevant,
                                    tc.data.resolution, m.pooling, m.sd)

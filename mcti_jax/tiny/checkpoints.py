@@ -77,13 +77,13 @@ def load_tiny_tokenizer():
 
 def build(seed: int = 0) -> TinyModels:
   """Fresh random tiny models."""
-  tok = load_tiny_tokenizer()
-  clip_model = init.create(lambda: clip.CLIPModel(clip_config(len(tok)), rngs=nnx.Rngs(0)), seed)
+  text_tokenizer = load_tiny_tokenizer()
+  clip_model = init.create(lambda: clip.CLIPModel(clip_config(len(text_tokenizer)), rngs=nnx.Rngs(0)), seed)
   sd = pipeline.StableDiffusion(
       unet=init.create(lambda: unet.UNet2DConditionModel(unet_config(), rngs=nnx.Rngs(0)), seed + 1),
       vae=init.create(lambda: vae.AutoencoderKL(vae_config(), rngs=nnx.Rngs(0)), seed + 2),
       text_encoder=text_tower_of(clip_model), schedule=schedule.NoiseSchedule.from_config(scheduler_config()),
-      tokenizer=tok, source="tiny")
+      tokenizer=text_tokenizer, source="tiny")
   return TinyModels(clip_model, sd)
 
 
