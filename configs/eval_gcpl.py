@@ -40,7 +40,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     label = "GCPL" if name == "gcpl" else f"CoMPLe λ={LAMBDAS[name]:g}"
     c.evals[name] = dict(type="clip_tokens", label=f"{label}: CLIP-token head", phase=name, template=template,
                          ensemble=False, save_head=False)
-  for name in c.train.phases:  # lambda 0 is GCPL bit for bit (tests/test_methods.py): its CLIP row shows it
+  for name in c.train.phases:  # lambda 0 is GCPL bit for bit (tests/methods/test_methods.py): its CLIP row shows it
     if name != "comple0":
       label = "GCPL" if name == "gcpl" else f"CoMPLe λ={LAMBDAS[name]:g}"
       c.evals[f"{name}_dic"] = dict(dic, label=f"{label}: DiC few-shot", tokens=name)

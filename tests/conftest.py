@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mcti_jax.guides import Transform
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
 
@@ -117,3 +119,58 @@ def small_disk(tmp_path):
     pytest.skip("filling a disk needs a tmpfs mount (root with CAP_SYS_ADMIN)")
   yield mount
   subprocess.run(["umount", str(mount)], check=True)
+
+
+# ------------------------------------------------------------------ shared by several test folders
+
+# Every layer type and both paddings; the second net pools globally instead of flattening.
+FLAT_NET = [
+    {"type": "conv", "name": "conv1", "features": 4, "kernel": 3},
+    {"type": "relu"},
+    {"type": "max_pool", "window": 2},
+    {"type": "conv", "name": "conv2", "features": 5, "kernel": [2, 3], "stride": 2, "padding": "VALID"},
+    {"type": "relu"},
+    {"type": "flatten"},
+    {"type": "dense", "name": "fc", "features": 3},
+]
+POOLED_NET = [
+    {"type": "conv", "name": "c", "features": 6, "kernel": 3, "stride": 2},
+    {"type": "global_mean_pool"},
+    {"type": "dense", "name": "fc", "features": 3},
+]
+NAMES = ("a", "b", "c")
+GREY = Transform(resize=12, crop=(10, 8), grayscale=True, mean=(0.4,), std=(0.3,))
+
+
+def random_classifier(layers=FLAT_NET, transform=GREY, seed=0):
+  from mcti_jax.guides import file as cfile
+  c = cfile.init(layers, NAMES, transform, seed)
+  rng = np.random.default_rng(seed)  # nonzero biases too
+  return c.replace(params={k: np.asarray(v) + 0.1 * rng.normal(size=v.shape).astype(np.float32)
+                           for k, v in c.params.items()})
+
+
+def dct_config(tiny_checkpoint, workdir, classifier_folder, **overrides):
+  import dct as dct_configs  # configs/dct.py
+  c = dct_configs.get_config("tiny")
+  base = tiny_train_config(tiny_checkpoint, workdir)  # the random checkpoint's paths
+  c.model.sd_path, c.model.clip_path = base.model.sd_path, base.model.clip_path
+  c.workdir, c.data.cache_dir = str(workdir), base.data.cache_dir
+  c.classifier.path, c.classifier.targets = str(classifier_folder), (2, 0, 1)
+  c.phase.dct.update(steps=3, sampling_steps=10, images_per_update=2, epoch_size=2, guidance=3.0)
+  c.data.class_names = None  # the classifier's names of its targets
+  c.log_every = c.checkpoint_every = 1
+  return set_fields(c, overrides)
+
+
+def random_export(checkpoint, folder):
+  """Random tokens of 3 classes for the random tiny checkpoint, exported as `mcti train` does."""
+  from mcti_jax.tokens import export
+  from mcti_jax.tokens import placeholders as tok
+  from mcti_jax.models import pipeline
+  sd = pipeline.load_stable_diffusion(checkpoint / "sd")
+  class_tokens = tok.add_class_tokens(sd.tokenizer, 3, 1)
+  vectors = np.random.default_rng(0).normal(0, 0.1, (3, 1, sd.text_width)).astype(np.float32)
+  info = {"base_model": str(checkpoint / "sd"), "clip_model": str(checkpoint / "clip"), "pooling": "eos"}
+  export.export_tokens(folder, vectors, class_tokens, ["a", "b", "c"], info)
+  return folder

@@ -10,7 +10,7 @@ import subprocess
 import ml_collections
 import numpy as np
 import pytest
-from conftest import tiny_train_config
+from conftest import random_export, tiny_train_config
 
 from mcti_jax import cli, config_files, paths
 from mcti_jax.retrieval import retrieve
@@ -233,8 +233,7 @@ def test_mcti_train_refuses_a_cache_dir_below_a_file_before_the_models_load(tmp_
 
 def test_mcti_retrieve_refuses_an_out_that_is_a_file_before_the_models_load(tiny_checkpoint, tmp_path, capsys,
                                                                            monkeypatch):
-  from test_retrieval import _export
-  tokens = _export(tiny_checkpoint, tmp_path / "tokens")  # names its models: without the check, they would load
+  tokens = random_export(tiny_checkpoint, tmp_path / "tokens")  # names its models: without the check, they would load
   refuse_model_loads(monkeypatch)
   (tmp_path / "out").write_text("")
   err = one_line_error(capsys, ["mcti", "retrieve", "--tokens", str(tokens), f"--config.out={tmp_path / 'out'}",

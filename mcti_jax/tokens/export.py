@@ -22,7 +22,7 @@ made before the A1111 files lack a1111/ and the manifest's "a1111_*" keys.
 The A1111 file is for tools that take the prompt word from the file name
 (manifest: "a1111_word", "a1111_file"), e.g. "cls3-golden_retriever-mcti":
 copy it into the webui's embeddings/ folder and write that word in a prompt.
-What their loaders do with it (checked in tests/test_export_formats.py):
+What their loaders do with it (checked in tests/tokens/test_export_formats.py):
 - AUTOMATIC1111 stable-diffusion-webui, modules/textual_inversion/textual_inversion.py
   (`EmbeddingDatabase.load_from_file`, later split out as `create_embedding_from_data`): reads a .safetensors
   file as a dict of tensors; one without "string_to_param" or "clip_g"/"clip_l" must hold exactly one tensor,

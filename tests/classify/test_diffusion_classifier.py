@@ -13,7 +13,8 @@ from flax import nnx
 from conftest import max_abs_diff
 from mcti_jax.runtime import parallel
 from mcti_jax.classify import dic
-from mcti_jax.models import init, schedule as schedule_lib, tiny, unet as unet_lib
+from mcti_jax.models import init, schedule as schedule_lib, unet as unet_lib
+from mcti_jax.tiny import checkpoints as tiny_checkpoints
 from mcti_jax.models.frozen import freeze
 
 
@@ -30,7 +31,7 @@ def small():
                                down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
                                attention_head_dim=4, norm_num_groups=4, cross_attention_dim=16)
   unet = freeze(init.create(lambda: unet_lib.UNet2DConditionModel(config, rngs=nnx.Rngs(0)), 3))
-  schedule = schedule_lib.NoiseSchedule.from_config(tiny.scheduler_config())
+  schedule = schedule_lib.NoiseSchedule.from_config(tiny_checkpoints.scheduler_config())
   contexts = np.random.default_rng(1).normal(size=(3, 77, 16)).astype(np.float32)
   return unet, schedule, contexts
 
@@ -87,7 +88,7 @@ def test_v_prediction_target_and_huber_error_equal_a_loop(small):
 
   unet, _, contexts = small
   schedule = schedule_lib.NoiseSchedule.from_config(
-      dataclasses.replace(tiny.scheduler_config(), prediction_type="v_prediction"))
+      dataclasses.replace(tiny_checkpoints.scheduler_config(), prediction_type="v_prediction"))
   x0 = np.random.default_rng(2).normal(size=(8, 8, 4)).astype(np.float32) * 2
   cfg = dic.DiCConfig(keep=(1,), samples=(3,), error="huber", seed=5, batch_size=4)
   grid = dic.error_grid(unet, schedule, contexts, x0, 4, cfg, parallel.make_mesh(1), sample_ids=[0, 2])

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 from jax.experimental.pallas import tpu as pltpu
 
-from mcti_jax.models import attention, init, tiny, unet
+from mcti_jax.models import attention, init, unet
+from mcti_jax.tiny import checkpoints as tiny_checkpoints
 from conftest import max_abs_diff
 
 TOL = 1e-5  # relative to the largest reference value; the kernel agrees to ~1e-6, a mask or scale bug to ~1e-1
@@ -116,7 +117,7 @@ def test_pallas_off_a_tpu_names_the_fix(monkeypatch):
 def test_tiny_unet_same_output_with_the_kernel(monkeypatch):
   # Every attention of the tiny UNet goes through the kernel, padded: 8x8 = 64 pixels, 77 text tokens. One level
   # (still a down, a mid and an up block with attention) halves XLA's compile, the most of this test's time.
-  config = dataclasses.replace(tiny.unet_config(), block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+  config = dataclasses.replace(tiny_checkpoints.unet_config(), block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
                                up_block_types=("CrossAttnUpBlock2D",))
   model = init.create(lambda: unet.UNet2DConditionModel(config, rngs=nnx.Rngs(0)), seed=3)
   graphdef, state = nnx.split(model)

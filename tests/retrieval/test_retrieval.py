@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from conftest import random_export
+
 from mcti_jax.retrieval import labels as labels_lib
 from mcti_jax.retrieval import metrics as retrieval_metrics
 from mcti_jax.retrieval import tiny_world
@@ -205,23 +207,10 @@ def test_retrieval_evaluator_is_a_type_with_checked_fields():
 # ------------------------------------------------------------------ the command
 
 
-def _export(checkpoint, folder):
-  """Random tokens of 3 classes for the random tiny checkpoint, exported as `mcti train` does."""
-  from mcti_jax.tokens import export
-  from mcti_jax.tokens import placeholders as tok
-  from mcti_jax.models import pipeline
-  sd = pipeline.load_stable_diffusion(checkpoint / "sd")
-  class_tokens = tok.add_class_tokens(sd.tokenizer, 3, 1)
-  vectors = np.random.default_rng(0).normal(0, 0.1, (3, 1, sd.text_width)).astype(np.float32)
-  info = {"base_model": str(checkpoint / "sd"), "clip_model": str(checkpoint / "clip"), "pooling": "eos"}
-  export.export_tokens(folder, vectors, class_tokens, ["a", "b", "c"], info)
-  return folder
-
-
 @pytest.mark.slow
 def test_retrieve_command_on_the_tiny_model(tiny_checkpoint, tmp_path):
   from mcti_jax import cli
-  tokens = _export(tiny_checkpoint, tmp_path / "export")
+  tokens = random_export(tiny_checkpoint, tmp_path / "export")
   _gallery(tmp_path / "images", count=5)
   queries = [parse_query("a photo of a <cls-1> bold", type="bold", opposite="thin"),
              parse_query("a photo of a <cls-2> with a hat")]

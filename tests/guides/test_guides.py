@@ -10,6 +10,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
+from conftest import FLAT_NET, GREY, NAMES, POOLED_NET, random_classifier
+
 from mcti_jax import guides
 from mcti_jax.runtime import parallel
 from mcti_jax.guides import Transform
@@ -17,23 +19,6 @@ from mcti_jax.guides import file as cfile
 from mcti_jax.errors import ConfigError
 from mcti_jax.models.hf_io import CheckpointError
 
-# Every layer type and both paddings; the second net pools globally instead of flattening.
-FLAT_NET = [
-    {"type": "conv", "name": "conv1", "features": 4, "kernel": 3},
-    {"type": "relu"},
-    {"type": "max_pool", "window": 2},
-    {"type": "conv", "name": "conv2", "features": 5, "kernel": [2, 3], "stride": 2, "padding": "VALID"},
-    {"type": "relu"},
-    {"type": "flatten"},
-    {"type": "dense", "name": "fc", "features": 3},
-]
-POOLED_NET = [
-    {"type": "conv", "name": "c", "features": 6, "kernel": 3, "stride": 2},
-    {"type": "global_mean_pool"},
-    {"type": "dense", "name": "fc", "features": 3},
-]
-NAMES = ("a", "b", "c")
-GREY = Transform(resize=12, crop=(10, 8), grayscale=True, mean=(0.4,), std=(0.3,))
 RGB = Transform(resize=9, crop=(9, 9), method="bilinear", mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
 
 
@@ -42,13 +27,6 @@ def logits(classifier, images):
 
 
 _logits = jax.jit(lambda classifier, images: classifier(images))
-
-
-def random_classifier(layers=FLAT_NET, transform=GREY, seed=0):
-  c = cfile.init(layers, NAMES, transform, seed)
-  rng = np.random.default_rng(seed)  # nonzero biases too
-  return c.replace(params={k: np.asarray(v) + 0.1 * rng.normal(size=v.shape).astype(np.float32)
-                           for k, v in c.params.items()})
 
 
 # ---------------------------------------------------------------- an independent NumPy forward pass

@@ -17,7 +17,7 @@ from mcti_jax.methods import custom_tokens, mcti
 from mcti_jax.models import tokenizer as tokenizer_lib
 
 TINY_WORDS = ("digit", "thin", "bold", "narrow", "wide", "heavy", "top", "bottom", "left", "right", "leaning")
-BPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "bpe_simple_vocab_16e6.txt.gz"
+BPE = Path(__file__).resolve().parents[3] / "shared" / "data" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def custom_config(tiny_checkpoint, workdir, **overrides):

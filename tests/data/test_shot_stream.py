@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_train_config
 
 from mcti_jax import data as D
-from mcti_jax.training import runs, train
+from mcti_jax.training import runs
 from mcti_jax.training import setup as setup_lib
 from mcti_jax.data import cache
 from mcti_jax.errors import ConfigError

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import set_fields, tiny_train_config
+from conftest import dct_config, set_fields
 from mcti_jax import guides
 from mcti_jax.generation import sampling
 from mcti_jax.training import train
@@ -34,19 +34,6 @@ def classifier_folder(tmp_path_factory):
   folder = tmp_path_factory.mktemp("guide") / "random_guide"
   classifier_file.save(folder, random_classifier())
   return folder
-
-
-def dct_config(tiny_checkpoint, workdir, classifier_folder, **overrides):
-  import dct as dct_configs  # configs/dct.py
-  c = dct_configs.get_config("tiny")
-  base = tiny_train_config(tiny_checkpoint, workdir)  # the random checkpoint's paths
-  c.model.sd_path, c.model.clip_path = base.model.sd_path, base.model.clip_path
-  c.workdir, c.data.cache_dir = str(workdir), base.data.cache_dir
-  c.classifier.path, c.classifier.targets = str(classifier_folder), (2, 0, 1)
-  c.phase.dct.update(steps=3, sampling_steps=10, images_per_update=2, epoch_size=2, guidance=3.0)
-  c.data.class_names = None  # the classifier's names of its targets
-  c.log_every = c.checkpoint_every = 1
-  return set_fields(c, overrides)
 
 
 # ------------------------------------------------------------------ gradient skipping

@@ -10,12 +10,11 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import ROOT, tiny_train_config
+from conftest import ROOT, dct_config, random_classifier, tiny_train_config
 from mcti_jax import guides, cli
 from mcti_jax.training import train
 from mcti_jax.guides import file as cfile
 from mcti_jax.errors import MctiError
-from test_classifiers import random_classifier
 
 
 def _strict_rows(path):
@@ -98,7 +97,6 @@ def test_a_classifier_with_non_finite_weights_is_refused_at_load_naming_the_file
 
 def test_dct_refuses_a_nan_classifier_before_the_models_load(tiny_checkpoint, tmp_path):
   """It trained every token to NaN and exported them, reporting acc=0.3333 (argmax of NaN is class 0)."""
-  from test_dct import dct_config
   folder = _poisoned_classifier(tmp_path / "clf", np.nan)
   loading = []
   with pytest.raises(MctiError, match=rf"{folder / cfile.WEIGHTS_NAME}: tensor 'conv1.kernel' holds nan"):

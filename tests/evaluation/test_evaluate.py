@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_train_config
 from mcti_jax.evaluation import evaluate, metrics
 from mcti_jax.tokens import export
-from mcti_jax.training import runs, train
+from mcti_jax.training import runs
 from mcti_jax.training import setup as setup_lib
 from mcti_jax.classify import clip_head
 from mcti_jax.models.frozen import freeze
