@@ -10,7 +10,7 @@ K = 1000 classes in passes of c (config.class_chunk; `lax.map` inside the step) 
 linear in c: the line through c = 1 and 2 (as class_chunks.choose fits it), checked at c = 4, gives
 need(c) = fixed + c x per_pass. The fixed part holds everything that does not grow with c, including the
 arguments that grow with K: the cached latent moments, mean and logvar [K, N, F, 64, 64, 4] float32 with N = 16
-shots and F = 2 flips (configs/mcti.py's defaults n_shots=16, flip=True), 4.2 GB at K = 1000.
+shots and F = 2 flips (mcti_jax/configs/mcti.py's defaults n_shots=16, flip=True), 4.2 GB at K = 1000.
 
 Per device size it reports the largest c with need(c) <= size, for XLA:CPU's buffers (an upper bound for a GPU:
 XLA's attention keeps float32 score buffers, XLA:CPU runs bfloat16 dots in float32) and for flops.py's flash

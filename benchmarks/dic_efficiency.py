@@ -1,7 +1,7 @@
 """UNet calls against accuracy for every Diffusion Classifier strategy, on the tiny model with few-shot tokens.
 
 Runs `dic.classify` with each variant below (the same code as `mcti eval`)
-on ALL held-out test images of the demo's runs (configs/demo.py: 5-shot,
+on ALL held-out test images of the demo's runs (demo: 5-shot,
 MC-TI tokens; trained first if missing, resumed if there), one row per (seed,
 variant), and plots accuracy against UNet calls per image
 (dic_efficiency.png). The reference is the DiC code's Pets schedule (keep 5,
@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 
 REFERENCE = "pets stages (keep 5, 1; samples 25, 250)"
 
@@ -189,7 +187,7 @@ def main(argv=None) -> None:
   p.add_argument("--out", default="benchmarks/dic_efficiency", help="writes OUT.json and OUT.png")
   args = p.parse_args(argv)
 
-  import demo  # configs/demo.py
+  from mcti_jax.configs import demo
   config = demo.get_config("full")
   config.workdir = args.workdir
   config.seeds, config.n_shots = tuple(args.seeds), (args.n_shots,)

@@ -1,8 +1,8 @@
 """UNet calls per image of the default `dic` evaluator as K grows: K = 10, 100, 1000 on the synthetic world.
 
 For each K, trains TI + MC-TI tokens briefly on the synthetic world
-(configs/mcti.py:synthetic, the embedded tiny model; resumed if the workdir
-has them), then runs configs/eval.py's `dic_fewshot` row, the `dic` evaluator
+(mcti:synthetic, the embedded tiny model; resumed if the workdir
+has them), then runs mcti_jax/configs/eval.py's `dic_fewshot` row, the `dic` evaluator
 with its defaults, through `Evaluator.run` (the code `mcti eval` runs) with
 the pets preset (a 250-sample budget, as a real dataset's row gets; the
 synthetic config's row has the tiny preset's 8: `--preset tiny`) on an
@@ -28,21 +28,19 @@ import ast
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 
 RECALL_AT = (1, 2, 3, 5, 10, 20)
 
 
 def run_k(num_classes: int, args, log) -> dict:
   """Train (or resume) the tokens of K classes, then score the `dic_fewshot` row with its call counts."""
-  import eval as eval_config  # configs/eval.py
+  from mcti_jax.configs import eval as eval_config
   from mcti_jax.evaluation import evaluate, evaluators
   from mcti_jax.evaluation.evaluators.dic import head_ranking
 
@@ -104,7 +102,7 @@ def main(argv=None) -> None:
   p.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
   p.add_argument("--images", type=int, default=50, help="test images per K (evenly spread: one per class at large K)")
   p.add_argument("--preset", default="pets",
-                 help="DiC stages (budget: the last sample count); configs/eval.py:synthetic's row uses tiny (8)")
+                 help="DiC stages (budget: the last sample count); eval:synthetic's row uses tiny (8)")
   p.add_argument("--n_shots", type=int, default=5)
   p.add_argument("--seed", type=int, default=1)
   p.add_argument("--ti_steps", type=int, default=5)

@@ -1,7 +1,7 @@
 """Large class sets on one host: throughput and memory of `mcti train` against K, with and without chunks.
 
 For each K and each class_chunk (0: all of a device's classes in one pass; c: passes of c), runs `mcti train` on
-the synthetic world (configs/mcti.py:synthetic, the embedded tiny model, 16 px) as a subprocess with a fresh
+the synthetic world (mcti:synthetic, the embedded tiny model, 16 px) as a subprocess with a fresh
 workdir and encoding cache, on 8 simulated CPU devices, the TI phase only, and reports:
 
   class-samples/s  K x batch_per_class x steps / seconds between the first and the last rows of metrics.jsonl
@@ -44,7 +44,7 @@ ENV = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}", "JAX_PL
 ATTEMPTS = 4
 MAX_IN_FLIGHT = 5  # steps between metrics rows (see schedule)
 RSS_BAR, RATE_BAR = 1.5, 0.8  # K = 1024 against K = 64 at the same chunk
-CONFIG = "configs/mcti.py:synthetic"
+CONFIG = "mcti:synthetic"
 
 
 def overrides(num_classes: int, chunk: int, workdir: Path, steps: int, log_every: int) -> dict:

@@ -3,9 +3,8 @@
   python colab/execute.py                      # the "cpu" setting, everything under a temporary folder
   python colab/execute.py --output run.ipynb   # also keep the executed notebook
 
-The kernel is this Python's (python3 with ipykernel, from the same venv). It starts in the repository root so that
-the notebook finds configs/; the notebook's WORKDIR is a temporary folder, removed afterwards, so nothing is left in
-the repository. The settings are injected after the cell tagged "parameters", papermill's way. Compiled programs
+The kernel is this Python's (python3 with ipykernel, from the same venv), started in the repository root; the
+notebook's WORKDIR is a temporary folder, removed afterwards, so nothing is left in the repository. The settings are injected after the cell tagged "parameters", papermill's way. Compiled programs
 are kept where the notebook (and `mcti`) keep them, ~/.cache/mcti_jax/jit or $JAX_COMPILATION_CACHE_DIR, so a
 second run skips the compiles; --cold compiles everything in a fresh cache, as on a new machine.
 Prints each cell's wall time and the total; on an error, which cell failed and its traceback, exit code 1.

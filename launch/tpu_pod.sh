@@ -4,11 +4,9 @@
 #   launch/tpu_pod.sh create|install|mount|train|eval|logs|stop|status|run|delete [args...]
 #
 # Settings come from environment variables (see usage below); launch/README.md is the runbook.
-# Run it from anywhere: `install` copies this checkout's configs/ to every worker.
+# Run it from anywhere: the configs ship in the package (`--config mcti:pets`).
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(dirname "$HERE")
 
 usage() {
   cat <<'EOF'
@@ -16,7 +14,7 @@ usage: launch/tpu_pod.sh <command> [args...]
 
 commands:
   create    create the TPU VM slice (SPOT=1: a queued-resource request for spot capacity)
-  install   on every worker: Python >= 3.11, a venv with jax[tpu] and the package ($PACKAGE), configs/
+  install   on every worker: Python >= 3.11, a venv with jax[tpu] and the package ($PACKAGE)
   mount     on every worker: mount gs://$BUCKET at $MOUNT_ROOT/$BUCKET with Cloud Storage FUSE
   train     `mcti train --distributed` on every worker at once; extra args go to mcti
             (e.g. --config.data.data_dir=gs://my-bucket/tfds --config.mesh.data=2)
@@ -39,19 +37,19 @@ settings (environment variables, [default]):
   QUEUED_RESOURCE   the queued resource's name [$TPU_NAME-qr]
   AUTOCHECKPOINT    1: --autocheckpoint-enabled (gcloud alpha; Preview; v2-v4 and v5e): maintenance
                     events send SIGTERM to mcti first, so it saves a checkpoint [0]
-  PACKAGE           what `install` pip-installs: a pip URL such as git+https://HOST/ORG/mcti-jax.git@COMMIT,
+  PACKAGE           what `install` pip-installs: a pip URL such as git+https://github.com/mcti-jax/mcti-jax@COMMIT,
                     or a local wheel file (copied to every worker), e.g. dist/mcti_jax-0.1.0-py3-none-any.whl
-  JAX_SPEC          jax with its TPU runtime ["jax[tpu]>=0.10,<0.11", the range of pyproject.toml]
+  JAX_SPEC          jax with its TPU runtime ["jax[tpu]>=0.10.2", the lower bound of pyproject.toml]
   EXTRA_PIP         more pip requirements for the venv [gcsfs: gs:// paths (tfds data_dir, the compile
                     cache) need it where tensorflow is not installed]
   PYTHON            the interpreter for the venv; installed with apt when missing [python3.11]
-  REMOTE_DIR        folder in each worker's home with configs/, venv/ and logs/ [mcti]
+  REMOTE_DIR        folder in each worker's home with venv/ and logs/ [mcti]
   BUCKET            the GCS bucket that `mount` mounts (name without gs://)
   MOUNT_ROOT        where buckets are mounted [/gcs]
   WORKDIR           the run's workdir on the shared mount, e.g. /gcs/my-bucket/runs/pets     (train, eval)
   CACHE_DIR         the shot-encoding cache, shared by all workers [the folder beside WORKDIR: .../runs/cache]
-  TRAIN_CONFIG      config of `train` [configs/mcti.py:pets]
-  EVAL_CONFIG       config of `eval` [configs/eval.py:pets]
+  TRAIN_CONFIG      config of `train` [mcti:pets]
+  EVAL_CONFIG       config of `eval` [eval:pets]
   FOREGROUND        1: train/eval stay attached to this terminal and exit with mcti's code [0: detached,
                     log in ~/$REMOTE_DIR/logs/mcti.log on each worker]
   JOB_ENV           environment for mcti on the workers, words VAR=value, e.g.
@@ -75,7 +73,7 @@ need() {
     case $var in
       TPU_NAME) hint="a name for the slice, e.g. TPU_NAME=mcti-v4-32" ;;
       ZONE) hint="the slice's zone, e.g. ZONE=us-central2-b (v4) or ZONE=us-west4-a (v5e)" ;;
-      PACKAGE) hint="a pip URL, e.g. PACKAGE=git+https://HOST/ORG/mcti-jax.git@COMMIT, or a wheel from
+      PACKAGE) hint="a pip URL, e.g. PACKAGE=git+https://github.com/mcti-jax/mcti-jax@COMMIT, or a wheel from
   python -m pip wheel --no-deps -w dist .   e.g. PACKAGE=dist/mcti_jax-0.1.0-py3-none-any.whl" ;;
       BUCKET) hint="the GCS bucket to mount, e.g. BUCKET=my-bucket (see launch/README.md: storage)" ;;
       WORKDIR) hint="the run's workdir on the shared mount, e.g. WORKDIR=/gcs/my-bucket/runs/pets" ;;
@@ -97,13 +95,13 @@ RUNTIME_VERSION=${RUNTIME_VERSION:-$default_runtime}
 SPOT=${SPOT:-0}
 QUEUED=${QUEUED:-$SPOT}
 AUTOCHECKPOINT=${AUTOCHECKPOINT:-0}
-JAX_SPEC=${JAX_SPEC:-"jax[tpu]>=0.10,<0.11"}
+JAX_SPEC=${JAX_SPEC:-"jax[tpu]>=0.10.2"}
 PYTHON=${PYTHON:-python3.11}
 EXTRA_PIP=${EXTRA_PIP-gcsfs}
 REMOTE_DIR=${REMOTE_DIR:-mcti}
 MOUNT_ROOT=${MOUNT_ROOT:-/gcs}
-TRAIN_CONFIG=${TRAIN_CONFIG:-configs/mcti.py:pets}
-EVAL_CONFIG=${EVAL_CONFIG:-configs/eval.py:pets}
+TRAIN_CONFIG=${TRAIN_CONFIG:-mcti:pets}
+EVAL_CONFIG=${EVAL_CONFIG:-eval:pets}
 FOREGROUND=${FOREGROUND:-0}
 CHECK_SHARED=${CHECK_SHARED:-1}
 WORKER=${WORKER:-0}
@@ -173,7 +171,6 @@ EOF
 
 cmd_install() {
   need TPU_NAME PACKAGE
-  [[ -d $REPO/configs ]] || die "no configs/ beside launch/ ($REPO): run the script from a checkout of the repository"
   local spec=$PACKAGE
   if [[ $PACKAGE == *.whl && ! -f $PACKAGE ]]; then
     die "no wheel $PACKAGE (build one with: python -m pip wheel --no-deps -w dist .)"
@@ -184,7 +181,6 @@ cmd_install() {
     copy_to_workers "$PACKAGE" "$REMOTE_DIR/"
     spec="./$(basename "$PACKAGE")"
   fi
-  copy_to_workers "$REPO/configs" "$REMOTE_DIR/" --recurse
   on_workers all "$INSTALL" "$REMOTE_DIR" "$PYTHON" "$JAX_SPEC" "$spec" "$EXTRA_PIP"
 }
 

@@ -1,9 +1,9 @@
 """The `mcti` command.
 
-  mcti train --config configs/mcti.py:pets --config.data.data_dir=~/tensorflow_datasets
-  mcti train --config configs/mcti.py:tiny --config.phase.ti.steps=50
-  mcti train --config configs/gcpl.py:cars,comple --config.phase.comple.lam=1e-3
-  mcti eval --config configs/eval.py:pets --config.train.data.data_dir=~/tensorflow_datasets
+  mcti train --config mcti:pets --config.data.data_dir=~/tensorflow_datasets
+  mcti train --config mcti:tiny --config.phase.ti.steps=50
+  mcti train --config gcpl:cars,comple --config.phase.comple.lam=1e-3
+  mcti eval --config eval:pets --config.train.data.data_dir=~/tensorflow_datasets
   mcti retrieve --tokens runs/demo/5shot/seed1/export/mcti
   mcti export runs/pets                       # re-export a finished run in every format
   mcti train --distributed --config ...       # on every process of a TPU pod or cluster (launch/README.md)
@@ -26,7 +26,7 @@ import sys
 import threading
 import traceback
 
-from mcti_jax.config_files import load_config
+from mcti_jax.config_files import load_config, shipped
 from mcti_jax.errors import ConfigError, MctiError
 
 COMMANDS = {
@@ -35,7 +35,7 @@ COMMANDS = {
     "eval": "N-shot settings x methods x seeds: results.json, a Table-1 markdown table, plots; resumable",
     "generate": "images from prompts holding learned tokens (DDIM + classifier-free guidance)",
     "retrieve": "rank images for 'a photo of a <cls-k> <words>' queries: fixed prompts vs GAIR; MRR, R@1, R@5",
-    "demo": "the main job end to end on the embedded tiny model (CPU, minutes); default --config configs/demo.py",
+    "demo": "the main job end to end on the embedded tiny model (CPU, minutes); default --config demo",
     "pretrain-tiny": "pretrain the embedded tiny CLIP + latent diffusion model on sklearn digits 0-4",
     "export": "re-export a finished run's tokens in every format (diffusers, A1111/kohya, combined)",
 }
@@ -55,11 +55,11 @@ def _usage() -> str:
 
 
 def _config_arg(args: list[str]) -> tuple[str | None, list[str]]:
-  """(the FILE[:preset] of `--config FILE` or `--config=FILE`, the other args)."""
+  """(the CONFIG[:preset] of `--config CONFIG` or `--config=CONFIG`, the other args)."""
   for i, a in enumerate(args):
     if a == "--config":
       if i + 1 == len(args):
-        raise ConfigError("--config needs a value, e.g. --config configs/mcti.py:tiny")
+        raise ConfigError("--config needs a value, e.g. --config mcti:tiny")
       return args[i + 1], args[:i] + args[i + 2:]
     if a.startswith("--config="):
       return a.split("=", 1)[1], args[:i] + args[i + 1:]
@@ -90,7 +90,8 @@ def _check_fields(config, spec: str, command: str, args: list[str]) -> None:
 def _help(command: str, spec: str, module, config) -> str:
   """The config file's docstring, its presets, then its fields with their values."""
   file = spec.split(":", 1)[0]
-  lines = [f"usage: {command} --config FILE[:preset] [--config.<field>=<value> ...]", ""]
+  lines = [f"usage: {command} --config CONFIG[:preset] [--config.<field>=<value> ...]", "",
+           f"CONFIG: one that ships with mcti-jax ({', '.join(shipped())}) or the path of a .py file of your own.", ""]
   if module.__doc__:
     lines += [f"{file}: {module.__doc__.strip()}", ""]
   if names := getattr(module, "PRESET_NAMES", None):
@@ -111,7 +112,7 @@ def _fields(config, prefix: str = ""):
 
 
 def parse_config(argv: list[str], help_config: str | None = None):
-  """--config FILE[:preset] plus --config.<field>=<value> overrides -> a locked ConfigDict.
+  """--config CONFIG[:preset] plus --config.<field>=<value> overrides -> a locked ConfigDict.
 
   With --help, prints the config's presets and fields (those of `help_config` when no --config is given) and exits.
   """
@@ -121,8 +122,12 @@ def parse_config(argv: list[str], help_config: str | None = None):
   command = argv[0]
   wants_help = any(a in HELP_FLAGS for a in argv[1:])
   spec, args = _config_arg([a for a in argv[1:] if a not in HELP_FLAGS])
+  for a in args:
+    if a.startswith("-") and not _OVERRIDE.match(a):
+      raise ConfigError(f"unknown flag {a.split('=', 1)[0]!r}; the flags are --config CONFIG[:preset] and "
+                        f"--config.<field>=<value>; `{command} --help` lists the fields.")
   if spec is None and not (wants_help and help_config):
-    raise ConfigError("--config FILE[:preset] is needed, e.g. --config configs/mcti.py:tiny; "
+    raise ConfigError("--config CONFIG[:preset] is needed, e.g. --config mcti:tiny; "
                       f"`{command} --help` lists the presets.")
   spec = spec or help_config
   module, config = load_config(spec)
@@ -134,7 +139,7 @@ def parse_config(argv: list[str], help_config: str | None = None):
   except (flags.Error, ValueError) as e:  # a value of the wrong type, an unknown flag, a missing value
     raise ConfigError(f"{e}; `{command} --help` lists the fields.") from None
   if len(rest) > 1:
-    raise ConfigError(f"unexpected argument {rest[1]!r}; the flags are --config FILE[:preset] and "
+    raise ConfigError(f"unexpected argument {rest[1]!r}; the flags are --config CONFIG[:preset] and "
                       "--config.<field>=<value>.")
   if wants_help:
     print(_help(command, spec, module, values.config))
@@ -146,13 +151,13 @@ def parse_config(argv: list[str], help_config: str | None = None):
 
 
 def _train(argv):
-  config = parse_config(argv, help_config="configs/mcti.py")
+  config = parse_config(argv, help_config="mcti")
   from mcti_jax.training import train
   return lambda: train.train(config)
 
 
 def _eval(argv):
-  config = parse_config(argv, help_config="configs/eval.py")
+  config = parse_config(argv, help_config="eval")
   from mcti_jax.evaluation import evaluate
   return lambda: _print_table(evaluate.run(config)["table"])
 
@@ -170,14 +175,15 @@ def with_default_config(argv: list[str], default: str) -> list[str]:
 
 
 def _demo(argv):
-  config = parse_config(with_default_config(argv, "configs/demo.py"))
+  config = parse_config(with_default_config(argv, "demo"))
   from mcti_jax import demos
   return lambda: demos.run(config)  # the demo config.kind names
 
 
 def _generate(argv):
-  from mcti_jax.generation import generate
-  return lambda: generate.generate_main(argv)
+  from mcti_jax.generation import command
+  args = command.parse(argv)  # --help and bad flags answer before JAX is imported
+  return lambda: command.run(args)
 
 
 def with_tokens_flag(argv: list[str]) -> list[str]:
@@ -198,19 +204,21 @@ def with_tokens_flag(argv: list[str]) -> list[str]:
 
 
 def _retrieve(argv):
-  config = parse_config(with_default_config(with_tokens_flag(argv), "configs/retrieve.py"))
+  config = parse_config(with_default_config(with_tokens_flag(argv), "retrieve"))
   from mcti_jax.retrieval import retrieve
   return lambda: retrieve.run(config)
 
 
 def _pretrain_tiny(argv):
   from mcti_jax.tiny import main
-  return lambda: main.pretrain_main(argv[1:])
+  args = main.parse(argv[1:])  # --help and bad flags answer before JAX is imported
+  return lambda: main.run(args)
 
 
 def _export(argv):
   from mcti_jax.tokens import export_command
-  return lambda: export_command.main(argv[1:])
+  args = export_command.parse(argv[1:])  # --help and bad flags answer before JAX is imported
+  return lambda: export_command.run(args)
 
 
 def _persistent_compilation_cache() -> None:

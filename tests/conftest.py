@@ -3,7 +3,6 @@
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from flax import nnx
 from mcti_jax.guides import Transform
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 
 # Identical programs compiled by separate runs (e.g. a resumed training run) come from disk.
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "mcti_jax_test_jit_cache"))
@@ -56,8 +54,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 def tiny_train_config(checkpoint: Path, workdir: Path, **overrides):
-  """configs/mcti.py:tiny on the random checkpoint, with a short schedule."""
-  import mcti
+  """mcti:tiny on the random checkpoint, with a short schedule."""
+  from mcti_jax.configs import mcti
   c = mcti.get_config("tiny")
   c.model.sd_path, c.model.clip_path = str(checkpoint / "sd"), str(checkpoint / "clip")
   c.workdir, c.data.cache_dir = str(workdir), str(workdir.parent / "cache")
@@ -151,7 +149,7 @@ def random_classifier(layers=FLAT_NET, transform=GREY, seed=0):
 
 
 def dct_config(tiny_checkpoint, workdir, classifier_folder, **overrides):
-  import dct as dct_configs  # configs/dct.py
+  from mcti_jax.configs import dct as dct_configs
   c = dct_configs.get_config("tiny")
   base = tiny_train_config(tiny_checkpoint, workdir)  # the random checkpoint's paths
   c.model.sd_path, c.model.clip_path = base.model.sd_path, base.model.clip_path

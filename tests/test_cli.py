@@ -28,9 +28,9 @@ def mcti(*args, **env) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("command, config, field, preset", [
-    ("train", "configs/mcti.py", "tokens.init_word", "tiny"),
-    ("eval", "configs/eval.py", "train.data.n_shots", "tiny"),
-    ("demo", "configs/demo.py", "generation.num_images", "quick"),
+    ("train", "mcti", "tokens.init_word", "tiny"),
+    ("eval", "eval", "train.data.n_shots", "tiny"),
+    ("demo", "demo", "generation.num_images", "quick"),
 ])
 def test_help_lists_fields_and_presets_without_a_config(command, config, field, preset):
   proc = mcti(command, "--help")
@@ -39,31 +39,70 @@ def test_help_lists_fields_and_presets_without_a_config(command, config, field, 
   assert f"fields of {config} " in proc.stdout and f"\n  {field}: " in proc.stdout
 
 
+def test_a_shipped_config_by_name_and_a_users_file_that_builds_on_it_work_from_any_folder(tmp_path):
+  """Outside the repository: a bare name resolves in mcti_jax/configs/, a path is a file (which may import ours)."""
+  own = tmp_path / "my_config.py"
+  own.write_text("from mcti_jax.configs import mcti\n\n\ndef get_config(arg='tiny'):\n"
+                 "  c = mcti.get_config(arg)\n  c.phase.ti.steps = 7\n  return c\n")
+  by_name = subprocess.run([sys.executable, "-m", "mcti_jax.cli", "train", "--config", "mcti:tiny", "--help"],
+                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+  assert by_name.returncode == 0, by_name.stderr
+  assert "fields of mcti:tiny" in by_name.stdout and "\n  phase.ti.steps: 2000\n" in by_name.stdout
+  by_file = subprocess.run([sys.executable, "-m", "mcti_jax.cli", "train", "--config", "my_config.py", "--help"],
+                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+  assert by_file.returncode == 0, by_file.stderr
+  assert "\n  phase.ti.steps: 7\n" in by_file.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--confg", "mcti:tiny"], "unknown flag '--confg'; the flags are --config CONFIG[:preset] and"),
+    (["--config", "mcti:tiny", "--steps=3"], "unknown flag '--steps'"),
+    (["--config", "nosuch"], "no config named 'nosuch': mcti-jax ships custom_demo, custom_tokens, dct,"),
+    (["--config", "configs/mcti.py:tiny"], "no config file configs/mcti.py; the configs ship in the package: give "
+                                           "its name, --config mcti[:preset]"),
+    (["--config", "mcti:nosuch"], "mcti:nosuch: "),
+])
+def test_an_unknown_flag_or_config_is_named(args, message):
+  proc = mcti("train", *args)
+  assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
+  assert message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["generate", "--help"], ["export", "--help"], ["pretrain-tiny", "--help"],
+                                  ["generate", "--no-such-flag"]])
+def test_help_and_bad_flags_of_commands_without_a_config_answer_before_jax_is_imported(args):
+  code = ("import sys\nfrom mcti_jax import cli\ntry:\n  cli.main(['mcti', *sys.argv[1:]])\nexcept SystemExit:\n  pass\n"
+          "print('imported jax' if 'jax' in sys.modules else 'no jax')")
+  proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                        timeout=120)
+  assert proc.stdout.splitlines()[-1] == "no jax", proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("override, message", [
-    ("--config.bogus=1", "configs/mcti.py:tiny has no field 'bogus' (--config.bogus=1); `mcti train --help` lists"),
-    ("--config.data.bogus=1", "configs/mcti.py:tiny has no field 'data.bogus' (--config.data.bogus=1)"),
+    ("--config.bogus=1", "mcti:tiny has no field 'bogus' (--config.bogus=1); `mcti train --help` lists"),
+    ("--config.data.bogus=1", "mcti:tiny has no field 'data.bogus' (--config.data.bogus=1)"),
     ("--config.phase.ti.steps=abc", "--config.phase.ti.steps=abc: invalid literal for int()"),
     ("--config.ti_steps=5", "has no field 'ti_steps' (--config.ti_steps=5); `mcti train --help` lists the fields. "
                             "It moved: use --config.phase.ti.steps."),
 ])
 def test_a_bad_override_is_one_line_naming_the_config(override, message):
-  proc = mcti("train", "--config", "configs/mcti.py:tiny", override)
+  proc = mcti("train", "--config", "mcti:tiny", override)
   assert proc.returncode == 1
   assert proc.stderr.startswith("mcti train: error: ") and message in proc.stderr
   assert len(proc.stderr.splitlines()) == 1 and proc.stdout == ""
 
 
 def test_debug_shows_the_traceback_of_a_project_error():
-  proc = mcti("train", "--config", "configs/mcti.py:tiny", "--config.bogus=1", MCTI_DEBUG="1")
+  proc = mcti("train", "--config", "mcti:tiny", "--config.bogus=1", MCTI_DEBUG="1")
   assert proc.returncode == 1
   assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
-  assert proc.stderr.splitlines()[-1].startswith("mcti train: error: configs/mcti.py:tiny has no field 'bogus'")
+  assert proc.stderr.splitlines()[-1].startswith("mcti train: error: mcti:tiny has no field 'bogus'")
 
 
 @pytest.mark.slow
 def test_a_hub_id_without_network_is_one_message_naming_the_id_and_the_fix(tmp_path):
   """The ~110 lines of httpx chained under the hub's error become one line; HF_HUB_OFFLINE=1 makes it fail fast."""
-  proc = mcti("train", "--config", "configs/mcti.py:tiny", "--config.model.sd_path=someone/no-such-model",
+  proc = mcti("train", "--config", "mcti:tiny", "--config.model.sd_path=someone/no-such-model",
               f"--config.workdir={tmp_path / 'run'}")
   assert proc.returncode == 1, proc.stderr
   assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
@@ -82,6 +121,7 @@ def test_resolve_folder_hides_the_hubs_exception_chain(monkeypatch):
       raise OSError("Got: ConnectError: [Errno -2] Name or service not known\nAn error happened. Check.") from e
 
   monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+  monkeypatch.setattr(huggingface_hub.HfApi, "model_info", offline)
   with pytest.raises(hf_io.CheckpointError) as e:
     hf_io.resolve_folder("someone/no-such-model")
   assert e.value.__cause__ is None and e.value.__suppress_context__
@@ -92,7 +132,7 @@ def test_resolve_folder_hides_the_hubs_exception_chain(monkeypatch):
 @pytest.mark.parametrize("debug", [False, True])
 def test_ctrl_c_before_training_exits_130_in_one_line(tmp_path, debug):
   """SIGINT while the command imports the trainer (its own handler takes over once training starts)."""
-  argv = ["mcti", "train", "--config", "configs/mcti.py:tiny", f"--config.workdir={tmp_path / 'run'}"]
+  argv = ["mcti", "train", "--config", "mcti:tiny", f"--config.workdir={tmp_path / 'run'}"]
   # A line on stdout once main() is about to run: a signal any earlier would hit Python's start-up, not the CLI.
   # SIGINT as in a terminal: a child inherits an ignored SIGINT (nohup, some test runners' workers), and the CLI
   # rightly leaves an ignored SIGINT ignored.
@@ -162,7 +202,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     ({"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' must be an integer"),
 ])
 def test_distributed_without_a_cluster_is_one_message_naming_the_settings(env, message):
-  out = mcti("train", "--distributed", "--config", "configs/mcti.py:tiny", **env)
+  out = mcti("train", "--distributed", "--config", "mcti:tiny", **env)
   lines = out.stderr.strip().splitlines()
   assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith("mcti train: error: "), out.stderr
   assert message in lines[0]

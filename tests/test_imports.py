@@ -34,6 +34,7 @@ LAYERS = [
   ("retrieval",),  # composite retrieval, GAIR, `mcti retrieve`
   ("evaluation",),  # the N-shot x evaluator x seed harness
   ("demos",),  # the experiments of `mcti demo`
+  ("configs",),  # the configs that ship: each names what it runs
   ("cli",),
 ]
 

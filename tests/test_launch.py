@@ -186,8 +186,8 @@ def _has(config: ConfigDict, path: str) -> bool | None:
   node = config
   for key in path.split("."):
     if not isinstance(node, ConfigDict) or key not in node:
-      # mesh.* (the (classes, data) mesh, c.mesh.data in configs/mcti.py) may be written up before it lands in the
-      # configs; once a config has `mesh`, its fields are checked like any other.
+      # mesh.* (the (classes, data) mesh, c.mesh.data in mcti_jax/configs/mcti.py) may be written up before it
+      # lands in the configs; once a config has `mesh`, its fields are checked like any other.
       return None if key == "mesh" and isinstance(node, ConfigDict) else False
     node = node[key]
   return True
@@ -215,7 +215,7 @@ def test_commands_found():
 
 @pytest.mark.parametrize("command,args,where", COMMAND_PARAMS)
 def test_command_parses(command, args, where, monkeypatch):
-  monkeypatch.chdir(ROOT)  # config paths are relative to the repository root, as in the scripts
+  monkeypatch.chdir(ROOT.parent)  # the shipped configs are found by name from any folder
   args = [a for a in args if a != "--distributed" and not a.startswith("--distributed=")]  # cli strips it first
   if any(a in cli.HELP_FLAGS for a in args):
     return
@@ -226,9 +226,9 @@ def test_command_parses(command, args, where, monkeypatch):
       assert not any(cli._OVERRIDE.match(a) for a in args), f"--config.<field> without --config: {where}"
       return  # a mention of the command in prose
   elif command == "retrieve":
-    argv = cli.with_default_config(cli.with_tokens_flag(argv), "configs/retrieve.py")
+    argv = cli.with_default_config(cli.with_tokens_flag(argv), "retrieve")
   elif command == "demo":
-    argv = cli.with_default_config(argv, "configs/demo.py")
+    argv = cli.with_default_config(argv, "demo")
   else:
     return  # generate, export, pretrain-tiny: no config file
   spec, _ = cli._config_arg(argv[1:])
@@ -256,7 +256,7 @@ def test_fields_found():
 @pytest.mark.parametrize("field,where", FIELDS)
 def test_field_exists(field, where):
   """Every --config.<field> named anywhere in launch/ is a field of the training or the evaluation config."""
-  configs = [load_config(str(ROOT / spec))[1] for spec in ("configs/mcti.py:pets", "configs/eval.py:pets")]
+  configs = [load_config(spec)[1] for spec in ("mcti:pets", "eval:pets")]
   found = [_has(c, field) for c in configs]
   # None from every config: a mesh.* field while no config has `mesh` yet (see _has); then it is not checked.
   assert True in found or set(found) == {None}, f"{where}: no config has field {field!r}"
@@ -338,7 +338,7 @@ def test_tpu_train_detaches_and_stop_saves(tpu):
   assert r.returncode == 0, r.stderr
   assert _wait_for(lambda: (logs / "mcti.pid").is_file() and "fake mcti" in (logs / "mcti.log").read_text())
   line = next(x for x in (logs / "mcti.log").read_text().splitlines() if x.startswith("fake mcti"))
-  assert line == ("fake mcti: train --distributed --config configs/mcti.py:pets --config.workdir=/gcs/b/runs/my pets "
+  assert line == ("fake mcti: train --distributed --config mcti:pets --config.workdir=/gcs/b/runs/my pets "
                   "--config.data.cache_dir=/gcs/b/runs/cache --config.seed=3 "
                   "--config.data.data_dir=gs://my bucket/tfds")
   assert "mcti running" in tpu("status").stdout
@@ -353,9 +353,9 @@ def test_tpu_train_detaches_and_stop_saves(tpu):
 
 def test_tpu_eval_foreground_and_job_env(tpu):
   r = tpu("eval", "--config.seeds=(1,)", WORKDIR="/gcs/b/runs/eval", FOREGROUND="1", CACHE_DIR="/gcs/b/cache",
-          EVAL_CONFIG="configs/eval.py:tiny", JOB_ENV="FAKE_QUICK=1")
+          EVAL_CONFIG="eval:tiny", JOB_ENV="FAKE_QUICK=1")
   assert r.returncode == 0, r.stderr
-  assert ("fake mcti: eval --distributed --config configs/eval.py:tiny --config.workdir=/gcs/b/runs/eval "
+  assert ("fake mcti: eval --distributed --config eval:tiny --config.workdir=/gcs/b/runs/eval "
           "--config.train.data.cache_dir=/gcs/b/cache --config.seeds=(1,)") in r.stdout
   assert "env FAKE_QUICK=1 mcti eval" in tpu.log.read_text()
   assert not (tpu.home / "mcti" / "logs").exists()  # attached: no detached job
@@ -424,7 +424,7 @@ def slurm(tmp_path):
 def test_slurm_train_and_requeue(slurm):
   r = slurm("--config.seed=1")
   assert r.returncode == 0, r.stderr
-  assert ("fake mcti: JAX_LOCAL_DEVICE_IDS=unset train --distributed --config configs/mcti.py:pets "
+  assert ("fake mcti: JAX_LOCAL_DEVICE_IDS=unset train --distributed --config mcti:pets "
           "--config.workdir=/shared/runs/pets --config.data.cache_dir=/shared/runs/cache --config.seed=1") in r.stdout
   assert not slurm.log.exists()
   stopped = slurm(FAKE_RC="143")
@@ -442,7 +442,7 @@ def test_slurm_layouts_and_settings(slurm):
   per_task = slurm(SLURM_GPUS_PER_TASK="1")
   assert "JAX_LOCAL_DEVICE_IDS=0 train" in per_task.stdout, per_task.stderr
   ev = slurm(MCTI_COMMAND="eval", CACHE_DIR="/shared/cache")
-  assert ("eval --distributed --config configs/eval.py:pets --config.workdir=/shared/runs/pets "
+  assert ("eval --distributed --config eval:pets --config.workdir=/shared/runs/pets "
           "--config.train.data.cache_dir=/shared/cache") in ev.stdout, ev.stderr
   assert "WORKDIR is not set" in slurm(WORKDIR=None).stderr
   assert "submit it with sbatch" in slurm(SLURM_JOB_ID=None).stderr
@@ -461,7 +461,7 @@ def _join(address: str, process_id: int, timeout: str | None, tmp_path: Path
   if timeout is not None:
     env["MCTI_DISTRIBUTED_TIMEOUT"] = timeout
   t = time.time()
-  done = subprocess.run([sys.executable, "-m", "mcti_jax.cli", "train", "--config", "configs/mcti.py:tiny",
+  done = subprocess.run([sys.executable, "-m", "mcti_jax.cli", "train", "--config", "mcti:tiny",
                          f"--config.workdir={tmp_path / 'run'}", "--distributed"], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
   return done, time.time() - t

@@ -209,7 +209,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused(tmp_path):
 
 def test_mcti_train_refuses_a_workdir_that_is_a_file_before_the_models_load(tmp_path, capsys, no_models):
   (tmp_path / "run").write_text("not a folder")
-  err = one_line_error(capsys, ["mcti", "train", "--config", "configs/mcti.py:tiny",
+  err = one_line_error(capsys, ["mcti", "train", "--config", "mcti:tiny",
                                 f"--config.workdir={tmp_path / 'run'}", f"--config.data.cache_dir={tmp_path / 'c'}"])
   assert err == (f"mcti train: error: config.workdir={tmp_path / 'run'} is a file, not a folder; give a folder (it "
                  "is created if missing)")
@@ -218,14 +218,14 @@ def test_mcti_train_refuses_a_workdir_that_is_a_file_before_the_models_load(tmp_
 
 def test_mcti_train_refuses_a_read_only_workdir_before_the_models_load(tmp_path, capsys, no_models):
   with read_only(tmp_path / "ro") as ro:
-    err = one_line_error(capsys, ["mcti", "train", "--config", "configs/mcti.py:tiny", f"--config.workdir={ro / 'run'}",
+    err = one_line_error(capsys, ["mcti", "train", "--config", "mcti:tiny", f"--config.workdir={ro / 'run'}",
                                   f"--config.data.cache_dir={tmp_path / 'c'}"])
   assert err.startswith(f"mcti train: error: config.workdir={ro / 'run'} is not writable") and "read-only" in err
 
 
 def test_mcti_train_refuses_a_cache_dir_below_a_file_before_the_models_load(tmp_path, capsys, no_models):
   (tmp_path / "c").write_text("")
-  err = one_line_error(capsys, ["mcti", "train", "--config", "configs/mcti.py:tiny",
+  err = one_line_error(capsys, ["mcti", "train", "--config", "mcti:tiny",
                                 f"--config.workdir={tmp_path / 'run'}", f"--config.data.cache_dir={tmp_path / 'c/x'}"])
   assert f"{tmp_path / 'c'}, on the way to data.cache_dir={tmp_path / 'c/x'}, is a file, not a folder" in err
   assert not (tmp_path / "run").exists()
@@ -251,13 +251,13 @@ def test_mcti_generate_refuses_an_out_that_is_a_file_before_the_models_load(tmp_
 
 def test_mcti_eval_refuses_a_workdir_that_is_a_file_before_any_cell_trains(tmp_path, capsys, no_models):
   (tmp_path / "eval").write_text("")
-  err = one_line_error(capsys, ["mcti", "eval", "--config", "configs/eval.py:tiny",
+  err = one_line_error(capsys, ["mcti", "eval", "--config", "eval:tiny",
                                 f"--config.workdir={tmp_path / 'eval'}"])
   assert err.startswith(f"mcti eval: error: config.workdir={tmp_path / 'eval'} is a file, not a folder")
 
 
-@pytest.mark.parametrize("config", ["configs/demo.py:quick", "configs/dct_demo.py:quick",
-                                    "configs/custom_demo.py:quick"])
+@pytest.mark.parametrize("config", ["demo:quick", "dct_demo:quick",
+                                    "custom_demo:quick"])
 def test_mcti_demo_refuses_a_workdir_that_is_a_file_before_any_work(tmp_path, capsys, no_models, config):
   (tmp_path / "demo").write_text("")
   err = one_line_error(capsys, ["mcti", "demo", "--config", config, f"--config.workdir={tmp_path / 'demo'}"])

@@ -3,7 +3,7 @@
 tensorflow-datasets lives in tfds_source.py. Every source checks what it can
 cheaply check up front (folders exist, classes are not empty, listed files
 exist) so a bad path fails before any model work starts; pixels are only read
-when sampled or evaluated.
+when sampled or evaluated. docs/DATA.md says how to get each preset's data.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from mcti_jax.errors import ConfigError
 # Split of sklearn digits into a "pretrain" and a "heldout" half, fixed once for all runs.
 DIGITS_SPLIT_SEED = 20240501
 DIGITS_PARTS = ("pretrain", "heldout", "all")
+# How to get each preset's data, one section per preset; data errors point at it (in a pip install, not on disk).
+DATA_DOC = "https://github.com/mcti-jax/mcti-jax/blob/main/docs/DATA.md"
 
 
 def _read_paths(num_workers: int = 8):
@@ -47,7 +49,7 @@ def from_folder(root: str | os.PathLike) -> LabeledImages:
   Image files directly inside each class folder count (see
   preprocess.IMAGE_EXTENSIONS); other files and deeper folders are ignored.
   """
-  root = os.fspath(root)
+  root = os.path.expanduser(os.fspath(root))
   paths.input_folder(root, "image folder", "it should hold one subfolder per class", DataError)
   class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
   if not class_names:
@@ -102,14 +104,17 @@ def _read_json(path: str, what: str):
     raise DataError(f"{path} is not valid JSON: {e}") from e
 
 
-def from_split_file(split_file: str | os.PathLike, split: str, image_root: str | os.PathLike) -> LabeledImages:
+def from_split_file(split_file: str | os.PathLike, split: str,
+                    image_root: str | os.PathLike | None = None) -> LabeledImages:
   """A CoOp-style split file: {"train": [[path, label, classname], ...], "val": [...], "test": [...]}.
 
-  Paths are relative to `image_root` (CoOp's dataset image folder). Class
-  names come from all splits of the file together, so every split of one file
-  has the same class list; labels must be 0..K-1.
+  Paths are relative to `image_root` (CoOp's dataset image folder; default:
+  the split file's folder). Class names come from all splits of the file
+  together, so every split of one file has the same class list; labels must
+  be 0..K-1.
   """
-  split_file, image_root = os.fspath(split_file), os.fspath(image_root)
+  split_file = os.path.expanduser(os.fspath(split_file))
+  image_root = os.path.expanduser(os.fspath(image_root)) if image_root else os.path.dirname(split_file)
   data = _read_json(split_file, "split file")
   if not isinstance(data, dict) or split not in data:
     have = sorted(data) if isinstance(data, dict) else type(data).__name__
@@ -130,7 +135,8 @@ def from_split_file(split_file: str | os.PathLike, split: str, image_root: str |
     raise DataError(f"{split_file}: split {split!r} is empty")
   items = [os.path.join(image_root, row[0]) for row in rows]
   _check_files_exist(items, f"{split_file} split {split!r}",
-                     f"Is image_root={image_root} the folder the split file's paths are relative to?")
+                     f"Is image_root={image_root} (--config.data.root) the folder the split file's paths are "
+                     "relative to?")
   return LabeledImages([names[i] for i in range(len(names))], items, [row[0] for row in rows],
                        np.asarray([row[1] for row in rows], np.int32), _read_paths(),
                        source=f"split:{split_file}:{split}")
@@ -178,19 +184,19 @@ def from_digits(part: str = "all", digits: Sequence[int] = tuple(range(10))) -> 
 
 
 def load_labeled(data_cfg, split: str) -> LabeledImages:
-  """The labelled images of a split ('train' or 'test') of the configured source (config.data)."""
+  """The labelled images of a split ('train' or 'test') of the configured source (config.data).
+
+  A missing or unprepared dataset is a DataError that names the preset (data.preset) and its section of
+  docs/DATA.md.
+  """
   source = data_cfg.source
-  if source == "folder":
-    if not data_cfg.root:
-      raise DataError("data.source='folder' needs --config.data.root=/path/with/one/subfolder/per/class")
-    return from_folder(data_cfg.root)
-  if source == "split_file":
-    if not data_cfg.split_file:
-      raise DataError("data.source='split_file' needs --config.data.split_file=split.json")
-    return from_split_file(data_cfg.split_file, split, data_cfg.root)
-  if source == "tfds":
-    name_of_split = data_cfg.train_split if split == "train" else data_cfg.test_split
-    return from_tfds(data_cfg.name, split=name_of_split, data_dir=data_cfg.data_dir)
+  if source in ("folder", "split_file", "tfds"):
+    try:
+      return _load_files(data_cfg, split)
+    except DataError as e:
+      preset = data_cfg.get("preset")
+      where = f"{DATA_DOC}, section `{preset}`" if preset else DATA_DOC
+      raise DataError((f"preset {preset!r}: " if preset else "") + f"{e}. How to get the data: {where}") from e
   if source == "digits":
     return from_digits("heldout")  # shots and test images both come from the held-out half
   if source == "synthetic":
@@ -200,6 +206,22 @@ def load_labeled(data_cfg, split: str) -> LabeledImages:
                         "set it, e.g. --config.data.num_classes=1024")
     return from_synthetic(k, split)
   raise DataError(f"unknown data.source {source!r}; use folder, split_file, tfds, digits or synthetic")
+
+
+def _load_files(data_cfg, split: str) -> LabeledImages:
+  """The sources whose images are files the user prepares: an image folder, a split file, a tfds dataset."""
+  if data_cfg.source == "folder":
+    if not data_cfg.root:
+      raise DataError("data.source='folder' needs --config.data.root=/path/with/one/subfolder/per/class")
+    return from_folder(data_cfg.root)
+  if data_cfg.source == "split_file":
+    if not data_cfg.split_file:
+      raise DataError("data.source='split_file' needs --config.data.split_file=/path/split.json (a CoOp-style "
+                      "split file; --config.data.root=/path is the folder its image paths are relative to, by "
+                      "default the split file's folder)")
+    return from_split_file(data_cfg.split_file, split, data_cfg.root)
+  name_of_split = data_cfg.train_split if split == "train" else data_cfg.test_split
+  return from_tfds(data_cfg.name, split=name_of_split, data_dir=data_cfg.data_dir)
 
 
 def num_classes_of(labeled: LabeledImages, data_cfg) -> int:

@@ -3,11 +3,13 @@
 tfds 4.9 reads datasets prepared in the array_record (or parquet) file format
 through `builder.as_data_source`, decoding features with numpy and PIL, so no
 tensorflow is needed. Datasets prepared in the default tfrecord format can only
-be read with tensorflow, and preparing (downloading) a dataset usually needs
-it too, so we never download: the data must already be in data_dir, e.g. made
-on another machine with
+be read with tensorflow, and preparing (downloading) a dataset needs it too
+(`pip install "mcti-jax[tfds-build]"`), so we never download: the data must
+already be in data_dir, e.g. made once, here or on another machine, with
 
   tfds build NAME --data_dir DIR --file_format=array_record
+
+docs/DATA.md gives each preset's steps.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ _LABEL_CHUNK = 1024
 
 
 def _prepare_hint(name: str, data_dir: str) -> str:
-  return (f"Prepare it where tensorflow is installed with `tfds build {name} --data_dir {data_dir} "
-          f"--file_format=array_record` (or builder.download_and_prepare(file_format='array_record')), "
-          f"then copy {data_dir}/{name} here.")
+  return (f"Prepare it once where tensorflow is installed (pip install \"mcti-jax[tfds-build]\") with `tfds build "
+          f"{name} --data_dir {data_dir} --file_format=array_record` (or builder.download_and_prepare("
+          f"file_format='array_record')); if you built it on another machine, copy {data_dir}/{name} here.")
 
 
 def _builder(name: str, data_dir: str | None):
@@ -60,7 +62,7 @@ def from_tfds(name: str, split: str, data_dir: str | os.PathLike | None, image_k
   encoded); images are decoded only when sampled or evaluated.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = os.fspath(data_dir) if data_dir is not None else None
+  data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir is not None else None  # tfds takes "~" literally
   builder = _builder(name, data_dir)
   features = builder.info.features
   for key in (image_key, label_key):

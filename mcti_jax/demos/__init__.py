@@ -18,7 +18,7 @@ from typing import Any
 
 from mcti_jax.errors import ConfigError
 
-KINDS = {"mcti": "demo", "dct": "dct_demo", "custom": "custom_demo"}  # config.kind -> module (configs/*demo.py)
+KINDS = {"mcti": "demo", "dct": "dct_demo", "custom": "custom_demo"}  # config.kind -> module (mcti_jax/configs/*demo.py)
 
 
 def run(config, log: Callable[[str], None] = print) -> Any:

@@ -1,15 +1,15 @@
-"""`mcti demo --config configs/custom_demo.py`: custom tokens in the tiny world, and multi-token initialisation.
+"""`mcti demo --config custom_demo`: custom tokens in the tiny world, and multi-token initialisation.
 
 1. Composition. For each shot seed, one run trains TI, MC-TI (after TI) and
    custom tokens, free and in the span of the tiny CLIP's shape words, side
-   by side (phases of configs/custom_demo.py). The eval harness scores each
+   by side (phases of mcti_jax/configs/custom_demo.py). The eval harness scores each
    on plain classification (the CLIP-token head, known 0-4 / unknown 5-9) and
    on composite queries "a photo of a S_k <shape word>" over the held-out
    digits (retrieval/tiny_world.py). GAIR (retrieval/gair.py) then refines the queries of
    every method's tokens, against the best fixed query of the same tokens.
 2. The subspace's residual: the distance of the exported custom tokens from
    the span of the words, measured independently (least squares).
-3. Fig. 3 of the multi-token seed: TI's noise MSE from a caption, a label,
+3. The multi-token initialisation paper's Fig. 3: TI's noise MSE from a caption, a label,
    "*" and V x "*" (init_convergence.py).
 
 Everything lands in <workdir>/: results.json (the harness's rows plus
@@ -123,7 +123,7 @@ def _mean_std(values: list[float]) -> str:
 
 
 def write_report(config, workdir: Path, out: dict) -> Path:
-  lines = ["# Custom tokens in the tiny world", ""]
+  lines = ["# Custom tokens in the tiny world", "", *evaluate.smoke_banner(config)]
   if "rows" in out:
     lines += composition_report(config, out)
   if "init_convergence" in out:

@@ -1,4 +1,4 @@
-"""`mcti demo --config configs/dct_demo.py`: Discriminative Class Tokens in the tiny world, judged independently.
+"""`mcti demo --config dct_demo`: Discriminative Class Tokens in the tiny world, judged independently.
 
 1. Digits, no names: for each seed, one DCT run learns a token per digit 0-9
    from "a photo of a <cls-k>" (<cls-k> starts as "digit") and the tiny digit
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mcti_jax import guides, paths
+from mcti_jax import guides, paths, plots
 from mcti_jax.demos import demo
+from mcti_jax.evaluation import evaluate
 from mcti_jax.generation import generate
 from mcti_jax.training import train
 from mcti_jax.tokens.conditioning import LearnedTokens
@@ -82,11 +83,6 @@ def _images(train_config, export: Path | None, template: str, num_classes: int, 
   return images.reshape(num_classes, g.num_images, *images.shape[1:])
 
 
-def _save_grid(images: np.ndarray, path: Path, rows: int, scale: int = 4) -> None:
-  """A grid of 16-px images, each pixel drawn `scale` times wider and taller so that a person can see it."""
-  generate.save_grid(images.repeat(scale, axis=1).repeat(scale, axis=2), path, rows=rows)
-
-
 def _verdicts(images: np.ndarray, judges: dict, guide_classifier, targets: np.ndarray) -> dict:
   """Per judge: the fraction of each class's images judged as its target, and what was predicted."""
   k, g = images.shape[:2]
@@ -108,8 +104,13 @@ def _digits(config, seed: int, workdir: Path, judges: dict, log) -> dict:
   template = c.phase.dct.templates[0]
   before = _images(c, None, template, len(targets), config.generation, fill=c.tokens.init_word)
   after = _images(c, result.exports["dct"], template, len(targets), config.generation)
+  titles = {"before": f"before DCT: \"{template.format(c.tokens.init_word)}\" (the initial token) in every row, "
+                      "row k judged against digit k",
+            "after": f"after DCT: \"{template.format('<cls-k>')}\", <cls-k> trained towards digit k"}
   for name, images in (("before", before), ("after", after)):
-    _save_grid(images.reshape(-1, *images.shape[2:]), workdir / f"generated_{name}.png", rows=len(targets))
+    plots.image_grid(images, [f"digit {t}" for t in targets], [str(j + 1) for j in range(images.shape[1])],
+                     f"{titles[name]}; training seed {seed}, the same starting latents in both pictures",
+                     out_png=workdir / f"generated_{name}.png")
   rows = [json.loads(line) for line in result.metrics.read_text().splitlines()]
   out = {"before": _verdicts(before, judges, guide_classifier, targets),
          "after": _verdicts(after, judges, guide_classifier, targets),
@@ -138,7 +139,11 @@ def _attribute(config, seed: int, workdir: Path, log) -> dict:
   template = c.phase.dct.templates[0]
   plain = _images(c, None, template.replace(" {}", ""), 1, g, fill="")[0]  # "a photo of the digit three"
   guided = _images(c, result.exports["dct"], template, 1, g)[0]
-  _save_grid(np.concatenate([plain[:16], guided[:16]]), workdir / "plain_vs_token.png", rows=2)
+  shown = min(16, len(plain))
+  plots.image_grid(np.stack([plain[:shown], guided[:shown]]),
+                   [template.replace(" {}", ""), template.format("<cls-0>")], [str(j + 1) for j in range(shown)],
+                   f"the same starting latent in each column; <cls-0> trained with the slant guide towards "
+                   f"\"leaning left\" (training seed {seed})", out_png=workdir / "plain_vs_token.png")
   slant = lambda images: captions.shape_measures(images)[:, guide.SLANT]  # noqa: E731  (high = leaning left)
   plain_slant, guided_slant = slant(plain), slant(guided)
   sd = float(plain_slant.std())
@@ -170,7 +175,7 @@ def write_report(config, workdir: Path, results: dict) -> Path:
   seeds = results["seeds"]
   judges = results["judges"]
   lines = [
-      "# Discriminative Class Tokens in the tiny world", "",
+      "# Discriminative Class Tokens in the tiny world", "", *evaluate.smoke_banner(config),
       f"{config.generation.num_images} images per digit from \"a photo of a <cls-k>\" on held-out starting latents, "
       f"before (the initial token, \"digit\") and after DCT with the tiny digit guide; mean ± std over seeds {seeds}. "
       f"% judged as the intended digit by two judges that are not the guide (logistic regression on pixels, "

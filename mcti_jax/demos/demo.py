@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mcti_jax import data as D
+from mcti_jax import plots
 from mcti_jax.evaluation import evaluate
 from mcti_jax.models import hf_io
 from mcti_jax.tiny import judges
@@ -77,7 +78,11 @@ def generation_report(config, workdir: Path, log) -> dict:
     images = generate.generate_class_images(sd, learned, g.num_images, guidance=g.guidance, steps=g.steps,
                                             seed=g.seed)  # [K, G, H, W, 3]
     k = images.shape[0]
-    generate.save_grid(images.reshape(-1, *images.shape[2:]), workdir / f"generated_{phase}.png", rows=k)
+    name = {"ti": "TI", "mcti": "MC-TI"}[phase]
+    plots.image_grid(images, learned.class_names, [str(j + 1) for j in range(images.shape[1])],
+                     f"{name} tokens (shot seed {seed}): \"a photo of a <cls-k>\", one row per class, "
+                     f"{images.shape[1]} images each (DDIM {g.steps} steps, guidance {g.guidance:g})",
+                     out_png=workdir / f"generated_{phase}.png")
     shots = _shots(config, seed)
     similarity = clip_similarity.clip_image_similarity(clip_model, images, shots)
     out[phase] = {**judge_generation(judge, images, k), "clip_image_similarity": np.asarray(similarity).tolist()}
@@ -114,6 +119,7 @@ def write_report(config, workdir: Path, results: dict) -> Path:
   seeds = list(config.seeds)
   lines = [
       "# mcti-jax demo: MC-TI on digits the models know by name (0-4) and never met (5-9)", "",
+      *evaluate.smoke_banner(config),
       f"Top-1 accuracy (%) on the held-out digits not used as shots, 10-way, {n} shots per class, mean ± std over "
       f"shot seeds {seeds}. Every number is a mean of rows of results.json.", "",
       summary_table(evaluate.requested(results, config), evaluate.labels_of(config), n), "",

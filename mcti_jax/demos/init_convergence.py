@@ -1,6 +1,6 @@
 """Fig. 3: does TI converge faster from a class's own caption or label than from "*"?
 
-  import mcti
+  from mcti_jax.configs import mcti
   from mcti_jax.demos import init_convergence
   result = init_convergence.run(mcti.get_config("tiny"), "runs/init_convergence", seeds=(1, 2, 3))
 
@@ -43,7 +43,7 @@ def run(base_config: ml_collections.ConfigDict, workdir: str | Path, seeds: Sequ
   """Train the starts `variants` for every seed (a finished run in `workdir` is read, not trained again), plot
   <workdir>/init_convergence.png and write <workdir>/init_convergence.json.
 
-  base_config: `configs/mcti.py:tiny` (its model paths, data source and lr are used). num_classes: the first K
+  base_config: `mcti:tiny` (its model paths, data source and lr are used). num_classes: the first K
   digits only (5: the known ones; a class trains as it does among all ten, see training/step.py). Returns {"steps": [S],
   "curves": {variant: [S] mean over seeds}, "per_seed": {variant: {seed: [S]}}, "at": {variant: {100: v, 300: v}},
   "texts": {seed: {"caption": [K], "label": [K]}}, "elapsed_s", "plot", "json"}.

@@ -1,6 +1,6 @@
 """The evaluation harness: N-shot settings x evaluators x seeds on one test split.
 
-  results = run(config)   # config from configs/eval.py
+  results = run(config)   # config from mcti_jax/configs/eval.py
 
 For every (N, seed) it trains (or resumes, or finds finished) one run of
 config.train's phases, then scores it with every evaluator of config.evals
@@ -110,11 +110,11 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
       models, trained = cell.models, cell.result
       for name in todo:
         out = evals[name].run(cell, name)
-        if isinstance(out, dict):  # a retrieval evaluator: its metrics are the row (no classification report)
+        if isinstance(out, dict):  # a retrieval or generation evaluator: its metrics are the row (no report)
           results["rows"].append({"method": name, "n_shots": n_shots, "seed": seed, **out})
           if main:
             _write_json(results_path, results)
-          log(f"   {labels[name]:<28} {_retrieval_line(out)}")
+          log(f"   {labels[name]:<28} {_dict_row_line(out)}")
           continue
         scores, labels_, info = out
         report = metrics.classification_report(scores, labels_, trained.num_classes)
@@ -152,6 +152,13 @@ def make_cell(config: ml_collections.ConfigDict, n_shots: int, seed: int, models
   features = _test_features(models, test, tcfg.data.resolution, {} if features_cache is None else features_cache)
   return evaluators.Cell(models=models, result=trained, train_config=tcfg, test=test, test_features=features,
                          out_dir=Path(config.workdir), n_shots=n_shots, seed=seed)
+
+
+def _dict_row_line(row: dict) -> str:
+  shown = [k for k in GENERATION_METRICS if isinstance(row.get(k), float)]
+  if shown:  # a generation evaluator's
+    return "  ".join(f"{k} {row[k]:.3f}" if k == "clip_similarity" else f"{k} {100 * row[k]:.1f}%" for k in shown)
+  return _retrieval_line(row)
 
 
 def _retrieval_line(row: dict) -> str:
@@ -289,6 +296,8 @@ def requested(results: dict, config) -> dict:
 
 
 RETRIEVAL_METRICS = ("mrr", "r1", "r5")  # a retrieval evaluator's row (evaluators/retrieval.py)
+# generation evaluators' rows (evaluators/generation_accuracy.py, clip_similarity.py)
+GENERATION_METRICS = ("gen_top1", "gen_top5", "baseline_top1", "baseline_top5", "clip_similarity")
 
 
 def summary(results: dict) -> dict[tuple[str, int, str], tuple[float, float, int]]:
@@ -296,7 +305,7 @@ def summary(results: dict) -> dict[tuple[str, int, str], tuple[float, float, int
   cells: dict[tuple[str, int, str], list[float]] = {}
   for row in results["rows"]:
     for key, value in row.items():
-      if (key.startswith("top") or key in RETRIEVAL_METRICS) and isinstance(value, float):
+      if (key.startswith("top") or key in RETRIEVAL_METRICS + GENERATION_METRICS) and isinstance(value, float):
         cells.setdefault((row["method"], row["n_shots"], key), []).append(value)
   return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in cells.items()}
 
@@ -316,11 +325,20 @@ def markdown_table(results: dict, labels: dict[str, str], metric: str = "top1") 
   return "\n".join(lines)
 
 
+SMOKE_TEST = ("> **Smoke test** (a `:quick` preset): a few training steps, to check that everything runs. These "
+              "numbers say nothing about the methods; the full presets' do.")
+
+
+def smoke_banner(config) -> list[str]:
+  """The report's first lines when `config.smoke_test` is set (the :quick presets)."""
+  return [SMOKE_TEST, ""] if config.get("smoke_test") else []
+
+
 def write_reports(workdir: Path, results: dict, config, pca_features) -> dict[str, Any]:
   """results.md and the figures for config's grid; pca_features None (no cell computed now) keeps token_pca.png."""
   shown = requested(results, config)
   metric_names = ["top1"] + [f"top1_{g}" for g in config.class_groups]
-  parts = [f"# Evaluation: {config.train.preset}", "",
+  parts = [f"# Evaluation: {config.train.preset}", "", *smoke_banner(config),
            f"Top-1 accuracy (%), mean ± std over seeds {list(config.seeds)}; every cell is a mean of rows of "
            "results.json.", ""]
   for metric in metric_names:
@@ -330,6 +348,13 @@ def write_reports(workdir: Path, results: dict, config, pca_features) -> dict[st
     parts += ["## composite retrieval", "", "MRR (x 100), R@1 and R@5 (%) of the retrieval evaluators, mean ± std "
               "over seeds.", ""]
     for metric in RETRIEVAL_METRICS:
+      parts += [f"[{metric}]", "", markdown_table(shown, labels_of(config), metric), ""]
+  generation = [m for m in GENERATION_METRICS if any(m in row for row in shown["rows"])]
+  if generation:
+    parts += ["## generation", "", "Generations judged by a classifier, top-1 and top-5 (%), with the class token "
+              "(gen_) and the SD baseline without it (baseline_); CLIP image similarity to the shots (x 100); mean ± "
+              "std over seeds.", ""]
+    for metric in generation:
       parts += [f"[{metric}]", "", markdown_table(shown, labels_of(config), metric), ""]
   table_path = workdir / "results.md"
   figures = {"accuracy_vs_shots": plots.accuracy_vs_shots(summary(shown), labels_of(config),

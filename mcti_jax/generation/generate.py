@@ -1,4 +1,4 @@
-"""Images from prompts (with learned class tokens), on a mesh; PNGs; the `mcti generate` command.
+"""Images from prompts (with learned class tokens), on a mesh; PNGs. `mcti generate` is command.py.
 
   sd = pipeline.load_stable_diffusion("stable-diffusion-v1-5/stable-diffusion-v1-5")
   learned = LearnedTokens.from_export("runs/pets/export/mcti", sd.tokenizer, sd.text_width)
@@ -13,10 +13,8 @@ batch size. MC-TI's generation metric is in `clip_similarity.py`.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
-import math
 from pathlib import Path
 
 import jax
@@ -32,7 +30,6 @@ from mcti_jax.tokens.conditioning import LearnedTokens
 from mcti_jax.models import hf_io
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import Frozen, freeze
-from mcti_jax.paths import output_folder
 
 CLASS_PROMPT = "a photo of a {}"  # MC-TI's generation metric prompt
 
@@ -152,83 +149,3 @@ def save_images(images: np.ndarray, folder: str | Path, prefix: str = "image") -
   names = [f"{prefix}_{i:04d}.png" for i in range(len(images))]
   hf_io.write_folder(folder, {name: png(image) for name, image in zip(names, images)})
   return [Path(folder) / name for name in names]
-
-
-def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
-  """uint8 images [B, H, W, C] -> one image [rows * H, cols * W, C], row by row; empty cells black."""
-  images = np.asarray(images)
-  b, h, w, c = images.shape
-  cols = math.ceil(b / rows)
-  cells = np.zeros((rows * cols, h, w, c), images.dtype)
-  cells[:b] = images
-  return cells.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-
-
-def save_grid(images: np.ndarray, path: str | Path, rows: int) -> Path:
-  """Write `image_grid(images, rows)` as one PNG, atomically."""
-  path = Path(path)
-  hf_io.write_folder(path.parent, {path.name: png(image_grid(images, rows))})
-  return path
-
-
-# ------------------------------------------------------------------ the command
-
-
-def _parser(prog: str) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog=prog, description="Generate images with Stable Diffusion (DDIM + classifier-free guidance), "
-      "optionally with class tokens learned by `mcti train` (write <cls-k> in the prompt).")
-  p.add_argument("--sd", required=True, help="diffusers Stable Diffusion folder or hub id (the tokens' base model)")
-  p.add_argument("--tokens", help="export folder of `mcti train` (e.g. runs/pets/export/mcti)")
-  p.add_argument("--prompt", action="append", help="a prompt, e.g. 'a photo of a <cls-3> on the beach' "
-                 "(repeatable; default with --tokens: 'a photo of a <cls-k>' for every class)")
-  p.add_argument("--n", type=int, default=8, help="images per prompt")
-  p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-  p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="runs/generate", help="output folder for the PNGs, grid.png and prompts.json")
-  p.add_argument("--batch_size", type=int, default=16, help="images per device program (memory; not results)")
-  p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
-  p.add_argument("--num_devices", type=int, default=None, help="devices to split the images over (default: all)")
-  return p
-
-
-def generate_main(argv: list[str]) -> None:
-  """`mcti generate --sd FOLDER [--tokens EXPORT] --prompt "a photo of a <cls-3>" ... --out FOLDER`.
-
-  argv[0] is the program name (as `cli.main` passes it).
-  """
-  from mcti_jax.models import pipeline
-  prog = argv[0] if argv else "mcti generate"
-  args = _parser(prog).parse_args(argv[1:])
-  if args.n < 1 or args.steps < 1:
-    raise SystemExit(f"{prog}: --n and --steps must be >= 1")
-  if not args.prompt and not args.tokens:
-    raise SystemExit(f"{prog}: give --prompt (and --tokens to use learned classes)")
-  try:
-    output_folder(args.out, "--out")  # before SD loads and the images are drawn
-    sd = pipeline.load_stable_diffusion(args.sd, dtype=args.dtype)
-    learned = None
-    if args.tokens:
-      learned = LearnedTokens.from_export(args.tokens, sd.tokenizer, sd.text_width)
-    prompts = args.prompt or class_prompts(learned)
-    # Refuse early: with --tokens every prompt must name a class, and every class must exist.
-    conditioning.tokenize(sd.tokenizer, prompts, learned, require_class_token=learned is not None)
-  except (ValueError, FileNotFoundError) as e:  # includes hf_io.CheckpointError
-    raise SystemExit(f"{prog}: {e}") from None
-
-  mesh = parallel.make_mesh(args.num_devices)
-  print(f"generating {args.n} image(s) for each of {len(prompts)} prompt(s), {args.steps} DDIM steps, "
-        f"guidance {args.guidance}, on {mesh.devices.size} device(s)")
-  images = generate(sd, prompts, learned=learned, num_images_per_prompt=args.n, steps=args.steps,
-                    guidance=args.guidance, seed=args.seed, mesh=mesh, batch_size=args.batch_size)
-  out = Path(args.out)
-  files = []
-  for i, prompt in enumerate(prompts):
-    paths = save_images(images[i * args.n:(i + 1) * args.n], out, prefix=f"prompt{i:03d}")
-    files.append({"prompt": prompt, "files": [p.name for p in paths]})
-  save_grid(images, out / "grid.png", rows=len(prompts))
-  info = {"sd": args.sd, "tokens": args.tokens, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-          "n": args.n, "sampler": "DDIM (eta=0)", "prompts": files}
-  hf_io.write_folder(out, {"prompts.json": info})
-  print(f"wrote {len(images)} images, grid.png and prompts.json to {out}")

@@ -8,7 +8,7 @@ The paper's details beyond its abstract are not public; this is our design.
   one random shot per class it gives the same target at every step.
 - The subspace restriction is not part of the loss: a phase with `subspace=True` trains the token's
   coordinates in the span of `config.tokens.subspace_words` (tokens/subspace.py), so the restriction is exact.
-  configs/custom_tokens.py sets the words per dataset (the super-class word and attribute words).
+  mcti_jax/configs/custom_tokens.py sets the words per dataset (the super-class word and attribute words).
 - Inference: composite queries "a photo of a S_k <attribute words>" retrieve images (retrieval/retrieve.py), refined
   by Generation-Aided Image Retrieval (retrieval/gair.py).
 """

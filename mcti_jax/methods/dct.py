@@ -35,7 +35,7 @@ metric_titles = {"ce": "classifier CE of the generations", "acc": "generations c
                  "training": "classes still training"}
 
 # The authors' prompts. "{}" is the class token; the config's templates may add the class name after it
-# ("{} {name}", the semantic case; see configs/dct.py).
+# ("{} {name}", the semantic case; see mcti_jax/configs/dct.py).
 TEMPLATES = ("A photo of {}", "a high resolution realistic image of {}", "A close-up photo of a {}")
 # A stream of the run's key that no step's draws use (those are fold_in(key, step) with step < 2**31 - 1).
 _LATENT_STREAM = 2 ** 31 - 1

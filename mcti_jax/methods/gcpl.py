@@ -3,7 +3,7 @@
 What distinguishes it from TI is the prompt: one template per dataset that
 names the super-class ("A photo of {}, a type of car.", GCPL Table 1), and a
 token initialised from the super-class word. Both are config fields
-(`data.template`, `tokens.init_word`; configs/gcpl.py sets them per preset).
+(`data.template`, `tokens.init_word`; mcti_jax/configs/gcpl.py sets them per preset).
 It is evaluated with the few-shot Diffusion Classifier and the CLIP-token head.
 """
 

@@ -501,8 +501,8 @@ def _add_prefix(prefix: str, roots: tuple[str, ...]):
   return lambda key: prefix + key if key.startswith(roots) else key
 
 
-def _read(path_or_hub_id, subfolder) -> tuple[Any, dict[str, Any], Any]:
-  folder = hf_io.resolve_folder(path_or_hub_id, subfolder)
+def _read(path_or_hub_id, subfolder, variant=None) -> tuple[Any, dict[str, Any], Any]:
+  folder = hf_io.resolve_folder(path_or_hub_id, subfolder, variant=variant)
   d = hf_io.read_config(folder)
   return folder, d, folder / "config.json"
 
@@ -530,9 +530,9 @@ _TOWERS = {
 }
 
 
-def _tower_from_pretrained(tower: str, path_or_hub_id, subfolder, dtype, param_dtype, **model_kw):
+def _tower_from_pretrained(tower: str, path_or_hub_id, subfolder, dtype, param_dtype, variant=None, **model_kw):
   index, config_cls, model_cls, with_projection_name, prefix, roots = _TOWERS[tower]
-  folder, d, source = _read(path_or_hub_id, subfolder)
+  folder, d, source = _read(path_or_hub_id, subfolder, variant)
   kind = _kind(d, source)
   if kind == "full":
     config, with_projection = CLIPConfig.from_hf(d, source).tower_configs()[index], True
@@ -546,16 +546,20 @@ def _tower_from_pretrained(tower: str, path_or_hub_id, subfolder, dtype, param_d
     return model_cls(config, with_projection=with_projection, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
                      **model_kw)
 
-  return hf_io.load_model(build, folder, WEIGHTS_NAME, renames=_add_prefix(prefix, roots), param_dtype=param_dtype)
+  return hf_io.load_model(build, folder, WEIGHTS_NAME, renames=_add_prefix(prefix, roots), param_dtype=param_dtype,
+                          variant=variant)
 
 
 def text_from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, *,
-                         eos_token_id: int | None = None, dtype=jnp.float32, param_dtype=jnp.float32) -> CLIPTextModel:
+                         eos_token_id: int | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+                         variant: str | None = None) -> CLIPTextModel:
   """The text tower from an SD `text_encoder/` folder or (with its projection) from a full CLIP folder.
 
   Pass the checkpoint tokenizer's `eos_token_id`: a legacy config (eos_token_id 2) does not say it (module docstring).
+  `variant` (e.g. "fp16") reads model.<variant>.safetensors.
   """
-  return _tower_from_pretrained("text", path_or_hub_id, subfolder, dtype, param_dtype, eos_token_id=eos_token_id)
+  return _tower_from_pretrained("text", path_or_hub_id, subfolder, dtype, param_dtype, variant,
+                                eos_token_id=eos_token_id)
 
 
 def vision_from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, *, dtype=jnp.float32,

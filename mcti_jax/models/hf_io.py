@@ -18,9 +18,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,14 @@ def from_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------ files and folders
 
 
-def resolve_folder(path_or_hub_id: str | os.PathLike, subfolder: str | None = None) -> Path:
-  """A local folder as it is; otherwise a hub id, downloaded when the network allows."""
+def resolve_folder(path_or_hub_id: str | os.PathLike, subfolder: str | None = None, *,
+                   variant: str | None = None) -> Path:
+  """A local folder as it is; otherwise a hub id, of which only the files the loaders read are downloaded.
+
+  `hub_files` says which: for the repo root of a pipeline, model_index.json and the parts in SD_PARTS; the
+  weights of `variant` (e.g. "fp16") when given. A local folder is not checked for the variant here; the
+  loader that reads the weights is.
+  """
   path = Path(path_or_hub_id).expanduser()
   if not path.exists():
     repo_id = str(path_or_hub_id)
@@ -76,22 +83,108 @@ def resolve_folder(path_or_hub_id: str | os.PathLike, subfolder: str | None = No
     if not looks_like_hub_id:
       raise CheckpointError(f"checkpoint folder {path} does not exist. Pass a local folder or a Hugging Face hub id "
                             "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
-    try:
-      from huggingface_hub import snapshot_download
-      path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
-    except Exception as e:  # no network, unknown repo, gated repo...
-      # One line of the hub's error: its chain through httpx is ~100 lines that say only this.
-      summary = next((line.strip() for line in str(e).splitlines() if line.strip()), "").rstrip(".")
-      raise CheckpointError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
-                            f"{summary}). Pass a local folder instead: download it where the hub is reachable "
-                            f"(`hf download {repo_id} --local-dir DIR`; only *.json, *.txt and *.safetensors are read) "
-                            "and pass DIR.") from None
+    path = _download(repo_id, subfolder, variant)
   if subfolder:
     path = path / subfolder
   if not path.is_dir():
     raise CheckpointError(f"{path} is not a folder. A diffusers pipeline folder has model_index.json and the "
                           "subfolders unet/, vae/, text_encoder/, tokenizer/, scheduler/.")
   return path
+
+
+def _download(repo_id: str, subfolder: str | None, variant: str | None) -> Path:
+  """List the repo's files, select what the loaders read (`hub_files`), download only those."""
+  import huggingface_hub
+  try:
+    patterns = hub_files(_list_hub_files(repo_id), subfolder, variant, repo_id=repo_id)
+    return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
+  except CheckpointError:
+    raise
+  except Exception as e:  # no network, unknown repo, gated repo...
+    # One line of the hub's error: its chain through httpx is ~100 lines that say only this.
+    summary = next((line.strip() for line in str(e).splitlines() if line.strip()), "").rstrip(".")
+    raise CheckpointError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
+                          f"{summary}). Pass a local folder instead: download it where the hub is reachable "
+                          f"(`hf download {repo_id} --local-dir DIR`; only its configs, tokenizer files and "
+                          "safetensors weights are read) and pass DIR.") from None
+
+
+def _list_hub_files(repo_id: str) -> list[str]:
+  """The repo's file paths from the hub; offline, the listing that an earlier download cached (if any)."""
+  import huggingface_hub
+  try:
+    return [s.rfilename for s in huggingface_hub.HfApi().model_info(repo_id).siblings]
+  except Exception as error:
+    if not hasattr(huggingface_hub, "get_cached_repo_tree"):  # older huggingface_hub: no cached listing
+      raise
+    try:
+      return [f.path for f in huggingface_hub.get_cached_repo_tree(repo_id)]
+    except Exception:
+      raise error from None
+
+
+# Which files each loader reads: a diffusers pipeline reads these parts of it (pipeline.load_stable_diffusion).
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+CONFIG_NAMES = ("model_index.json", "config.json", "scheduler_config.json")
+WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")  # diffusers, transformers
+# transformers' CLIPTokenizer reads these where the folder has them (tokenizer.json: its fast backend).
+TOKENIZER_NAMES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
+def weights_names(weights_name: str, variant: str | None = None) -> tuple[str, str]:
+  """The single file and the shard index of `weights_name`, named as diffusers/transformers name a variant.
+
+  ('model.safetensors', 'fp16') -> ('model.fp16.safetensors', 'model.safetensors.index.fp16.json'); its shards
+  are 'model.fp16-00001-of-00002.safetensors', ... (named in the index).
+  """
+  def add_variant(name: str) -> str:
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}" if variant else name
+  return add_variant(weights_name), add_variant(f"{weights_name}.index.json")
+
+
+def hub_files(files: Iterable[str], subfolder: str | None = None, variant: str | None = None, *,
+              repo_id: str = "the hub repo") -> list[str]:
+  """The files of a hub repo (`files`: every path, as the hub lists them) that the loaders read from `subfolder`.
+
+  Why: a Stable Diffusion repo holds ~44 GB (single-file checkpoints, .bin/.ckpt pickles, fp16 and non_ema
+  variants, a safety checker); the loaders read ~4 GB of it. The repo root of a pipeline (model_index.json)
+  means the root and SD_PARTS; any other folder means itself. From each: its config, the tokenizer files it
+  has, and beside a config.json one safetensors weights file (or a shard index and its shards), of `variant`
+  when given. A variant the folder lacks, or weights only as pickles, is a CheckpointError naming what is there.
+  """
+  files = sorted(set(files))
+  root = (subfolder or "").strip("/")
+  folders = [root, *SD_PARTS] if not root and "model_index.json" in files else [root]
+  selected = []
+  for folder in folders:
+    prefix = f"{folder}/" if folder else ""
+    here = [f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]]
+    names = [n for n in (*CONFIG_NAMES, *TOKENIZER_NAMES) if n in here]
+    if "config.json" in here:
+      names += _weights_files(here, f"{repo_id}/{prefix}", variant)
+    if not names:
+      raise CheckpointError(f"{repo_id}/{prefix} holds none of the files the loaders read "
+                            f"({', '.join((*CONFIG_NAMES, *TOKENIZER_NAMES))}).")
+    selected += [prefix + n for n in names]
+  return selected
+
+
+def _weights_files(here: list[str], where: str, variant: str | None) -> list[str]:
+  for weights_name in WEIGHTS_NAMES:
+    single, index = weights_names(weights_name, variant)
+    if single in here:
+      return [single]
+    if index in here:
+      shard = re.escape(single.rsplit(".", 1)[0]) + r"-\d+-of-\d+\.safetensors"
+      return [index, *(n for n in here if re.fullmatch(shard, n))]
+  present = [n for n in here if n.endswith(".safetensors")] or "none"
+  if variant:
+    raise CheckpointError(f"{where} has no weights of variant {variant!r} (its safetensors files: {present}). "
+                          "Ask for a variant that is there, or none for the full-precision weights.")
+  raise CheckpointError(f"{where} has no {' or '.join(WEIGHTS_NAMES)} (its safetensors files: {present}). Only "
+                        "safetensors weights are read, never .bin/.ckpt pickles.")
 
 
 def read_config(folder: Path, name: str = "config.json") -> dict[str, Any]:
@@ -108,10 +201,8 @@ def read_safetensors(folder: Path, weights_name: str, variant: str | None = None
   """All tensors of `weights_name` (or its sharded index) as numpy arrays, and the file they came from."""
   from safetensors.numpy import load_file
 
-  stem, ext = weights_name.rsplit(".", 1)
-  if variant:
-    weights_name = f"{stem}.{variant}.{ext}"
-  single, index = folder / weights_name, folder / f"{weights_name}.index.json"
+  single_name, index_name = weights_names(weights_name, variant)
+  single, index = folder / single_name, folder / index_name
   if single.is_file():
     files = [single]
   elif index.is_file():

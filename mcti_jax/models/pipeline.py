@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from mcti_jax.models import clip, hf_io, schedule, tokenizer, unet, vae
 
-SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_PARTS = hf_io.SD_PARTS  # what a hub download of a pipeline fetches, too
 
 
 @dataclasses.dataclass
@@ -48,18 +48,21 @@ def dtype_of(name: str):
 
 
 def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *, dtype: str = "float32",
-                          param_dtype: str = "float32", remat: bool = False) -> StableDiffusion:
+                          param_dtype: str = "float32", remat: bool = False,
+                          variant: str | None = None) -> StableDiffusion:
   """Load every part of a diffusers pipeline folder (model_index.json + subfolders).
 
-  The text encoder pools at the tokenizer's EOS id (see the "Pooling trap" in clip.py).
+  `variant` (e.g. "fp16") reads the weights files of that name (unet, vae, text_encoder), converted to
+  `param_dtype`; a hub id then downloads only those. The text encoder pools at the tokenizer's EOS id (see the
+  "Pooling trap" in clip.py).
   """
-  folder = hf_io.resolve_folder(path_or_hub_id)
+  folder = hf_io.resolve_folder(path_or_hub_id, variant=variant)
   index = hf_io.read_config(folder, "model_index.json")
   missing = [p for p in SD_PARTS if p not in index or not (folder / p).is_dir()]
   if missing:
     raise hf_io.CheckpointError(f"{folder} is not a complete Stable Diffusion folder: missing {missing}. "
                                 f"Expected model_index.json and the subfolders {list(SD_PARTS)}.")
-  kw = dict(dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype))
+  kw = dict(dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype), variant=variant)
   text_tokenizer = tokenizer.load_tokenizer(folder, "tokenizer")
   return StableDiffusion(
       unet=unet.from_pretrained(folder, "unet", remat=remat, **kw),

@@ -514,7 +514,7 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | None = "
                     param_dtype=jnp.float32, variant: str | None = None,
                     remat: bool = False) -> UNet2DConditionModel:
   """Load a diffusers UNet folder (config.json + diffusion_pytorch_model[.variant].safetensors)."""
-  folder = hf_io.resolve_folder(path_or_hub_id, subfolder)
+  folder = hf_io.resolve_folder(path_or_hub_id, subfolder, variant=variant)
   config = UNetConfig.from_hf(hf_io.read_config(folder, CONFIG_NAME), folder / CONFIG_NAME)
   build = lambda: UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0))
   return hf_io.load_model(build, folder, WEIGHTS_NAME, param_dtype=param_dtype, variant=variant)

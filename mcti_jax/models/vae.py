@@ -385,12 +385,16 @@ def _new_attention_key(key: str) -> str:
 
 
 def from_pretrained(path_or_hub_id: str | os.PathLike, subfolder: str | None = "vae", *, dtype: Any = jnp.float32,
-                    param_dtype: Any = jnp.float32) -> AutoencoderKL:
-  """Our AutoencoderKL from a diffusers folder (a pipeline folder with subfolder='vae', or a VAE folder with None)."""
-  folder = hf_io.resolve_folder(path_or_hub_id, subfolder)
+                    param_dtype: Any = jnp.float32, variant: str | None = None) -> AutoencoderKL:
+  """Our AutoencoderKL from a diffusers folder (a pipeline folder with subfolder='vae', or a VAE folder with None).
+
+  `variant` (e.g. "fp16") reads diffusion_pytorch_model.<variant>.safetensors.
+  """
+  folder = hf_io.resolve_folder(path_or_hub_id, subfolder, variant=variant)
   config = VAEConfig.from_hf(hf_io.read_config(folder, CONFIG_NAME), folder / CONFIG_NAME)
   build = lambda: AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-  return hf_io.load_model(build, folder, WEIGHTS_NAME, renames=_new_attention_key, param_dtype=param_dtype)
+  return hf_io.load_model(build, folder, WEIGHTS_NAME, renames=_new_attention_key, param_dtype=param_dtype,
+                          variant=variant)
 
 
 def save_pretrained(model: AutoencoderKL, folder: str | os.PathLike) -> None:

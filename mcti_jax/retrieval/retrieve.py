@@ -14,7 +14,7 @@ learned its words from (tiny_world.py); elsewhere, as a person labelled it
   report = metrics(text @ normalize(gallery_features).T, relevant, [q.type for q in queries])
 
 `queries.fixed_queries` gives the baselines GAIR (retrieval/gair.py) must beat; `run` is
-`mcti retrieve` (configs/retrieve.py) and `evaluate_tiny` the same on the tiny
+`mcti retrieve` (mcti_jax/configs/retrieve.py) and `evaluate_tiny` the same on the tiny
 world for a demo.
 
 The pieces: queries.py (parsing, the fixed queries), metrics.py (MRR, R@k),
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from mcti_jax import data as D
-from mcti_jax import paths
+from mcti_jax import paths, plots
 from mcti_jax.errors import ConfigError
 from mcti_jax.generation import generate
 from mcti_jax.models import hf_io
@@ -66,17 +66,21 @@ def _cell(image: np.ndarray | None, size: int, mark: bool | None) -> np.ndarray:
   return out
 
 
+FRAMES = "frames: green = relevant, red = not relevant"
+
+
 def strip(rows: Sequence[tuple[Sequence[np.ndarray | None], Sequence[bool | None]]], size: int = 64,
-          gap: int = 8) -> np.ndarray:
-  """Rows of images (None = an empty cell) with their marks -> one uint8 image, `gap` white pixels between cells."""
+          gap: int = 8, row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
+          title: str = "") -> np.ndarray:
+  """Rows of images (None = an empty cell) with their marks -> one labelled uint8 image (plots.image_grid), cells
+  size x size, `gap` white pixels apart."""
   width = max(len(images) for images, _ in rows)
-  out = np.full((len(rows) * (size + gap) - gap, width * (size + gap) - gap, 3), 255, np.uint8)
+  cells = np.full((len(rows), width, size, size, 3), 255, np.uint8)
   for r, (images, marks) in enumerate(rows):
     for c, (image, mark) in enumerate(zip(images, marks)):
       if image is not None or mark is not None:
-        out[r * (size + gap):r * (size + gap) + size, c * (size + gap):c * (size + gap) + size] = _cell(image, size,
-                                                                                                      mark)
-  return out
+        cells[r, c] = _cell(image, size, mark)
+  return plots.image_grid(cells, row_labels, col_labels, title, cell=size, gap=gap)
 
 
 # ------------------------------------------------------------------ a whole retrieval
@@ -145,15 +149,28 @@ def retrieve(setup: RetrievalSetup, lams: Sequence[float], gair_config=None, out
 
 
 def _query_strip(s: RetrievalSetup, scores: dict, shown: tuple[str, ...], i: int, refined, count: int) -> np.ndarray:
-  """Row per query kind: [generated images (GAIR's row)] | its top `count` gallery images, framed by relevance."""
+  """Row per query kind: [generated images (GAIR's row)] | its top `count` gallery images, framed by relevance;
+  the query's prompt in the title, what each row is at its left, the ranks above."""
   generated = [] if refined is None else list(refined.images[i])
-  rows = []
+  rows, labels = [], []
   for kind in dict.fromkeys(k for k in shown if k in scores):
     top = np.argsort(-scores[kind][i], kind="stable")[:count]
     images = list(s.gallery.load(top, s.resolution))
-    lead = generated if kind == "gair" else [None] * len(generated)
-    rows.append((lead + [None] + images, [None] * (len(lead) + 1) + [bool(s.relevant[i, j]) for j in top]))
-  return strip(rows)
+    lead = (generated if kind == "gair" else [None] * len(generated)) + [None] * bool(generated)  # | a gap
+    rows.append((lead + images, [None] * len(lead) + [bool(s.relevant[i, j]) for j in top]))
+    labels.append(_KIND_LABELS.get(kind, f"best fixed query: q(λ={kind.removeprefix('lam=')})"))
+  columns = [f"gen {j + 1}" for j in range(len(generated))] + [""] * bool(generated) + [
+      f"rank {j + 1}" for j in range(len(top))]
+  q = s.queries[i]
+  title = (f"query {i}: \"{q.prompt}\" ({int(s.relevant[i].sum())} relevant in the gallery)\n"
+           + ("GAIR's row starts with the images it generated for the query. " if generated else "")
+           + ("q(λ): the class prompt's CLIP feature moved λ of the way to the prompt's. "
+              if any(k.startswith("lam=") for k in shown if k in scores) else "") + FRAMES)
+  return strip(rows, row_labels=labels, col_labels=columns, title=title)
+
+
+_KIND_LABELS = {"gair": "GAIR (query refined with its generated images)",
+                "composite": "fixed query: the prompt as written"}
 
 
 # ------------------------------------------------------------------ entry points
@@ -184,8 +201,9 @@ def load_models(tokens: str | os.PathLike, sd_path: str | None, clip_path: str |
   from mcti_jax.models import pipeline
   from mcti_jax.models.frozen import freeze
   _, manifest = export.load_tokens(tokens)
-  sd_path = sd_path or manifest.get("base_model")
-  clip_path = clip_path or manifest.get("clip_model")
+  named = export.manifest_models(manifest, tokens)
+  sd_path = sd_path or named["base_model"]
+  clip_path = clip_path or named["clip_model"]
   if not clip_path or (need_sd and not sd_path):
     raise ConfigError(f"{tokens}/manifest.json does not name its models; give --config.sd_path and "
                       "--config.clip_path")
@@ -233,7 +251,7 @@ def labels_setup(tokens, labels_path, *, sd_path=None, clip_path=None, need_sd: 
 
 
 def run(config, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """`mcti retrieve` (configs/retrieve.py): results.json and strips in config.out."""
+  """`mcti retrieve` (mcti_jax/configs/retrieve.py): results.json and strips in config.out."""
   from mcti_jax.runtime import parallel
   if not config.tokens:
     raise ConfigError("give the tokens to search with: --tokens <export folder of `mcti train`> "

@@ -2,7 +2,7 @@
 
 Real Stable Diffusion and CLIP weights can't ship with the project, so the
 demo and the tests use tiny models pretrained here on sklearn digits
-(`mcti pretrain-tiny`, configs/tiny_pretrain.py). Here: the architectures and
+(`mcti pretrain-tiny`, mcti_jax/configs/tiny_pretrain.py). Here: the architectures and
 random checkpoints in the Hugging Face layouts (`checkpoints`), the captions
 (`captions`), what the models see (`data`), the three pretraining phases
 (`pretrain`) on a small private trainer (`trainer`), the model card (`card`) and

@@ -25,7 +25,7 @@ def model_card(models: tiny_checkpoints.TinyModels, stats: dict[str, Any]) -> st
   last = {phase: stats["curves"][phase][-1] for phase in stats["curves"]}
   return f"""# Tiny CLIP + latent diffusion model on sklearn digits (mcti-jax demo)
 
-Made by `mcti pretrain-tiny --seed {stats['seed']}` (mcti_jax/tiny/, configs/tiny_pretrain.py): our own JAX/Flax models,
+Made by `mcti pretrain-tiny --seed {stats['seed']}` (mcti_jax/tiny/, mcti_jax/configs/tiny_pretrain.py): our own JAX/Flax models,
 saved in the Hugging Face layouts (`clip/`: transformers CLIPModel; `sd/`: diffusers
 StableDiffusionPipeline whose text encoder is the CLIP text tower). Not a real model: a stand-in
 for Stable Diffusion 1.x + CLIP that trains on CPU in minutes.

@@ -1,4 +1,4 @@
-"""Pretrain the tiny CLIP, VAE and UNet on digits 0-4, as the real models were made (configs/tiny_pretrain.py).
+"""Pretrain the tiny CLIP, VAE and UNet on digits 0-4, as the real models were made (mcti_jax/configs/tiny_pretrain.py).
 
   1. CLIP: both towers, contrastive loss on (image, caption) pairs of the
      pretraining half of digits 0-4 (see `captions`); a caption's targets are
@@ -216,7 +216,7 @@ def train_unet(unet_model, schedule, vae_config: vae_lib.VAEConfig, latent_mean:
 def pretrain(config, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
   """Pretrain tiny CLIP, VAE and UNet on digits 0-4 and write `config.out`/{clip,sd} atomically.
 
-  config: configs/tiny_pretrain.py's fields. Returns {"losses": {phase: [first, last]},
+  config: mcti_jax/configs/tiny_pretrain.py's fields. Returns {"losses": {phase: [first, last]},
   "seconds": {phase: s}, "curves": ..., "schedule": ..., "out": path}.
   """
   seed, out = config.seed, Path(config.out)

@@ -2,7 +2,7 @@
 
 A run's export holds one such folder per phase (<workdir>/export/ti, .../mcti),
 written together in one step: a crash leaves the previous export or none,
-never some phases without the others. `mcti export` (export_command.py) rewrites an
+never some phases without the others. `mcti export` (reexport.py) rewrites an
 older export in today's formats.
 
   <folder>/tokens.safetensors         {"tokens": float32 [K, V, D], "num_vectors": int32 [K]}: all classes at once
@@ -18,6 +18,12 @@ combined array is padded to V = max V_k (its rows past V_k are unused) and
 `num_vectors` says how many each uses; the per-class files hold only theirs.
 Exports made before per-class counts lack `num_vectors` and use all V; those
 made before the A1111 files lack a1111/ and the manifest's "a1111_*" keys.
+
+The manifest names the models the tokens were trained on ("base_model", "clip_model") so that `mcti generate`
+and `mcti retrieve` can default to them, never as an absolute path of the machine that trained: a hub id as it
+is, a model that ships in the package as "mcti_jax:assets/tiny/sd" (wherever the package is installed), and
+another local folder relative to the export folder ("../../../models/sd"), so an export moved with its models
+still finds them (`model_reference`, `resolve_model`).
 
 The A1111 file is for tools that take the prompt word from the file name
 (manifest: "a1111_word", "a1111_file"), e.g. "cls3-golden_retriever-mcti":
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import unicodedata
 from pathlib import Path
@@ -58,6 +65,49 @@ MANIFEST = "manifest.json"
 COMBINED = "tokens.safetensors"
 A1111_KEY = "emb_params"  # kohya's key; A1111 and diffusers accept any single key
 _NOT_WORD = re.compile(r"[^a-z0-9]+")
+MODEL_KEYS = ("base_model", "clip_model")  # the manifest's model references
+PACKAGE = Path(__file__).resolve().parents[1]  # mcti_jax/: models inside it are named "mcti_jax:<path>"
+IN_PACKAGE = "mcti_jax:"
+
+
+def model_reference(model: str | os.PathLike, folder: str | os.PathLike) -> str:
+  """How the manifest in `folder` names `model`: a hub id as it is, a model inside the installed package as
+  "mcti_jax:<its path there>", another local folder relative to `folder`, starting with "./" or "../"."""
+  path = Path(model).expanduser()
+  if not path.exists():
+    return str(model)  # a hub id
+  path = path.resolve()
+  if path.is_relative_to(PACKAGE):
+    return IN_PACKAGE + path.relative_to(PACKAGE).as_posix()
+  try:
+    relative = Path(os.path.relpath(path, Path(folder).expanduser().resolve())).as_posix()
+  except ValueError:  # another drive (Windows): nothing relative exists
+    return str(path)
+  return relative if relative.startswith("../") or relative == ".." else f"./{relative}"
+
+
+def resolve_model(reference: str, folder: str | os.PathLike) -> str:
+  """The model a manifest in `folder` names (`model_reference`'s inverse); older manifests' absolute paths and hub
+  ids as they are."""
+  if reference.startswith(IN_PACKAGE):
+    return str(PACKAGE / reference.removeprefix(IN_PACKAGE))
+  if reference.startswith(("./", "../")) or reference == "..":
+    return os.path.normpath(Path(folder).expanduser().resolve() / reference)
+  return reference
+
+
+def with_model_references(info: dict[str, Any] | None, folder: str | os.PathLike) -> dict[str, Any]:
+  """`info` with its model paths written as `model_reference`s from `folder`."""
+  info = dict(info or {})
+  for key in MODEL_KEYS:
+    if info.get(key):
+      info[key] = model_reference(info[key], folder)
+  return info
+
+
+def manifest_models(manifest: dict[str, Any], folder: str | os.PathLike) -> dict[str, str | None]:
+  """{"base_model": ..., "clip_model": ...}: the models the export in `folder` names, resolved (None: not named)."""
+  return {key: resolve_model(manifest[key], folder) if manifest.get(key) else None for key in MODEL_KEYS}
 
 
 def _slug(text: str, limit: int = 32) -> str:
@@ -133,7 +183,7 @@ def _check_finite(tokens: np.ndarray, class_names: list[str], phase: str | None)
 def export_tokens(folder: str | Path, tokens: np.ndarray, class_tokens: ClassTokens, class_names: list[str],
                   info: dict[str, Any] | None = None) -> Path:
   """Write all formats atomically (a crash leaves the previous export, or none)."""
-  hf_io.write_folder(folder, token_files(tokens, class_tokens, class_names, info))
+  hf_io.write_folder(folder, token_files(tokens, class_tokens, class_names, with_model_references(info, folder)))
   return Path(folder)
 
 
@@ -146,8 +196,9 @@ def export_phases(folder: str | Path, phases: dict[str, np.ndarray], class_token
   """
   files = {}
   for phase, tokens in phases.items():
-    one = token_files(tokens, class_tokens, class_names,
-                      {**(info or {}), **(phase_info or {}).get(phase, {}), "phase": phase})
+    phase_folder = Path(folder) / phase
+    one = token_files(tokens, class_tokens, class_names, with_model_references(
+        {**(info or {}), **(phase_info or {}).get(phase, {}), "phase": phase}, phase_folder))
     files.update({f"{phase}/{name}": content for name, content in one.items()})
   hf_io.write_folder(folder, files, replace=True)
   return {phase: Path(folder) / phase for phase in phases}

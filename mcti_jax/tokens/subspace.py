@@ -42,7 +42,7 @@ def word_ids(tokenizer, words: tuple[str, ...], vocab_size: int) -> np.ndarray:
   """The token id of every word; each must be one token of the frozen vocabulary."""
   if not words:
     raise ConfigError("tokens.subspace_words is empty: a phase with subspace=True needs the words whose span holds "
-                      "the tokens (the super-class word plus attribute words, see configs/custom_tokens.py)")
+                      "the tokens (the super-class word plus attribute words, see mcti_jax/configs/custom_tokens.py)")
   ids = []
   for word in words:
     got = tokenizer(word, add_special_tokens=False)["input_ids"]

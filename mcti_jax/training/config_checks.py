@@ -7,6 +7,8 @@ half a run behind. Each bad value is one ConfigError naming the field.
 
 from __future__ import annotations
 
+import math
+
 from mcti_jax.training import class_chunks, phases
 from mcti_jax.errors import ConfigError
 from mcti_jax.training.runs import config_value as _get
@@ -39,6 +41,10 @@ def _problems(config):
   for name in BOOLS:
     if not isinstance(_get(config, name), bool):
       yield name, "true or false"
+  guidance = _get(config, "model.guidance")
+  if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                               or not math.isfinite(guidance) or guidance < 0):
+    yield "model.guidance", "a finite number >= 0"
   for name, choices in CHOICES.items():
     if _get(config, name) not in choices:
       yield name, "one of " + ", ".join(choices)
@@ -50,7 +56,7 @@ def _problems(config):
 
 
 def check_train_config(config) -> None:
-  """Raise one ConfigError listing every field of a training config (configs/mcti.py) with a bad value."""
+  """Raise one ConfigError listing every field of a training config (mcti_jax/configs/mcti.py) with a bad value."""
   bad = [f"config.{name}={_get(config, name)!r} must be {want}" for name, want in _problems(config)]
   if bad:
     raise ConfigError("bad config values: " + "; ".join(bad) + ". Fix them with --config.<field>=<value>.")

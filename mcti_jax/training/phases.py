@@ -51,7 +51,7 @@ def plan(config) -> list[Phase]:
   problems = list(_problems(config))
   if problems:
     raise ConfigError("bad phase settings: " + "; ".join(problems) + ". Fix them with "
-                      "--config.phase.<name>.<field>=<value> (see configs/mcti.py).")
+                      "--config.phase.<name>.<field>=<value> (see mcti_jax/configs/mcti.py).")
   out, step = [], 0
   for index, name in enumerate(config.phases):
     settings = config.phase[name]
@@ -91,7 +91,7 @@ def _problems(config):
       yield f"{where}.subspace={s.subspace!r} must be True or False"
     elif s.subspace and not config.tokens.get("subspace_words"):
       yield (f"{where}.subspace=True, but config.tokens.subspace_words is empty: give the single-token words whose "
-             "span holds the tokens (see configs/custom_tokens.py)")
+             "span holds the tokens (see mcti_jax/configs/custom_tokens.py)")
     own = methods.own_settings(s)
     for field, value in (("lr", s.lr), ("weight_decay", s.weight_decay), *own.items()):  # the numbers
       positive = field == "lr"

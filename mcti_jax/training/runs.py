@@ -24,8 +24,9 @@ from mcti_jax.errors import ConfigError
 # Fields a resumed run may change: outputs, logging, the device count and classes per pass (results don't
 # depend on them), gradient checkpointing (the same arithmetic), and input paths whose contents are hashed instead.
 RESUMABLE = ("workdir", "data.cache_dir", "log_every", "checkpoint_every", "num_devices", "mesh", "class_chunk",
-             "model.remat", "model.sd_path", "model.clip_path", "data.root", "data.data_dir", "data.split_file",
-             "classifier.path", "classifier.clip_path", "classifier.export", "tokens.caption_file")
+             "model.remat", "model.guidance", "model.sd_path", "model.clip_path", "data.preset", "data.root",
+             "data.data_dir", "data.split_file", "classifier.path", "classifier.clip_path", "classifier.export",
+             "tokens.caption_file")
 SIGNATURE_VERSION = 3  # 3: config.phases
 
 

@@ -143,7 +143,7 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
     everyone = np.arange(num_classes)  # named, not loaded: each process loads only its own classes' images
     shot_positions = D.choose_shots(labeled, config.data.n_shots, config.data.shot_seed, everyone)
     shots_manifest = D.shots_manifest(labeled, shot_positions, config.data.shot_seed, everyone)
-    cache_key = {"sd": runs.fingerprint(config.model.sd_path),
+    cache_key = {"sd": runs.fingerprint(config.model.sd_path), **_variant_key(config),
                  "clip": runs.fingerprint(config.model.clip_path) if loads_clip else None,
                  "dtype": config.model.dtype, "source": labeled.source, "resolution": config.data.resolution}
     local_digests, cache_digests = _hash_shots(shots, cache_key, config.data.flip)
@@ -167,10 +167,11 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
     subspace.word_ids(words_tokenizer, tuple(config.tokens.subspace_words), len(words_tokenizer))
 
   # Both found (or downloaded) before either loads: a wrong CLIP path must not wait for Stable Diffusion.
-  sd_folder = hf_io.resolve_folder(config.model.sd_path)
+  sd_folder = hf_io.resolve_folder(config.model.sd_path, variant=config.model.get("variant"))
   clip_folder = hf_io.resolve_folder(config.model.clip_path) if loads_clip else None
   log(f"loading Stable Diffusion from {config.model.sd_path}")
-  sd = pipeline.load_stable_diffusion(sd_folder, dtype=config.model.dtype, remat=config.model.remat)
+  sd = pipeline.load_stable_diffusion(sd_folder, dtype=config.model.dtype, remat=config.model.remat,
+                                      variant=config.model.get("variant"))
   clip_model = None
   if loads_clip:
     log(f"loading CLIP from {config.model.clip_path}")
@@ -214,6 +215,13 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
                shots_manifest, data, classifier, targets, init_tokens, signature, span)
 
 
+def _variant_key(config) -> dict[str, str]:
+  """{"variant": "fp16"} when model.variant is set (fp16 weights encode slightly other latents); {} keeps the
+  cache keys of full-precision runs as they were."""
+  variant = config.model.get("variant")
+  return {"variant": variant} if variant else {}
+
+
 def _hash_shots(shots: D.FewShot, cache_key: dict[str, Any], flip: bool) -> tuple[np.ndarray, list[str]]:
   """Per class, reading a chunk of classes at a time: the run's shot digests (runs.shot_digests, uint8 [K, 32]) and
   its encoding cache entries' (D.class_digest)."""
@@ -254,7 +262,7 @@ def _load_classifier(config, plan) -> tuple[Any, np.ndarray]:
   users = ", ".join(p.name for p in plan if "classifier" in p.caps.needs)
   if not spec.type:
     raise ConfigError(f"phase(s) {users} learn from a classifier, but config.classifier.type is unset: set it to "
-                      f"file, clip_zeroshot or clip_tokens with its path (see configs/dct.py and the README)")
+                      f"file, clip_zeroshot or clip_tokens with its path (see `mcti train --config dct --help`)")
   required, optional = guides.TYPES.get(spec.type, ((), ()))
   classifier = guides.load({k: spec[k] for k in ("type", *required, *optional) if spec.get(k) is not None})
   count = classifier.num_classes

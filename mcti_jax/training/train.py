@@ -1,6 +1,6 @@
 """The trainer: few shots -> cached encodings -> one compiled step per phase for all K classes -> export.
 
-  result = train(config)   # config from configs/mcti.py
+  result = train(config)   # config from mcti_jax/configs/mcti.py
 
 The run is `config.phases` in order (phases.py); each phase trains with its
 method's loss (methods/<name>.py), a fresh AdamW state, and exports its tokens
@@ -378,7 +378,7 @@ def _finish(setup: Setup, workdir: Path, plan: list[phases.Phase], ended, metric
   ended = np.asarray(gather(ended))  # a collective: all processes
   tokens = {p.name: ended[p.index] for p in plan}
   info = {"base_model": str(c.model.sd_path), "clip_model": str(c.model.clip_path), "pooling": c.model.pooling,
-          "shots": setup.shots_manifest}
+          "guidance": c.model.get("guidance"), "shots": setup.shots_manifest}
   if setup.classifier is not None:
     from mcti_jax import guides
     fields = ("type",) + sum(guides.TYPES[c.classifier.type], ())

@@ -1,9 +1,7 @@
 """The synthetic large-K world: distinct classes, reproducible pixels, disjoint splits, free to enumerate."""
 
-
 import numpy as np
 import pytest
-from conftest import ROOT
 
 from mcti_jax.training import config_checks
 from mcti_jax import data as D
@@ -70,7 +68,7 @@ def test_a_50000_image_test_split_is_read_a_batch_at_a_time(monkeypatch):
 
 
 def test_the_synthetic_preset_loads_with_k_from_the_config():
-  _, config = load_config(str(ROOT / "configs" / "mcti.py") + ":synthetic")
+  _, config = load_config("mcti:synthetic")
   config_checks.check_train_config(config)
   assert config.data.source == "synthetic" and config.data.num_classes == 64 and config.data.class_names is None
   assert D.load_labeled(config.data, "train").num_classes == 64
@@ -79,5 +77,5 @@ def test_the_synthetic_preset_loads_with_k_from_the_config():
   config.data.num_classes = None
   with pytest.raises(ConfigError, match=r"data.num_classes=None; set it, e.g. --config.data.num_classes=1024"):
     D.load_labeled(config.data, "train")
-  _, evaluation = load_config(str(ROOT / "configs" / "eval.py") + ":synthetic")
+  _, evaluation = load_config("eval:synthetic")
   assert evaluation.train.data.source == "synthetic"

@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 
+from mcti_jax.configs import demo as demo_config
 from mcti_jax.demos import demo
 from mcti_jax.evaluation import evaluate
 from mcti_jax.tiny import judges
@@ -18,7 +19,7 @@ from mcti_jax.tiny import judges
 
 @pytest.fixture(scope="module")
 def quick_demo(tiny_checkpoint, tmp_path_factory):
-  config = importlib.import_module("demo").get_config("quick")
+  config = demo_config.get_config("quick")
   workdir = tmp_path_factory.mktemp("demo")
   config.workdir, config.train.data.cache_dir = str(workdir), str(workdir / "cache")
   config.train.model.sd_path = str(tiny_checkpoint / "sd")
@@ -36,6 +37,9 @@ def test_demo_writes_its_report_and_files(quick_demo):
   report = (workdir / "report.md").read_text()
   for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
     assert (workdir / image).is_file(), image
+  # A :quick preset's reports say that they are a smoke test; the full preset's don't.
+  assert report.split("\n")[2] == evaluate.SMOKE_TEST and evaluate.SMOKE_TEST in (workdir / "results.md").read_text()
+  assert not demo_config.get_config("full").smoke_test
 
 
 @pytest.mark.slow
@@ -76,8 +80,8 @@ def test_demo_command_takes_overrides_of_its_default_config():
   import sys
   from conftest import ROOT
   from mcti_jax import cli
-  named = ["mcti demo", "--config", "configs/demo.py:quick"]
-  assert cli.with_default_config(named, "configs/demo.py") == named
+  named = ["mcti demo", "--config", "demo:quick"]
+  assert cli.with_default_config(named, "mcti_jax/configs/demo.py") == named
   out = subprocess.run([sys.executable, "-m", "mcti_jax.cli", "demo", "--config.generation.num_images=3", "--help"],
                        cwd=ROOT, capture_output=True, text=True, check=True).stdout
   assert "num_images: 3" in out and "workdir: runs/demo" in out
@@ -85,11 +89,10 @@ def test_demo_command_takes_overrides_of_its_default_config():
 
 @pytest.mark.parametrize("file, module", [("demo", "demo"), ("dct_demo", "dct_demo"), ("custom_demo", "custom_demo")])
 def test_each_demo_config_names_its_demo_and_an_unknown_kind_is_refused(file, module):
-  from conftest import ROOT
   from mcti_jax import demos
   from mcti_jax.config_files import load_config
   from mcti_jax.errors import ConfigError
-  _, config = load_config(f"{ROOT}/configs/{file}.py")
+  _, config = load_config(file)
   assert demos.KINDS[config.get("kind", "mcti")] == module
   assert callable(importlib.import_module(f"mcti_jax.demos.{module}").run)
   config.unlock()

@@ -1,7 +1,6 @@
 """Classification heads, metrics and the evaluation harness."""
 
 import copy
-import importlib
 import json
 import re
 import shutil
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_train_config
+from mcti_jax.configs import eval as eval_config
 from mcti_jax.evaluation import evaluate, metrics
 from mcti_jax.tokens import export
 from mcti_jax.training import runs
@@ -81,9 +81,9 @@ def test_tokens_from_another_base_model_are_refused(tmp_path):
 def test_report_shows_only_the_requested_grid_and_keeps_the_token_pca(tmp_path):
   """Rerun with seeds (1,) in a workdir that holds seeds 1 and 2: the report is on seed 1, and every cell being done
   (no PCA features computed now) keeps the earlier token_pca.png in results.md."""
-  config = importlib.import_module("eval").get_config("tiny")
+  config = eval_config.get_config("tiny")
   config.n_shots, config.seeds = (1,), (1, 2)
-  importlib.import_module("eval").only(config, "ti", "mcti")
+  eval_config.only(config, "ti", "mcti")
   top1 = {("ti", 1, 1): 0.339, ("ti", 1, 2): 0.259, ("mcti", 1, 1): 0.5, ("mcti", 1, 2): 0.3, ("ti", 2, 1): 0.9}
   rows = [{"method": m, "n_shots": n, "seed": s, "top1": v, "top1_known": v - 0.1, "top1_unknown": 0.25}
           for (m, n, s), v in top1.items()]
@@ -108,7 +108,7 @@ def test_report_shows_only_the_requested_grid_and_keeps_the_token_pca(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_eval(tiny_checkpoint, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("eval")
-  config = importlib.import_module("eval").get_config("tiny")
+  config = eval_config.get_config("tiny")
   config.train = tiny_train_config(tiny_checkpoint, workdir / "unused", **{"phase.ti.steps": 2, "phase.mcti.steps": 2})
   config.workdir = str(workdir)
   config.n_shots, config.seeds = (1,), (1, 2)
@@ -232,7 +232,7 @@ def test_a_changed_evaluator_recomputes_its_own_rows_only(eval_copy, monkeypatch
   workdir, config = eval_copy
   before, checkpoints = _rows(workdir), _checkpoints(workdir)
   config_of_rows = evaluate.evals_of(config)
-  importlib.import_module("eval").only(config, "ti", "mcti")
+  eval_config.only(config, "ti", "mcti")
   config.evals.mcti.template = "T2"
   config.evals.ti_t2 = dict(type="clip_tokens", label="TI, T2", phase="ti", template="T2")
   calls = _count_evaluator_runs(monkeypatch)
@@ -260,7 +260,7 @@ def test_a_changed_training_setting_retrains_the_cells_and_says_which(eval_copy,
   """Every row is made from a trained cell, so all of them are recomputed, from cells trained again."""
   workdir, config = eval_copy
   checkpoints = _checkpoints(workdir)
-  importlib.import_module("eval").only(config, "ti")
+  eval_config.only(config, "ti")
   old_lr = config.train.phase.ti.lr
   config.train.phase.ti.lr = old_lr / 2
   calls, lines = _count_evaluator_runs(monkeypatch), []
@@ -301,7 +301,7 @@ def test_results_made_with_other_weights_are_not_reused(tiny_eval, tiny_checkpoi
   results = json.loads((workdir / "results.json").read_text())
   grown = copy.deepcopy(config)
   grown.seeds = (1, 2, 3)
-  importlib.import_module("eval").only(grown, "ti")
+  eval_config.only(grown, "ti")
   grown.evals.gcpl = dict(type="clip_tokens", phase="gcpl")  # a new evaluator, no rows yet
   kept = copy.deepcopy(results)
   assert not evaluate._drop_stale_rows(kept, workdir / "results.json", evaluate._made_with(grown), print)
@@ -340,7 +340,7 @@ def test_a_split_with_no_test_images_left_is_a_clear_error(tiny_checkpoint, tmp_
     (tmp_path / "images" / name).mkdir(parents=True)
     for i in range(2):
       Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
-  config = importlib.import_module("eval").get_config("tiny")
+  config = eval_config.get_config("tiny")
   config.train = tiny_train_config(tiny_checkpoint, tmp_path / "run",
                                    **{"phase.ti.steps": 1, "phase.mcti.steps": 0, "data.source": "folder", "data.root": str(tmp_path / "images"),
                                       "data.n_shots": 2, "data.class_names": None})

@@ -5,6 +5,7 @@ guidance 3 -> 8-image chunks on 8 devices), so they share one compiled program.
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from conftest import max_abs_diff
 from mcti_jax.generation import clip_similarity as CS
 from mcti_jax.tokens import export
 from mcti_jax.runtime import parallel
+from mcti_jax.generation import command as generate_command
 from mcti_jax.generation import generate as G
 from mcti_jax.generation import sampling as S
 from mcti_jax.tokens import placeholders as tok
@@ -261,15 +263,6 @@ def test_generate_equals_diffusers_pipeline_with_learned_tokens(tiny_checkpoint,
 # ------------------------------------------------------------------ files
 
 
-def test_image_grid_places_images_row_by_row():
-  images = np.arange(5 * 2 * 3 * 3).reshape(5, 2, 3, 3).astype(np.uint8)
-  grid = G.image_grid(images, rows=2)
-  assert grid.shape == (4, 9, 3)
-  np.testing.assert_array_equal(grid[0:2, 3:6], images[1])
-  np.testing.assert_array_equal(grid[2:4, 3:6], images[4])
-  np.testing.assert_array_equal(grid[2:4, 6:9], 0)
-
-
 def test_save_images_writes_pngs(tmp_path):
   images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
   paths = G.save_images(images, tmp_path / "out", prefix="p")
@@ -289,14 +282,45 @@ def _argv(tiny_checkpoint, out, *extra):
 def test_generate_main_writes_images_and_grid(tiny_checkpoint, tmp_path, eight_devices):
   tokens = _export(tmp_path / "tokens", num_classes=2, num_vectors=1, width=32)
   out = tmp_path / "out"
-  G.generate_main(_argv(tiny_checkpoint, out, "--tokens", str(tokens), "--prompt", "a photo of a <cls-0>",
+  generate_command.main(_argv(tiny_checkpoint, out, "--tokens", str(tokens), "--prompt", "a photo of a <cls-0>",
                         "--prompt", "a photo of the <cls-1> on the beach"))
   names = sorted(p.name for p in out.iterdir())
   assert names == ["grid.png", "prompt000_0000.png", "prompt000_0001.png", "prompt000_0002.png",
                    "prompt001_0000.png", "prompt001_0001.png", "prompt001_0002.png", "prompts.json"]
-  grid = np.asarray(Image.open(out / "grid.png"))
-  assert grid.shape == (2 * 16, N * 16, 3)
-  np.testing.assert_array_equal(grid[16:32, 16:32], np.asarray(Image.open(out / "prompt001_0001.png")))
+  grid = np.asarray(Image.open(out / "grid.png"))  # plots.image_grid: 16-px images drawn 4x, 6 px apart, labelled
+  y0, x0 = grid.shape[0] - 6 - (2 * 64 + 6), grid.shape[1] - 6 - (N * 64 + (N - 1) * 6)
+  assert y0 > 0 and x0 > 0  # room for the title, column and row labels (the prompts)
+  np.testing.assert_array_equal(grid[y0 + 70:y0 + 134, x0 + 70:x0 + 134],
+                                np.asarray(Image.open(out / "prompt001_0001.png")).repeat(4, 0).repeat(4, 1))
+
+
+def test_generate_takes_its_base_model_and_guidance_from_the_tokens_manifest(tiny_checkpoint, tmp_path, eight_devices):
+  """Without --sd and --guidance, the export's manifest names both; the images are those of naming them by hand."""
+  tokens = _export(tmp_path / "tokens", num_classes=2, num_vectors=1, width=32)  # the shapes above: one compile
+  manifest = json.loads((tokens / "manifest.json").read_text())
+  manifest.update(base_model="../tiny_sd", guidance=3.0)  # as `mcti train` writes it: relative to the export
+  (tokens / "manifest.json").write_text(json.dumps(manifest))
+  (tmp_path / "tiny_sd").symlink_to(tiny_checkpoint / "sd")
+  common = ["--tokens", str(tokens), "--n", str(N), "--steps", str(STEPS)]
+  generate_command.main(["mcti generate", "--out", str(tmp_path / "from_manifest"), *common])
+  generate_command.main(["mcti generate", "--out", str(tmp_path / "by_hand"), "--sd", str(tiny_checkpoint / "sd"),
+                   "--guidance", "3.0", *common])
+  info = json.loads((tmp_path / "from_manifest" / "prompts.json").read_text())
+  assert info["guidance"] == 3.0 and info["sd"] == str(tmp_path / "tiny_sd")
+  for name in ("prompt000_0000.png", "prompt001_0002.png"):
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "from_manifest" / name)),
+                                  np.asarray(Image.open(tmp_path / "by_hand" / name)))
+
+
+def test_generate_without_sd_needs_a_manifest_that_names_one(tmp_path):
+  tokens = _export(tmp_path / "tokens", num_classes=1, num_vectors=1, width=32)
+  manifest = json.loads((tokens / "manifest.json").read_text())
+  del manifest["base_model"]
+  (tokens / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(SystemExit, match="give --sd .*manifest.json names no base model"):
+    generate_command.main(["mcti generate", "--tokens", str(tokens), "--out", str(tmp_path / "out")])
+  with pytest.raises(SystemExit, match="give --sd"):
+    generate_command.main(["mcti generate", "--prompt", "a photo", "--out", str(tmp_path / "out")])
 
 
 def test_class_prompts():
@@ -312,23 +336,23 @@ def test_class_prompts():
 def test_generate_main_refuses(tiny_checkpoint, tmp_path, width, prompt, message):
   tokens = _export(tmp_path / "tokens", num_classes=2, num_vectors=1, width=width)
   with pytest.raises(SystemExit, match=message):
-    G.generate_main(_argv(tiny_checkpoint, tmp_path / "out", "--tokens", str(tokens), "--prompt", prompt))
+    generate_command.main(_argv(tiny_checkpoint, tmp_path / "out", "--tokens", str(tokens), "--prompt", prompt))
   assert not (tmp_path / "out").exists()
 
 
 def test_generate_main_refuses_class_token_without_tokens(tiny_checkpoint, tmp_path):
   with pytest.raises(SystemExit, match=r"no learned tokens were loaded \(--tokens\)"):
-    G.generate_main(_argv(tiny_checkpoint, tmp_path / "out", "--prompt", "a photo of a <cls-0>"))
+    generate_command.main(_argv(tiny_checkpoint, tmp_path / "out", "--prompt", "a photo of a <cls-0>"))
 
 
 def test_generate_main_refuses_missing_model(tmp_path):
   with pytest.raises(SystemExit, match="mcti generate: .*nowhere"):
-    G.generate_main(["mcti generate", "--sd", str(tmp_path / "nowhere"), "--prompt", "a photo"])
+    generate_command.main(["mcti generate", "--sd", str(tmp_path / "nowhere"), "--prompt", "a photo"])
 
 
 def test_generate_main_help(capsys):
   with pytest.raises(SystemExit) as e:
-    G.generate_main(["mcti generate", "--help"])
+    generate_command.main(["mcti generate", "--help"])
   assert e.value.code == 0
   assert "--tokens" in capsys.readouterr().out
 

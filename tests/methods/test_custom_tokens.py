@@ -22,7 +22,7 @@ BPE = Path(__file__).resolve().parents[3] / "shared" / "data" / "bpe_simple_voca
 
 def custom_config(tiny_checkpoint, workdir, **overrides):
   """Custom tokens in the subspace on the random tiny model, 6 steps, a checkpoint every 2."""
-  import custom_tokens as configs  # configs/custom_tokens.py
+  from mcti_jax.configs import custom_tokens as configs
   from mcti_jax import methods
   c = configs.get_config("tiny")
   base = tiny_train_config(tiny_checkpoint, workdir)
@@ -145,7 +145,7 @@ def test_words_spanning_the_whole_space_are_refused():
 def test_preset_words_are_single_tokens_of_their_vocabularies():
   """Every preset's subspace words are one token of the real CLIP BPE vocabulary (where ../shared has it); the tiny
   preset's are words of the embedded tiny tokenizer."""
-  import custom_tokens as configs
+  from mcti_jax.configs import custom_tokens as configs
   from mcti_jax.tiny import checkpoints as tiny_checkpoints
   words = {w for name, ws in configs.SUBSPACE_WORDS.items() if name != "tiny" for w in ws}
   tiny_tokenizer = tokenizer_lib.load_tokenizer(Path(configs.mcti.TINY_ASSETS) / "sd", "tokenizer")

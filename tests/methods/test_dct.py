@@ -274,9 +274,9 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_checkpoint, tmp_pa
 
 
 def test_the_dct_preset_names_each_token_for_its_classifier_class(tiny_checkpoint, tmp_path):
-  """configs/dct.py:tiny with targets (3, 7): the tokens are the guide's "three" and "seven" (the preset's digit
+  """dct:tiny with targets (3, 7): the tokens are the guide's "three" and "seven" (the preset's digit
   names once named them "zero" and "one"), and the generation templates say so."""
-  import dct as dct_configs  # configs/dct.py
+  from mcti_jax.configs import dct as dct_configs
   c = set_fields(dct_configs.get_config("tiny,names"), {"workdir": str(tmp_path / "run"),
                                                         "classifier.targets": (3, 7)})
   setup = setup_lib.prepare(c, log=lambda *_: None)

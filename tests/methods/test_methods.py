@@ -34,7 +34,7 @@ def test_ti_and_mcti_tokens_equal_mains(tmp_path):
   anywhere since its text feature comes from the text encoder's pass (`Backbone.text_shared`): the same
   computation in another order (measured: at most 2.2e-8 apart where the fixture was made).
   """
-  import mcti
+  from mcti_jax.configs import mcti
   want, meta = _fixture()
   steps = int(meta["steps_per_phase"])
   c = mcti.get_config("tiny")
@@ -98,7 +98,7 @@ def test_comple_loss_equals_the_papers_formula_by_hand():
 
 def _comple_config(checkpoint, workdir, devices):
   """GCPL, then CoMPLe at lambda 0 and at 1e-2, both as branches from the initial tokens: one run."""
-  import gcpl
+  from mcti_jax.configs import gcpl
   from conftest import tiny_train_config
   from mcti_jax import methods
   c = tiny_train_config(checkpoint, workdir, num_devices=devices, **{"data.num_classes": 5})
@@ -164,7 +164,7 @@ def test_bad_phase_and_eval_settings_are_one_clear_error(tiny_checkpoint, tmp_pa
 
 
 def test_an_evaluator_of_an_untrained_phase_fails_before_training(tmp_path):
-  import eval as eval_config
+  from mcti_jax.configs import eval as eval_config
 
   from mcti_jax.evaluation import evaluate
   from mcti_jax.errors import ConfigError
@@ -178,8 +178,8 @@ def test_an_evaluator_of_an_untrained_phase_fails_before_training(tmp_path):
 
 
 def test_the_gcpl_comparison_config_branches_gcpl_with_only_lambda_changed():
-  """configs/eval_gcpl.py: every CoMPLe phase is a branch with GCPL's steps, lr and template; rows name them."""
-  import eval_gcpl
+  """eval_gcpl: every CoMPLe phase is a branch with GCPL's steps, lr and template; rows name them."""
+  from mcti_jax.configs import eval_gcpl
 
   from mcti_jax.evaluation import evaluate, evaluators
   from mcti_jax.training import phases

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import random_export
 
+from mcti_jax.configs import eval as eval_config
 from mcti_jax.retrieval import labels as labels_lib
 from mcti_jax.retrieval import metrics as retrieval_metrics
 from mcti_jax.retrieval import tiny_world
@@ -228,8 +229,11 @@ def test_retrieve_command_on_the_tiny_model(tiny_checkpoint, tmp_path):
   first = results["per_query"][0]
   assert len(first["top"]["gair"]) == 5 and 0 <= first["gair"]["lam"] <= 1 and 1 <= len(first["gair"]["rounds"]) <= 2
   from PIL import Image
-  strip = np.asarray(Image.open(out / first["strip"]))
-  assert strip.shape == (2 * 64 + 8, (2 + 1 + 3) * 72 - 8, 3)  # rows gair, composite; 2 drawings | gap | 3 results
+  strip = np.asarray(Image.open(out / first["strip"]))  # rows gair, composite; 2 drawings | gap | 3 results
+  block = strip[-(8 + 2 * 64 + 8):-8, -(8 + (2 + 1 + 3) * 72 - 8):-8]  # the cells, bottom-right (plots.image_grid)
+  assert (block[64:72] == 255).all() and (block[:, 2 * 72 - 8:3 * 72] == 255).all()  # between rows; the gap
+  assert (block[64 + 8:, :2 * 72] == 255).all()  # the composite row has no drawings
+  assert (strip[:-(8 + 2 * 64 + 8)] < 128).any() and (strip[:, :-(8 + 6 * 72)] < 128).any()  # title, row labels
 
 
 def test_retrieve_command_needs_tokens(tmp_path):
@@ -245,16 +249,14 @@ def test_retrieve_command_needs_tokens(tmp_path):
 @pytest.mark.slow
 def test_retrieval_rows_in_the_eval_harness(tiny_checkpoint, tmp_path):
   """A retrieval evaluator's row holds MRR / R@1 / R@5; classification rows and tables stay as they were."""
-  import importlib
-
   from conftest import tiny_train_config
   from mcti_jax.evaluation import evaluate
-  config = importlib.import_module("eval").get_config("tiny")
+  config = eval_config.get_config("tiny")
   config.train = tiny_train_config(tiny_checkpoint, tmp_path / "unused", **{"phase.ti.steps": 2,
                                                                              "phase.mcti.steps": 2})
   config.workdir = str(tmp_path / "eval")
   config.n_shots, config.seeds = (1,), (1,)
-  importlib.import_module("eval").only(config, "mcti")
+  eval_config.only(config, "mcti")
   small = dict(type="retrieval", phase="mcti", attributes=("ink",))
   config.evals.composite = dict(small, label="composite prompt", query="composite")
   config.evals.gair = dict(small, label="GAIR", query="gair", gair=dict(rounds=1, num_images=1, steps=2))

@@ -27,9 +27,7 @@ PROCESSES, DEVICES_EACH = 2, 4
 STEPS = 8  # per phase: enough that a SIGTERM sent after step 2 lands before the end
 
 CONFIG = '''"""The multi-process test's evaluation: MC-TI on 5 digits, its token head and the few-shot DiC."""
-import sys
-sys.path.insert(0, {configs!r})
-import eval as eval_config
+from mcti_jax.configs import eval as eval_config
 
 
 def get_config(arg="eval"):
@@ -58,7 +56,7 @@ def _supports_cpu_collectives() -> str | None:
 
 
 def _write_config(path: Path, checkpoint: Path, workdir: Path, steps: int) -> Path:
-  path.write_text(CONFIG.format(configs=str(ROOT / "configs"), workdir=str(workdir), sd=str(checkpoint / "sd"),
+  path.write_text(CONFIG.format(workdir=str(workdir), sd=str(checkpoint / "sd"),
                                 clip=str(checkpoint / "clip"), cache=str(workdir.parent / "cache"), steps=steps))
   return path
 

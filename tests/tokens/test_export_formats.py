@@ -1,4 +1,4 @@
-"""The A1111/kohya embedding files against diffusers and A1111's loading logic, and `mcti export` (export_command.py).
+"""The A1111/kohya embedding files against diffusers and A1111's loading logic, and `mcti export` (reexport.py).
 
 One export of K=3 classes with V=2 vectors (class 1 uses only 1) and two phases
 serves every test; nothing is trained.
@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from conftest import max_abs_diff
 from mcti_jax import cli
-from mcti_jax.tokens import conditioning, export, export_command
+from mcti_jax.tokens import conditioning, export, export_command, reexport
 from mcti_jax.tokens import placeholders as tok
 from mcti_jax.models import clip
 from mcti_jax.models import tokenizer as tokenizer_lib
@@ -236,7 +236,7 @@ def test_reexport_refuses_bad_input_clearly_and_changes_nothing(run, tmp_path, d
   if damage is not None:
     damage(workdir / "export" / "mcti")
   before = _contents(tmp_path)
-  with pytest.raises(export_command.ExportError, match=message) as e:
+  with pytest.raises(reexport.ExportError, match=message) as e:
     export_command.main([str(workdir / where)])
   assert str(workdir) in str(e.value)
   _assert_same(_contents(tmp_path), before)
@@ -246,9 +246,9 @@ def test_reexport_refuses_to_replace_an_unrelated_out_folder(run, tmp_path):
   mine = tmp_path / "mine"
   mine.mkdir()
   (mine / "thesis.tex").write_text("keep me")
-  with pytest.raises(export_command.ExportError, match=r"--out .*mine exists and holds other files"):
+  with pytest.raises(reexport.ExportError, match=r"--out .*mine exists and holds other files"):
     export_command.main([str(run[0]), "--out", str(mine)])
-  with pytest.raises(export_command.ExportError, match=r"lies inside"):
+  with pytest.raises(reexport.ExportError, match=r"lies inside"):
     export_command.main([str(run[0]), "--out", str(run[0] / "export" / "copy")])
   assert (mine / "thesis.tex").read_text() == "keep me"
 

@@ -50,7 +50,7 @@ def test_a_diverged_run_stops_in_one_line_naming_the_step_and_class_and_keeps_it
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")  # as conftest has it
   capfd.readouterr()
   with pytest.raises(SystemExit) as e:
-    cli.main(["mcti", "train", "--config", "configs/mcti.py:tiny", *flags])
+    cli.main(["mcti", "train", "--config", "mcti:tiny", *flags])
   err = _without_progress_bar(capfd.readouterr().err)
   assert e.value.code == 1 and len(err.splitlines()) == 1, err
   assert err.startswith("mcti train: error: the ti phase diverged at step 2: class 0 (zero) has a nan loss"), err

@@ -285,7 +285,7 @@ def _mcti_train(*flags, **popen) -> subprocess.Popen:
          "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,  # the programs the fixtures compiled
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
   env.pop("MCTI_DEBUG", None)
-  return subprocess.Popen([sys.executable, "-m", "mcti_jax.cli", "train", "--config", "configs/mcti.py:tiny", *flags],
+  return subprocess.Popen([sys.executable, "-m", "mcti_jax.cli", "train", "--config", "mcti:tiny", *flags],
                           cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
@@ -299,6 +299,7 @@ def _flags(config) -> list[str]:
     (["--config.data.num_classes=11"], "data.num_classes=11, but digits"),
     (["--config.data.source=folder", "--config.data.root=/no/such/folder"], "/no/such/folder"),
     (["--config.checkpoint_every=0"], "config.checkpoint_every=0 must be an integer >= 1"),
+    (["--config.model.guidance=-1.0"], "config.model.guidance=-1.0 must be a finite number >= 0"),
 ])
 def test_bad_input_fails_before_the_models_load_in_one_line(tmp_path, flags, message):
   proc = _mcti_train(f"--config.workdir={tmp_path / 'run'}", *flags)
@@ -518,6 +519,6 @@ def test_unknown_tfds_dataset_fails_clearly(tiny_checkpoint, tmp_path):
 
 
 def test_cli_refuses_an_unknown_config_field():
-  proc = subprocess.run([sys.executable, "-m", "mcti_jax.cli", "train", "--config", "configs/mcti.py:tiny",
+  proc = subprocess.run([sys.executable, "-m", "mcti_jax.cli", "train", "--config", "mcti:tiny",
                          "--config.no_such_field=1"], cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode != 0 and "no field" in proc.stderr and "no_such_field" in proc.stderr

@@ -21,7 +21,8 @@ from typing import Any
 from mcti_jax.errors import ConfigError
 from mcti_jax.evaluation.evaluators.cell import Cell, Models  # noqa: F401  (what every evaluator's run takes)
 
-TYPES = ("clip_tokens", "clip_features", "clip_zeroshot", "coop", "dic", "retrieval")
+TYPES = ("clip_tokens", "clip_features", "clip_zeroshot", "coop", "dic", "retrieval", "generation_accuracy",
+         "clip_similarity")
 
 
 def make(name: str, entry) -> Any:

@@ -78,7 +78,7 @@ class Models:
 class Cell:
   models: Models
   result: object  # train.TrainResult
-  train_config: object  # the cell's training config (configs/mcti.py)
+  train_config: object  # the cell's training config (mcti_jax/configs/mcti.py)
   test: object  # data.LabeledImages
   test_features: np.ndarray  # [M, P] CLIP image features of the test images
   out_dir: Path  # the evaluation's workdir

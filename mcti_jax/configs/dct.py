@@ -1,26 +1,23 @@
 """Discriminative Class Tokens: a token per class learned from a frozen classifier, no images of the class.
 
-  mcti train --config configs/dct.py:tiny                       # the ten digits, judged by the tiny digit guide
-  mcti train --config configs/dct.py:tiny_slant                 # "a photo of the digit three <cls-0>", leaning left
-  mcti train --config configs/dct.py:sd --config.classifier.clip_path=openai/clip-vit-large-patch14 \\
+  mcti train --config dct:tiny                       # the ten digits, judged by the tiny digit guide
+  mcti train --config dct:tiny_slant                 # "a photo of the digit three <cls-0>", leaning left
+  mcti train --config dct:sd --config.classifier.clip_path=openai/clip-vit-large-patch14 \\
       --config.classifier.class_names='("tabby cat", "goldfish")'
 
 The argument is "<preset>" or "<preset>,names": with names the prompts hold
 "<cls-k> <name>" (the paper's semantic case), without them "<cls-k>" alone.
-The classifier is `config.classifier` (see configs/mcti.py and
+The classifier is `config.classifier` (see mcti_jax/configs/mcti.py and
 mcti_jax/guides/); `classifier.targets` picks its classes, one token each.
 """
 
 import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mcti  # noqa: E402  (configs/mcti.py)
-
-from mcti_jax import methods  # noqa: E402
-from mcti_jax.methods import dct  # noqa: E402
+from mcti_jax import methods
+from mcti_jax.configs import mcti
+from mcti_jax.methods import dct
 
 PRESET_NAMES = ("sd", "tiny", "tiny_slant", "sd,names", "tiny,names")
 NAMED_TEMPLATES = tuple(t.format("{} {name}") for t in dct.TEMPLATES)
@@ -57,7 +54,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   # 6 DDIM steps: the gradient only sees the last one, and more cost time on 2 cores (30: ~4x).
   c.phase.dct.sampling_steps = 6
   c.phase.dct.guidance = 2.0
-  # The tiny text tower's 32-wide embeddings need larger steps than SD's (see configs/mcti.py's tiny preset).
+  # The tiny text tower's 32-wide embeddings need larger steps than SD's (see mcti_jax/configs/mcti.py's tiny preset).
   # Tuned on seed 0 only (the demo reports seeds 1-3); % of digits 0-4 judged right by logistic / k-NN on pixels:
   # lr 1e-2, 30 steps, 10 DDIM steps: 57 / 62; lr 2e-2, 40 steps, 10 DDIM: 52 / 52; lr 1e-2, 50 steps, 8 DDIM:
   # 72 / 72; lr 1e-2, 30 steps, 6 DDIM: 72 / 75 (stop_accuracy 0.9 instead of 0.7: the same).

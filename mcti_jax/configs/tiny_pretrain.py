@@ -1,8 +1,8 @@
 """Pretraining of the embedded tiny CLIP + latent diffusion model on sklearn digits 0-4 (mcti_jax/tiny/).
 
-  mcti pretrain-tiny                               # = --config configs/tiny_pretrain.py; rewrites mcti_jax/assets/tiny
+  mcti pretrain-tiny                               # = --config tiny_pretrain; rewrites mcti_jax/assets/tiny
   mcti pretrain-tiny --quick --out /tmp/tiny       # = :quick; a smoke test, a useless model; CPU, about a minute
-  mcti pretrain-tiny --config configs/tiny_pretrain.py --clip-steps 100 --seed 1 --out /tmp/tiny
+  mcti pretrain-tiny --config tiny_pretrain --clip-steps 100 --seed 1 --out /tmp/tiny
 
 The full run took 17 minutes on 2 CPU cores (the committed checkpoint's
 pretrain_stats.json holds the times, these settings and the loss curves).

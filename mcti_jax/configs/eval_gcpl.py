@@ -1,24 +1,19 @@
 """GCPL and CoMPLe (lambda 0, 1e-4, 1e-3, 1e-2) on the tiny model: known digits 0-4 and unknown 5-9.
 
-  mcti eval --config configs/eval_gcpl.py   # 9 minutes on 2 CPU cores, compile cache empty; README: "GCPL and CoMPLe"
+  mcti eval --config eval_gcpl   # 9 minutes on 2 CPU cores, compile cache empty; docs/RESULTS.md: "GCPL and CoMPLe"
 
 One training run per shot seed: GCPL first, then each CoMPLe setting as a
 branch from the same initial tokens with the same samples (mcti_jax/training/phases.py), so
 the rows differ in lambda alone. Each is scored by the CLIP-token head and
 by the few-shot Diffusion Classifier, both with GCPL's template. The TI and
-MC-TI rows beside them in the README come from `make demo` (same shots).
+MC-TI rows beside them in docs/RESULTS.md come from `make demo` (same shots).
 """
-
-import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import eval as eval_config  # noqa: E402  (configs/eval.py)
-import gcpl  # noqa: E402  (configs/gcpl.py)
-
-from mcti_jax import methods  # noqa: E402
+from mcti_jax import methods
+from mcti_jax.configs import eval as eval_config
+from mcti_jax.configs import gcpl
 
 LAMBDAS = {"comple0": 0.0, "comple1e4": 1e-4, "comple1e3": 1e-3, "comple1e2": 1e-2}
 PRESET_NAMES = ("full", "quick")
@@ -46,6 +41,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
       c.evals[f"{name}_dic"] = dict(dic, label=f"{label}: DiC few-shot", tokens=name)
   if arg == "quick":
     c.workdir, c.seeds = "runs/eval_gcpl_quick", (1,)
+    c.smoke_test = True
     for name in c.train.phases:
       c.train.phase[name].steps = 4
   elif arg != "full":

@@ -1,18 +1,14 @@
 """The DCT demo: tokens learned from the tiny guides, judged by classifiers that are not the guide.
 
-  mcti demo --config configs/dct_demo.py            # (see mcti_jax/demos/dct_demo.py); writes runs/dct_demo/
-  mcti demo --config configs/dct_demo.py:quick      # a few steps, for tests
+  mcti demo --config dct_demo            # (see mcti_jax/demos/dct_demo.py); writes runs/dct_demo/
+  mcti demo --config dct_demo:quick      # a few steps, for tests
 
-Seeds: the settings in configs/dct.py were tuned on seed 0; the report uses 1, 2, 3.
+Seeds: the settings in mcti_jax/configs/dct.py were tuned on seed 0; the report uses 1, 2, 3.
 """
-
-import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dct  # noqa: E402  (configs/dct.py)
+from mcti_jax.configs import dct
 
 PRESET_NAMES = ("full", "quick")
 
@@ -21,6 +17,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.kind = "dct"  # which demo (mcti_jax/demos/dct_demo.py)
   c.workdir = "runs/dct_demo"
+  c.smoke_test = False  # True in :quick: its report says that its numbers mean nothing
   c.seeds = (1, 2, 3)  # training seeds: the token's sampled templates and its starting latents
   c.digits = dct.get_config("tiny")
   c.digits.classifier.targets = tuple(range(10))
@@ -30,6 +27,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
   c.attribute_generation = ml_collections.ConfigDict(dict(num_images=32, seed=1000))
   if arg == "quick":
     c.workdir = "runs/dct_demo_quick"
+    c.smoke_test = True
     c.seeds = (1,)
     for part in (c.digits, c.attribute):
       part.phase.dct.steps = 2

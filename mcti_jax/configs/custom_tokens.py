@@ -1,25 +1,20 @@
 """Custom tokens (Perera et al.): TI + alignment with the class's CLIP image features, in the span of attribute words.
 
-  mcti train --config configs/custom_tokens.py:pets --config.data.data_dir=~/tensorflow_datasets
-  mcti train --config configs/custom_tokens.py:tiny              # the embedded tiny model; CPU, a minute or two
-  mcti train --config configs/custom_tokens.py:tiny,free         # the same without the subspace
+  mcti train --config custom_tokens:pets --config.data.data_dir=~/tensorflow_datasets
+  mcti train --config custom_tokens:tiny              # the embedded tiny model; CPU, a minute or two
+  mcti train --config custom_tokens:tiny,free         # the same without the subspace
 
 The argument is "<preset>" or "<preset>,free" (no subspace: the token may go
-anywhere in the token space). The presets are configs/mcti.py's; each has its
+anywhere in the token space). The presets are mcti_jax/configs/mcti.py's; each has its
 `tokens.subspace_words` below: the super-class word and attribute words a
 user would compose with the token, every one a single token of CLIP's
 vocabulary (tests check them against the real BPE vocabulary).
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mcti  # noqa: E402  (configs/mcti.py)
-
-from mcti_jax import methods  # noqa: E402
+from mcti_jax import methods
+from mcti_jax.configs import mcti
 
 SUBSPACE_WORDS = {
     "pets": ("pet", "cat", "dog", "black", "white", "brown", "grey", "orange", "cream", "golden", "spotted", "striped",
@@ -74,7 +69,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
-  """The tiny text tower's 32-wide embeddings need larger steps than SD's (see configs/mcti.py's tiny preset)."""
+  """The tiny text tower's 32-wide embeddings need larger steps than SD's (see mcti:tiny)."""
   c.phase.custom_tokens.steps = 600
   c.phase.custom_tokens.lr = 5e-3
   c.phase.custom_tokens.beta = 0.05

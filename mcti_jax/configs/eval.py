@@ -1,21 +1,17 @@
 """Evaluation: N-shot settings x evaluators x seeds, as in MC-TI Table 1 and Fig. 4-5.
 
-  mcti eval --config configs/eval.py:pets --config.train.data.data_dir=~/tensorflow_datasets
-  mcti eval --config configs/eval.py:tiny      # the embedded tiny model; CPU, minutes
-  mcti eval --config configs/eval.py:synthetic --config.train.data.num_classes=1024   # scale, no accuracy claim
+  mcti eval --config eval:pets --config.train.data.data_dir=~/tensorflow_datasets
+  mcti eval --config eval:tiny      # the embedded tiny model; CPU, minutes
+  mcti eval --config eval:synthetic --config.train.data.num_classes=1024   # scale, no accuracy claim
 
-`train` is the training config of configs/mcti.py with the same preset; each
+`train` is the training config of mcti_jax/configs/mcti.py with the same preset; each
 (N, seed) trains into <workdir>/<N>shot/seed<seed> (resumable) and is scored
 by every evaluator in `evals` (mcti_jax/evaluation/evaluators/<type>.py), one row each.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mcti  # noqa: E402  (configs/mcti.py, the training config)
+from mcti_jax.configs import mcti
 
 PRESET_NAMES = mcti.PRESET_NAMES
 DIC_PRESETS = ("pets", "flowers", "food", "aircraft", "imagenet")  # the DiC paper's; others use pets'
@@ -25,6 +21,7 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.train = mcti.get_config(arg)
   c.workdir = f"runs/eval_{arg}"
+  c.smoke_test = False  # True in the :quick presets: their reports say that their numbers mean nothing
   c.n_shots = (1, 2, 4, 8, 16)
   c.seeds = (1, 2, 3)
   c.class_groups = ml_collections.ConfigDict()  # name -> class indices, reported separately (e.g. known/unknown)

@@ -1,29 +1,24 @@
 """Custom tokens on the tiny model: composite retrieval, GAIR, what the subspace costs, multi-token initialisation.
 
-  mcti demo --config configs/custom_demo.py          # composition: CPU, 2 cores, see the README for the time
-  mcti demo --config configs/custom_demo.py:init     # Fig. 3 of the multi-token seed, minutes
-  mcti demo --config configs/custom_demo.py:quick    # both, a few steps each, for tests
+  mcti demo --config custom_demo          # composition; docs/RESULTS.md gives its time on 2 CPU cores
+  mcti demo --config custom_demo:init     # multi-token initialisation (its paper's Fig. 3), minutes
+  mcti demo --config custom_demo:quick    # both, a few steps each, for tests
 
 Per shot seed (5 shots of all ten digits), one training run whose phases are
 four methods side by side: TI, MC-TI (after TI), and custom tokens free and
 in the span of the tiny CLIP's shape words, each a branch from the same
 start. Each is scored on plain classification (the CLIP-token head, known
 0-4 / unknown 5-9) and on composite queries "a photo of a S_k <shape words>";
-GAIR refines the custom tokens' queries. Then Fig. 3 of the multi-token seed:
-TI's noise MSE from four initialisations (the `init` variant). Writes
+GAIR refines the custom tokens' queries. Then the multi-token initialisation
+paper's Fig. 3: TI's noise MSE from four initialisations (the `init` variant). Writes
 runs/custom_demo/ (runs/custom_demo_init/).
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import custom_tokens  # noqa: E402  (configs/custom_tokens.py)
-import eval as eval_config  # noqa: E402  (configs/eval.py)
-
-from mcti_jax import methods  # noqa: E402
+from mcti_jax import methods
+from mcti_jax.configs import custom_tokens
+from mcti_jax.configs import eval as eval_config
 
 PRESET_NAMES = ("composition", "init", "quick")
 
@@ -42,7 +37,7 @@ def get_config(arg: str = "composition") -> ml_collections.ConfigDict:
   steps, lr = 400, 5e-3
   t.phase = ml_collections.ConfigDict()
   t.phase.ti = methods.phase("ti", steps=steps, lr=lr)
-  t.phase.mcti = methods.phase("mcti", steps=150, lr=lr, beta=0.0075)  # after TI, as in configs/mcti.py:tiny
+  t.phase.mcti = methods.phase("mcti", steps=150, lr=lr, beta=0.0075)  # after TI, as in mcti:tiny
   t.phase.custom_free = methods.phase("custom_tokens", steps=steps, lr=lr, beta=0.05, init="initial")
   t.phase.custom = methods.phase("custom_tokens", steps=steps, lr=lr, beta=0.05, init="initial", subspace=True)
   c.evals = ml_collections.ConfigDict()
@@ -52,7 +47,7 @@ def get_config(arg: str = "composition") -> ml_collections.ConfigDict:
   for name, label in labels.items():  # the composite queries' own text features
     c.evals["ret_" + name] = dict(type="retrieval", label=label + ": composite retrieval", phase=name,
                                   query="composite")
-  # GAIR on the custom tokens, against their best fixed query (retrieval/gair.py's defaults). The README's table
+  # GAIR on the custom tokens, against their best fixed query (retrieval/gair.py's defaults). docs/RESULTS.md's table
   # has every method's: --config.gair.phases='("ti", "mcti", "custom_free", "custom")' (about a minute each).
   c.gair = ml_collections.ConfigDict(dict(phases=("custom",), lams=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
                                           settings=ml_collections.ConfigDict()))
@@ -60,6 +55,7 @@ def get_config(arg: str = "composition") -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(seeds=(1,), steps=300))
   if arg == "quick":
     c.workdir = "runs/custom_demo_quick"
+    c.smoke_test = True
     c.seeds = (1,)
     for name in t.phases:
       t.phase[name].steps = 4

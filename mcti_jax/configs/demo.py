@@ -1,18 +1,14 @@
 """The demo: MC-TI vs TI on digits the tiny models know by name (0-4) and never met (5-9).
 
-  make demo                                        # = mcti demo --config configs/demo.py
-  mcti demo --config configs/demo.py:quick         # a few steps, for tests
+  make demo                                        # = mcti demo --config demo
+  mcti demo --config demo:quick         # a few steps, for tests
 
-CPU, 2 cores: about 9 minutes (see README). Writes runs/demo/.
+CPU, 2 cores: about 9 minutes (docs/RESULTS.md). Writes runs/demo/.
 """
-
-import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import eval as eval_config  # noqa: E402  (configs/eval.py)
+from mcti_jax.configs import eval as eval_config
 
 PRESET_NAMES = ("full", "quick")
 
@@ -25,6 +21,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
   c.generation = ml_collections.ConfigDict(dict(num_images=8, guidance=2.0, steps=50, seed=0))
   if arg == "quick":
     c.workdir = "runs/demo_quick"
+    c.smoke_test = True
     c.seeds = (1,)
     c.train.phase.ti.steps, c.train.phase.mcti.steps = 4, 4
     c.generation.num_images, c.generation.steps = 2, 3

@@ -1,14 +1,15 @@
 """MC-TI: TI warm-up then the discriminative regulariser, all classes in one run.
 
-  mcti train --config configs/mcti.py:pets --config.data.data_dir=~/tensorflow_datasets
-  mcti train --config configs/mcti.py:folder --config.data.root=/data/birds --config.tokens.init_word=bird
-  mcti train --config configs/mcti.py:tiny     # the embedded tiny model (see `mcti pretrain-tiny`); CPU, minutes
-  mcti train --config configs/mcti.py:synthetic --config.data.num_classes=1024   # scale on CPU (no accuracy claim)
+  mcti train --config mcti:pets --config.data.data_dir=~/tensorflow_datasets
+  mcti train --config mcti:folder --config.data.root=/data/birds --config.tokens.init_word=bird
+  mcti train --config mcti:tiny     # the embedded tiny model (see `mcti pretrain-tiny`); CPU, minutes
+  mcti train --config mcti:synthetic --config.data.num_classes=1024   # scale on CPU (no accuracy claim)
 
-The argument after ':' picks a dataset preset. Real presets expect Stable
-Diffusion 1.5 (`model.sd_path`) and CLIP ViT-L/14 (`model.clip_path`): local
-folders, or hub ids where the network allows. On one GPU, 3000+100 steps for
-K=37 pets train in one run.
+The argument after ':' picks a dataset preset; docs/DATA.md says how to get
+each preset's data (a tfds build, CoOp's split files, or a folder per class).
+Real presets expect Stable Diffusion 1.5 (`model.sd_path`) and CLIP ViT-L/14
+(`model.clip_path`): local folders, or hub ids where the network allows. On
+one GPU, 3000+100 steps for K=37 pets train in one run.
 """
 
 import os
@@ -21,32 +22,31 @@ from mcti_jax import methods
 # The embedded tiny checkpoint (`mcti pretrain-tiny` writes it), found wherever the package is installed.
 TINY_ASSETS = os.path.join(os.path.dirname(mcti_jax.__file__), "assets", "tiny")
 
-# Dataset presets: tensorflow-datasets name (or an image folder), split names, initializer word, and the
-# dataset's prompt template (`data.template`, GCPL's per-dataset prompt). The initializer words follow the MC-TI
-# paper's per-dataset choice of a coarse word. The templates of cars, tissue, skin_lesion, fractal and corn_seed are
-# GCPL's Table 1; the others follow CoOp's per-dataset prompts.
+# Dataset presets: tensorflow-datasets name (or another data.source: a CoOp split file, an image folder), split
+# names, initializer word, and the dataset's prompt template (`data.template`, GCPL's per-dataset prompt). The
+# initializer words follow the MC-TI paper's per-dataset choice of a coarse word. The templates of cars, tissue,
+# skin_lesion, fractal and corn_seed are GCPL's Table 1; the others follow CoOp's per-dataset prompts.
 PRESETS = {
     "pets": dict(name="oxford_iiit_pet", train_split="train", test_split="test", init_word="pet",
                  template="a photo of {}, a type of pet."),
     "flowers": dict(name="oxford_flowers102", train_split="train", test_split="test", init_word="flower",
                     template="a photo of {}, a type of flower."),
-    "cars": dict(name="cars196", train_split="train", test_split="test", init_word="car",
-                 template="A photo of {}, a type of car."),
+    # tfds' cars196 and sun397 download from links that are dead, and tfds has no FGVC-Aircraft: these read CoOp's
+    # split files (--config.data.split_file=...) and the images (docs/DATA.md).
+    "cars": dict(source="split_file", init_word="car", template="A photo of {}, a type of car."),
     "food": dict(name="food101", train_split="train", test_split="validation", init_word="food",
                  template="a photo of {}, a type of food."),
-    "aircraft": dict(name="fgvc_aircraft", train_split="train", test_split="test", init_word="aircraft",
-                     template="a photo of {}, a type of aircraft."),
+    "aircraft": dict(source="split_file", init_word="aircraft", template="a photo of {}, a type of aircraft."),
     "dtd": dict(name="dtd", train_split="train", test_split="test", init_word="texture", template="{} texture."),
     "eurosat": dict(name="eurosat/rgb", train_split="train[:80%]", test_split="train[80%:]", init_word="satellite",
                     template="a centered satellite photo of {}."),
     "caltech101": dict(name="caltech101", train_split="train", test_split="test", init_word="object",
                        template="a photo of a {}."),
-    "sun397": dict(name="sun397", train_split="train", test_split="test", init_word="scene",
-                   template="a photo of a {}."),
+    "sun397": dict(source="split_file", init_word="scene", template="a photo of a {}."),
     "imagenet": dict(name="imagenet2012", train_split="train", test_split="validation", init_word="object",
                      template="a photo of a {}."),
-    "celeba": dict(name="celeb_a", train_split="train", test_split="test", init_word="person",
-                   template="a photo of {}, a person."),
+    # tfds' celeb_a has attributes but no class label: one folder per identity (--config.data.root=...).
+    "celeba": dict(source="folder", init_word="person", template="a photo of {}, a person."),
     "tissue": dict(name="colorectal_histology", train_split="train[:80%]", test_split="train[80%:]",
                    init_word="tissue", template="{} tissue."),
     # GCPL's other datasets have no tfds build: one folder per class (--config.data.root=...).
@@ -66,9 +66,14 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.sd_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # diffusers folder or hub id
   c.model.clip_path = "openai/clip-vit-large-patch14"  # transformers CLIP folder: MC-TI's g_k and f_j
+  # Weights variant of sd_path, e.g. "fp16" (half the download, read into float32); None: full precision.
+  c.model.variant = ml_collections.config_dict.placeholder(str)
   c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
   c.model.pooling = "eos"  # "argmax" reproduces the official MC-TI code's pooling (see models/clip.py)
   c.model.remat = False  # gradient checkpointing in the UNet (full-size models on small memory)
+  # Classifier-free guidance that drawing with the tokens defaults to (`mcti generate`; the export's manifest
+  # records it). Training does not use it. 7.5: Stable Diffusion's usual.
+  c.model.guidance = 7.5
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds"  # tfds | folder | digits | split_file | synthetic
@@ -76,8 +81,10 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
   c.data.train_split = "train"
   c.data.test_split = "test"
-  c.data.root = ml_collections.config_dict.placeholder(str)  # folder source: one subfolder per class
+  # folder source: one subfolder per class; split_file: the folder its paths are relative to (default: the file's)
+  c.data.root = ml_collections.config_dict.placeholder(str)
   c.data.split_file = ml_collections.config_dict.placeholder(str)  # CoOp-style split JSON
+  c.data.preset = arg  # data errors name it and its section of docs/DATA.md
   c.data.n_shots = 16
   c.data.shot_seed = 0
   c.data.resolution = 512  # SD 1.5 trains at 512
@@ -89,7 +96,7 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
 
   c.tokens = ml_collections.ConfigDict()
   c.tokens.num_vectors = 1
-  # word | random | texts | label | caption (mcti_jax/training/token_init.py). label and caption start class k from the V_k
+  # word | random | texts | label | caption (training/token_init.py). label and caption start class k from the V_k
   # tokens of its own label or caption (V_k varies per class; tokens.num_vectors is then unused).
   c.tokens.init = "word"
   c.tokens.init_word = "object"
@@ -99,7 +106,7 @@ def get_config(arg: str = "pets") -> ml_collections.ConfigDict:
   c.tokens.label_template = "a photo of a {}"  # ... in this prompt
   # init="caption": one caption per class (K lines) or per shot (K*N lines, class-major; class k uses its first's)
   c.tokens.caption_file = ml_collections.config_dict.placeholder(str)
-  # Single-token words whose span holds the tokens of phases with subspace=True (custom tokens; mcti_jax/tokens/subspace.py).
+  # Single-token words whose span holds the tokens of phases with subspace=True (custom tokens; tokens/subspace.py).
   c.tokens.subspace_words = ()
   c.templates = "ti"  # "ti" = the TI template list, or one template like "a photo of a {}"
 
@@ -153,6 +160,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   """The embedded tiny model on the sklearn digits: the demo and the tests. Minutes on 2 CPU cores."""
   c.model.sd_path = os.path.join(TINY_ASSETS, "sd")
   c.model.clip_path = os.path.join(TINY_ASSETS, "clip")
+  c.model.guidance = 2.0  # the tiny model's 16 px digits saturate at SD's 7.5 (the demo draws at 2)
   c.data.source = "digits"
   c.data.n_shots = 5
   c.data.resolution = 16

@@ -27,14 +27,14 @@ import dataclasses
 
 import ml_collections
 
+from mcti_jax.retrieval import gair
 from mcti_jax.retrieval import retrieve
 from mcti_jax.retrieval import tiny_world
-from mcti_jax.retrieval import gair
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if arg:
-    raise ValueError(f"configs/retrieve.py has no presets (got {arg!r}); set fields with --config.<field>=<value>")
+    raise ValueError(f"the retrieve config has no presets (got {arg!r}); set fields with --config.<field>=<value>")
   c = ml_collections.ConfigDict()
   c.tokens = ""  # export folder of `mcti train` (also --tokens)
   c.out = "runs/retrieve"

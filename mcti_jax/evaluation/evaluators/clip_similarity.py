@@ -1,0 +1,52 @@
+"""CLIP image similarity (MC-TI's Table 2): how close are the images a class token draws to the class's shots?
+
+For every class k, G images from "a photo of a <cls-k>" (`template`) with a phase's tokens; the row's
+`clip_similarity` is the mean over classes of the mean CLIP image-image cosine over all G x N pairs of class k's
+generations and its N shots (generation/clip_similarity.py's metric, on the cell's CLIP and the shots' features the
+trainer computed), and `clip_similarity_per_class` [K] the per-class means. Image g of every class starts from
+fold_in(key(seed), g) (generated.py).
+
+  c.evals.sim_mcti = dict(type="clip_similarity", tokens="mcti", num_images=8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from mcti_jax.errors import ConfigError
+from mcti_jax.evaluation.evaluators import generated
+from mcti_jax.generation import clip_similarity as similarity_lib
+
+
+def class_similarity(generated_features: np.ndarray, shot_features: np.ndarray) -> np.ndarray:
+  """generated [K, G, P] and shots [K, N, P] CLIP image features (any norm) -> [K]: for class k, the mean cosine
+  over all G x N pairs of its generations and its shots."""
+  g, s = (np.asarray(x, np.float64) for x in (generated_features, shot_features))
+  if g.ndim != 3 or s.ndim != 3 or g.shape[0] != s.shape[0] or g.shape[2] != s.shape[2]:
+    raise ValueError(f"need generated [K, G, P] and shots [K, N, P] with the same K and P, got {g.shape} and "
+                     f"{s.shape}")
+  g, s = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (g, s))
+  return np.einsum("kgp,knp->k", g, s) / (g.shape[1] * s.shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator(generated.Settings):
+
+  def run(self, cell, name: str) -> dict[str, Any]:
+    learned, tokenizer = self.learned_tokens(cell, name)
+    if cell.result.shot_features is None and cell.result.shots is None:
+      raise ConfigError(f"config.evals.{name} (clip_similarity) compares generations with the class's shots, but "
+                        "this run trained without shots (e.g. DCT); use generation_accuracy for its tokens")
+    shots = np.asarray(cell.shot_features)  # [K, N, P]
+    guidance, per_class = self.guidance_of(cell.train_config), []
+    for k, class_name in enumerate(learned.class_names):  # one class's images at a time
+      images = generated.draw(cell.models.sd, tokenizer, learned, generated.prompt(self.template, k, class_name),
+                              self, guidance, cell.models.mesh)
+      features = similarity_lib.unit_image_features(cell.models.clip, images, self.batch_size)
+      per_class.append(float(class_similarity(features[None], shots[k:k + 1])[0]))
+    return {"clip_similarity": float(np.mean(per_class)), "clip_similarity_per_class": per_class,
+            "prompt": generated.prompt(self.template, 0, learned.class_names[0]), "num_images": self.num_images,
+            "steps": self.steps, "guidance": guidance, "seed": self.seed}
