@@ -21,6 +21,7 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
   c.generation = ml_collections.ConfigDict(dict(num_images=8, guidance=2.0, steps=50, seed=0))
   if arg == "quick":
     c.workdir = "runs/demo_quick"
+    c.evals.dic_fewshot.update(preset="tiny", strategy="stages")  # 52 UNet calls per image, not ~330
     c.smoke_test = True
     c.seeds = (1,)
     c.train.phase.ti.steps, c.train.phase.mcti.steps = 4, 4

@@ -17,7 +17,8 @@ Every query is ranked by the plain composite prompt, by q(lam) for each of `lams
 (the class prompt's CLIP text feature moved towards the composite prompt's) and,
 with gair.enabled, by GAIR (mcti_jax/retrieval/gair.py: it draws the query with
 the tokens' Stable Diffusion, adjusts lam until the drawings show both the class
-and the words, and adds the drawings' CLIP feature to the query). Writes
+and the words; with gair.expand_query, our addition, it also adds the drawings'
+CLIP feature to the query). Writes
 <out>/results.json (MRR, R@1, R@5 per query kind, overall and per query type;
 each query's top 5) and <out>/strips/q<i>.png (GAIR's drawings | its top
 results; below, the composite prompt's; green frame: relevant, red: not).

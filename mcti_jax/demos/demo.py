@@ -123,6 +123,7 @@ def write_report(config, workdir: Path, results: dict) -> Path:
       f"Top-1 accuracy (%) on the held-out digits not used as shots, 10-way, {n} shots per class, mean ± std over "
       f"shot seeds {seeds}. Every number is a mean of rows of results.json.", "",
       summary_table(evaluate.requested(results, config), evaluate.labels_of(config), n), "",
+      *evaluate.dic_protocol(evaluate.requested(results, config), evaluate.labels_of(config)),
       "## Generation", "",
       f"8 images per class from \"a photo of a <cls-k>\" (DDIM {gen['steps']} steps, guidance {gen['guidance']}), "
       f"tokens of shot seed {gen['shot_seed']}. Judged by an independent classifier ({gen['judge']}; "

@@ -334,6 +334,21 @@ def smoke_banner(config) -> list[str]:
   return [SMOKE_TEST, ""] if config.get("smoke_test") else []
 
 
+def dic_protocol(shown: dict, labels: dict[str, str]) -> list[str]:
+  """One line per Diffusion Classifier row: its schedule, UNet calls per image and the test images it scored."""
+  lines = []
+  for method in dict.fromkeys(r["method"] for r in shown["rows"] if "unet_calls_per_image" in r):
+    rows = [r for r in shown["rows"] if r["method"] == method]
+    scored, split = {r["num_images"] for r in rows}, {r.get("test_images") for r in rows}
+    images = (f"all {rows[0]['num_images']} test images" if scored == split else
+              f"an evenly spread {'/'.join(map(str, sorted(scored)))} of the "
+              f"{'/'.join(str(n) for n in sorted(split - {None})) or '?'} test images")
+    lines.append(f"- {labels.get(method, method)}: {rows[0].get('schedule', rows[0]['strategy'])}; "
+                 f"{np.mean([r['unet_calls_per_image'] for r in rows]):.0f} UNet calls per image on average "
+                 f"(at most {rows[0]['unet_calls_bound']}); {images} per cell.")
+  return ["Diffusion Classifier rows:", "", *lines, ""] if lines else []
+
+
 def write_reports(workdir: Path, results: dict, config, pca_features) -> dict[str, Any]:
   """results.md and the figures for config's grid; pca_features None (no cell computed now) keeps token_pca.png."""
   shown = requested(results, config)
@@ -344,6 +359,7 @@ def write_reports(workdir: Path, results: dict, config, pca_features) -> dict[st
   for metric in metric_names:
     title = "all classes" if metric == "top1" else f"{metric[5:]} classes {list(config.class_groups[metric[5:]])}"
     parts += [f"## {title} [{metric}]", "", markdown_table(shown, labels_of(config), metric), ""]
+  parts += dic_protocol(shown, labels_of(config))
   if any("mrr" in row for row in shown["rows"]):
     parts += ["## composite retrieval", "", "MRR (x 100), R@1 and R@5 (%) of the retrieval evaluators, mean ± std "
               "over seeds.", ""]

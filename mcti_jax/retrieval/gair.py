@@ -2,9 +2,9 @@
 
 A composite query "a photo of a S_k w" asks for class k showing the words w.
 Its plain CLIP text feature can lean on either part (a strong token drowns the
-words, or the words drown the class). GAIR draws what the query asks for,
-checks what the drawings show, and retrieves with a query balanced to match.
-Every choice is a field of `GairConfig`; queries.py has the queries.
+words, or the words drown the class). GAIR (Perera et al.) draws what the query
+asks for, checks what the drawings show, and retrieves with a query balanced to
+match. Every choice is a field of `GairConfig`; queries.py has the queries.
 
 1. Interpolation. The generator is conditioned on h(lam) = h_c + lam (h_cw - h_c),
    h_c the text encoder's last hidden states of the class prompt
@@ -31,20 +31,32 @@ Every choice is a field of `GairConfig`; queries.py has the queries.
    final lam is the round whose worse margin, min(p_class - its threshold,
    p_attr - attribute_threshold), is largest: the first round that showed
    both, else the nearest miss.
-4. The refined query: q = normalize(q(lam) + image_weight n(f)), with
-   q(lam) = normalize(g_c + lam (g_cw - g_c)) the same interpolation of the two
-   prompts' CLIP text features (queries.mix) and f the mean of the final
-   round's image features, each weighted by its p_class x p_attr
-   (judge_weighting), so drawings that show both count most.
+4. The refined query: q(lam) = normalize(g_c + lam (g_cw - g_c)), the same
+   interpolation of the two prompts' CLIP text features (queries.mix) at the
+   searched lam. This is GAIR as the paper describes it: "the query is modified
+   at inference time" by "balancing the learned token with attribute-based
+   prompts" (abstract and summary; the method section is not available to us).
+5. Query expansion, ours and off by default (`expand_query`): q = normalize(q(lam)
+   + image_weight n(f)), f the mean of the final round's image features, each
+   weighted by its p_class x p_attr (judge_weighting), so drawings that show
+   both count most. The paper does not describe adding the drawings' features
+   to the query, so the default follows it; the two are reported as separate
+   rows (docs/RESULTS.md), and `Refined.search_features` always holds step 4's
+   query, so one search gives both.
 
 Cost: (rounds + 1) x num_images drawings per query, all queries drawn together
-each round: one call of one compiled program per batch_size drawings. The defaults
-were chosen on the tiny model with the TI and MC-TI tokens of shot seed 2 (the
-demo reports seed 1): there, for both token sets, a relative class judge beat an
-absolute one (which sends every query of a class the generator cannot draw to
-lam = 0), lam_max 1 beat 1.5 and 2, and judge weighting beat a plain mean. The
-drawings' feature carries most of the gain: the searched lam alone (image_weight
-0) did not beat the best fixed lam there.
+each round: one call of one compiled program per batch_size drawings.
+
+Settings. The paper gives none. class_keep, lam_max and attribute_threshold
+were chosen for step 4 (the default) by the mean MRR over shot seeds 0 and 4,
+which no table reports, on the tiny model's custom tokens (in the subspace,
+the demo's training settings): lam_max 1 (1.5 lost 0.4 MRR, 1.4 with the
+expansion), class_keep 0.5 of {0.5, 0.7, 0.9} (attribute_threshold 0.55-0.7
+changed nothing at 0.5); image_weight 0.5 of {0.25, 0.5, 1} and judge weighting
+(over a plain mean) for step 5 at those. The search alone scored 6.5-8 MRR below
+the best fixed lam there (mean of the two seeds) at every setting tried; the
+expansion tied it. `mcti demo --config custom_demo:gair_tune` reruns the grid;
+docs/RESULTS.md has it, and seeds 1-3, which the demo reports.
 """
 
 from __future__ import annotations
@@ -76,19 +88,22 @@ class GairConfig:
   seed: int = 0  # starting noise
   rounds: int = 3  # bisection rounds (plus the lam = 0 reference, drawn with the first)
   lam_max: float = 1.0  # lam searched in [0, lam_max]; above 1 extrapolates past the composite prompt
-  class_keep: float = 0.7  # class shown: p_class >= class_keep x p_class of the lam = 0 drawings
+  class_keep: float = 0.5  # class shown: p_class >= class_keep x p_class of the lam = 0 drawings
   attribute_threshold: float = 0.6  # attribute shown: p_attr >= this (0.5 = no preference)
   logit_scale: float = 100.0  # of both judges' softmax (CLIP's)
   head_template: str = "a photo of a {}"  # the class judge's prompt for every class token
-  image_weight: float = 0.5  # weight of the drawings' mean CLIP feature in the refined query (0: text only)
-  judge_weighting: bool = True  # weight each drawing by p_class x p_attr in that mean
+  # Query expansion (step 5), our addition: add the drawings' mean CLIP feature to q(lam). Off: GAIR as published.
+  expand_query: bool = False
+  image_weight: float = 0.5  # with expand_query: the weight of the drawings' mean CLIP feature in the query
+  judge_weighting: bool = True  # with expand_query: weight each drawing by p_class x p_attr in that mean
   batch_size: int = 256  # drawings per jitted call: memory and speed only, results do not depend on it
 
   def __post_init__(self):
     checks = {"num_images": self.num_images >= 1, "steps": self.steps >= 1, "rounds": self.rounds >= 1,
               "lam_max": self.lam_max > 0, "class_keep": self.class_keep >= 0,
               "attribute_threshold": 0 < self.attribute_threshold < 1, "logit_scale": self.logit_scale > 0,
-              "image_weight": self.image_weight >= 0, "batch_size": self.batch_size >= 1}
+              "image_weight": self.image_weight > 0 if self.expand_query else self.image_weight >= 0,
+              "batch_size": self.batch_size >= 1}
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
       raise ConfigError(f"GAIR settings out of range: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)} (see "
@@ -175,7 +190,8 @@ def judge(image_features, head, class_index, positive, negative, logit_scale: fl
 
 
 def query_feature(class_text, composite_text, lam, image_features, weights, image_weight: float) -> np.ndarray:
-  """Step 4: normalize(q(lam) + image_weight n(weighted mean of the drawings' features)) [Q, P].
+  """Step 5: normalize(q(lam) + image_weight n(weighted mean of the drawings' features)) [Q, P]; image_weight 0
+  gives step 4's q(lam) alone.
 
   image_features [Q, G, P], weights [Q, G] (all equal for a plain mean).
   """
@@ -185,6 +201,13 @@ def query_feature(class_text, composite_text, lam, image_features, weights, imag
   w = np.asarray(weights, np.float64) + 1e-12
   mean = (normalize(np.asarray(image_features, np.float64)) * w[..., None]).sum(1) / w.sum(1)[:, None]
   return normalize(text + image_weight * normalize(mean)).astype(np.float32)
+
+
+def searched_queries(clip: Frozen, tokenizer, learned, queries: Sequence, lam, *, pooling: str = "eos") -> np.ndarray:
+  """Step 4's query q(lam) [Q, P] of every query at its own lam [Q] (as Refined.search_features holds it): GAIR
+  without the query expansion, from a search's lams (e.g. results.json's per-query "gair" "lam")."""
+  text = functools.partial(prompt_features, clip, tokenizer, learned=learned, pooling=pooling)
+  return mix(text([q.class_prompt for q in queries]), text([q.prompt for q in queries]), np.asarray(lam, np.float64))
 
 
 # ------------------------------------------------------------------ drawing
@@ -242,7 +265,8 @@ class Drawer:
 class Refined:
   """GAIR's answer for every query: the chosen lam, the refined query feature, the final round's drawings."""
   lam: np.ndarray  # [Q]
-  query_features: np.ndarray  # [Q, P]
+  query_features: np.ndarray  # [Q, P] the query to retrieve with: expanded (step 5) with expand_query, else q(lam)
+  search_features: np.ndarray  # [Q, P] q(lam) at the searched lam (step 4): GAIR as published, whatever the config
   images: np.ndarray  # uint8 [Q, G, H, W, 3]
   image_features: np.ndarray  # [Q, G, P] their CLIP features
   weights: np.ndarray  # [Q, G] each drawing's weight in the query (p_class x p_attr, or 1)
@@ -259,7 +283,8 @@ class Refined:
 
 def refine(sd, clip: Frozen, tokenizer, learned, queries: Sequence, cfg: GairConfig, *, pooling: str = "eos",
            log: Callable[[str], None] = print) -> Refined:
-  """Search lam for every query by drawing (steps 1-3), then build the refined query features (step 4)."""
+  """Search lam for every query by drawing (steps 1-3), then build the refined query features (step 4, and step 5
+  with cfg.expand_query)."""
   start = time.time()
   q_count, num_classes = len(queries), learned.class_tokens.num_classes
   if q_count == 0:
@@ -310,6 +335,8 @@ def refine(sd, clip: Frozen, tokenizer, learned, queries: Sequence, cfg: GairCon
     log(f"  GAIR round {r + 1}/{cfg.rounds}: drew {len(active)} queries x {cfg.num_images}; {shown}/{q_count} show "
         f"class and attribute")
   weights = chosen_pc * chosen_pa if cfg.judge_weighting else np.ones_like(chosen_pc)
-  features = query_feature(class_text, composite_text, search.final, chosen_features, weights, cfg.image_weight)
-  return Refined(search.final.copy(), features, chosen_images, chosen_features, weights, chosen_pc.mean(1),
+  searched = query_feature(class_text, composite_text, search.final, chosen_features, weights, 0.0)
+  features = (query_feature(class_text, composite_text, search.final, chosen_features, weights, cfg.image_weight)
+              if cfg.expand_query else searched)
+  return Refined(search.final.copy(), features, searched, chosen_images, chosen_features, weights, chosen_pc.mean(1),
                  chosen_pa.mean(1), class_threshold, rounds, time.time() - start)

@@ -169,7 +169,7 @@ def _query_strip(s: RetrievalSetup, scores: dict, shown: tuple[str, ...], i: int
   return strip(rows, row_labels=labels, col_labels=columns, title=title)
 
 
-_KIND_LABELS = {"gair": "GAIR (query refined with its generated images)",
+_KIND_LABELS = {"gair": "GAIR (lam searched by judging its generated images)",
                 "composite": "fixed query: the prompt as written"}
 
 

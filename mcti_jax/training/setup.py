@@ -133,7 +133,9 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
   def sharded(local_rows: np.ndarray) -> jax.Array:
     return parallel.shard_by_class(parallel.pad_rows(local_rows, len(local)), mesh, num_padded)
 
-  loads_clip = needs_clip or config.tokens.init == "label"  # a label is CLIP's zero-shot pick on the shots
+  # A label is CLIP's zero-shot pick on the shots, unless tokens.label_classifier names them.
+  label_classifier = token_init.load_label_classifier(config) if config.tokens.init == "label" else None
+  loads_clip = needs_clip or (config.tokens.init == "label" and label_classifier is None)
   shots, data_fingerprint, shot_positions, shots_manifest, cache_key, cache_digests = (None,) * 6
   if uses_shots:
     # References only: the pixels are read a chunk of classes at a time, here to hash them and after the models
@@ -189,9 +191,14 @@ def prepare(config: ml_collections.ConfigDict, log: Callable[[str], None] = prin
                "latent_logvar": np.zeros((len(local_real), 1), np.float32)}
   features = replicate(sharded(encoded["image_features"])) if loads_clip else jnp.zeros((num_padded, 1, 1, 1))
   texts = captions
-  if config.tokens.init == "label":
-    texts, _ = token_init.clip_labels(clip_model, clip_tokenizer, np.asarray(features)[:num_classes, :, 0],
-                                      config.tokens.label_words, config.tokens.label_template)
+  if config.tokens.init == "label":  # every class's shots, also those of another process's classes
+    all_shots = (D.sample_few_shot(labeled, config.data.n_shots, config.data.shot_seed, np.arange(num_classes),
+                                   resolution=config.data.resolution, load=False)
+                 if label_classifier is not None else None)
+    texts, _ = token_init.class_labels(
+        config, num_classes, shots=all_shots, classifier=label_classifier,
+        clip=clip_model, clip_tokenizer=clip_tokenizer if loads_clip else None,
+        shot_features=np.asarray(features)[:num_classes, :, 0] if loads_clip else None)
     log("labels: " + ", ".join(f"{name}: {label}" for name, label in zip(class_names, texts)))
   if not needs_clip:  # loaded for the labels only: the step need not carry it
     clip_model, features = None, jnp.zeros((num_padded, 1, 1, 1))
@@ -329,9 +336,7 @@ def _check_token_init(config, plan, class_names, uses_shots: bool) -> list[str] 
     if not uses_shots:
       raise ConfigError(f"tokens.init='label' labels each class's shots, but phases {[p.name for p in plan]} train on "
                         "no shots; use tokens.init='word' or 'caption'")
-    if not config.tokens.label_words:
-      raise ConfigError("tokens.init='label' needs tokens.label_words: the words CLIP chooses each class's label from "
-                        "(e.g. the dataset's class names, or candidate words)")
+    token_init.check_label_source(config)
   if init != "caption":
     return None
   captions = token_init.read_captions(config.tokens.caption_file, num_classes,

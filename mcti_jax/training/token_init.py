@@ -6,8 +6,12 @@ near what the frozen models already know about it. `tokens.init`:
 - word: every vector of every class at the embedding of `tokens.init_word` (TI's coarse word, e.g. "pet");
 - random: Gaussian with the vocabulary's per-dimension mean and std;
 - texts: class k from `tokens.init_texts[k]` (token v if the text has exactly V_k tokens, else their mean);
-- label: class k from the words of its label: the word of `tokens.label_words` that CLIP zero-shot (under
-  `tokens.label_template`) most often puts first on the class's shots (ties: the higher mean probability);
+- label: class k from the words of its label. With `tokens.label_classifier` (a guides spec, the multi-token
+  initialisation paper's way: an off-the-shelf classifier names the image) the label is the classifier's class
+  name of highest mean probability over the class's shots (softmax over its classes, or over `tokens.label_words`
+  among them when those are set); without one, the word of `tokens.label_words` that CLIP zero-shot (under
+  `tokens.label_template`) most often puts first on the class's shots (ties: the higher mean probability).
+  `class_labels` picks the source;
 - caption: class k from the words of its caption in `tokens.caption_file`: one line per class (K lines), or one
   line per shot (K*N lines, class-major, in the order of the sampled shots), in which case class k starts from
   its first shot's caption.
@@ -44,7 +48,7 @@ class TokenInit:
 def initial_tokens(config, tokenizer, embedding_table, num_classes: int, texts: list[str] | None = None,
                    seed: int = 0) -> TokenInit:
   """The start of every class by `config.tokens.init`; label and caption take their per-class `texts` (from
-  `clip_labels` or `read_captions`)."""
+  `class_labels` or `read_captions`)."""
   t = config.tokens
   table = np.asarray(embedding_table, np.float32)
   if t.init in TEXT_INITS:
@@ -153,6 +157,86 @@ def check_room(tokenizer, counts, texts, templates: dict[str, tuple[str, ...]], 
 
 
 # ------------------------------------------------------------------ labels
+
+
+def label_classifier_spec(config) -> dict | None:
+  """`tokens.label_classifier` as a guides spec (its set fields only), or None when its type is unset: then labels
+  come from CLIP zero-shot over `tokens.label_words`."""
+  spec = config.tokens.get("label_classifier")
+  if spec is None or not spec.get("type"):
+    return None
+  items = spec.items() if hasattr(spec, "items") else dict(spec).items()
+  return {k: (tuple(v) if isinstance(v, list) else v) for k, v in items if v is not None}
+
+
+def check_label_source(config) -> None:
+  """What can be wrong with where tokens.init='label' takes its labels, found before any model loads."""
+  spec = label_classifier_spec(config)
+  if spec is None:
+    if not config.tokens.label_words:
+      raise ConfigError("tokens.init='label' needs tokens.label_words (the words CLIP zero-shot chooses each class's "
+                        "label from, e.g. the dataset's class names) or tokens.label_classifier (a classifier that "
+                        "names the shots, e.g. type='file', path=<folder>: the multi-token initialisation paper's way)")
+    return
+  from mcti_jax import guides
+  if spec["type"] not in guides.TYPES:
+    raise ConfigError(f"tokens.label_classifier.type={spec['type']!r}; classifier types: {', '.join(guides.TYPES)}")
+
+
+def load_label_classifier(config):
+  """The classifier of `tokens.label_classifier` (guides.load), None when unset; `tokens.label_words`, when set, must
+  be among its class names."""
+  spec = label_classifier_spec(config)
+  if spec is None:
+    return None
+  from mcti_jax import guides
+  classifier = guides.load(spec, where="tokens.label_classifier")
+  words = list(config.tokens.label_words or ())
+  missing = [w for w in words if w not in classifier.class_names]
+  if missing:
+    raise ConfigError(f"tokens.label_words holds {missing}, which tokens.label_classifier does not name (its classes: "
+                      f"{', '.join(classifier.class_names[:10])}{', ...' if classifier.num_classes > 10 else ''}); "
+                      "set tokens.label_words=() to choose among all its classes")
+  return classifier
+
+
+def class_labels(config, num_classes: int, *, shots=None, classifier=None, clip=None, clip_tokenizer=None,
+                 shot_features=None) -> tuple[list[str], dict]:
+  """Each class's label for tokens.init='label': from `tokens.label_classifier` on `shots` (a data.FewShot of all
+  K classes, read a chunk of classes at a time; `classifier` if already loaded), else CLIP zero-shot over
+  `tokens.label_words` on the shots' CLIP image features `shot_features` [K, N, P]. Returns (labels [K], info)."""
+  if label_classifier_spec(config) is not None:
+    if shots is None or shots.num_classes != num_classes:
+      raise ValueError(f"labels from tokens.label_classifier need the shots of all {num_classes} classes")
+    classifier = classifier if classifier is not None else load_label_classifier(config)
+    return classifier_labels(classifier, shots.chunks(), tuple(config.tokens.label_words or ()))
+  check_label_source(config)
+  return clip_labels(clip, clip_tokenizer, shot_features, config.tokens.label_words, config.tokens.label_template)
+
+
+def classifier_labels(classifier, chunks, words=()) -> tuple[list[str], dict]:
+  """Each class's label: the class name of highest mean probability over its shots, the softmax over the
+  classifier's classes (over `words` among them, when given).
+
+  chunks: (rows [C], images [C, N, H, W, 3]) pairs, uint8 or floats in [0, 1], as data.FewShot.chunks yields them;
+  rows are the classes' positions 0..K-1. Returns (labels [K], info) with info["probs"] [K, N, W],
+  info["mean_probs"] [K, W] and info["words"] [W].
+  """
+  import jax
+  allowed = (classifier.index_of(list(words)) if words else np.arange(classifier.num_classes)).astype(np.int64)
+  names = [classifier.class_names[i] for i in allowed]
+  logits_of = jax.jit(lambda c, x: c(x))
+  probs: dict[int, np.ndarray] = {}
+  for rows, images in chunks:
+    images = np.asarray(images)
+    flat = images.reshape(-1, *images.shape[2:])
+    logits = np.asarray(logits_of(classifier, flat), np.float64)[:, allowed]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).reshape(len(rows), images.shape[1], len(allowed))
+    probs.update({int(r): p[i] for i, r in enumerate(rows)})
+  stacked = np.stack([probs[k] for k in range(len(probs))])
+  mean_prob = stacked.mean(1)
+  return [names[int(w)] for w in mean_prob.argmax(-1)], {"probs": stacked, "mean_probs": mean_prob, "words": names}
 
 
 def clip_labels(clip, tokenizer, shot_features, words, template: str = "a photo of a {}") -> tuple[list[str], dict]:

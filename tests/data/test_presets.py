@@ -33,6 +33,8 @@ TFDS_BUILDABLE = {
     "eurosat/rgb": ("train",),
     "caltech101": ("train", "test"),
     "imagenet2012": ("train", "validation", "test"),
+    "cifar10": ("train", "test"),
+    "stl10": ("train", "test", "unlabelled"),
     "colorectal_histology": ("train",),
 }
 FILE_SOURCES = ("tfds", "split_file", "folder")  # the sources whose data a user prepares

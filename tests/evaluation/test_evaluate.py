@@ -113,7 +113,9 @@ def tiny_eval(tiny_checkpoint, tmp_path_factory):
   config.workdir = str(workdir)
   config.n_shots, config.seeds = (1,), (1, 2)
   config.evals.mcti_coop.steps = 3
-  config.evals.dic_zeroshot.max_images = config.evals.dic_fewshot.max_images = config.evals.dic_fast.max_images = 6
+  for name in ("dic_zeroshot", "dic_fewshot", "dic_fast"):  # the tiny stage preset's 8 samples: seconds
+    config.evals[name].update(preset="tiny", strategy="auto", max_images=6)
+  config.evals.dic_fast.update(strategy="eliminate", round_samples=2, min_samples=4)
   config.evals.dic_zeroshot.large_k = 10  # K = 10 counts as large: CLIP zero-shot's top 5, then elimination
   return evaluate.run(config, log=lambda _: None), workdir, config
 
@@ -132,8 +134,18 @@ def test_eval_writes_every_artefact(tiny_eval):
     if r["method"].startswith("dic_"):  # each row says what it ran and paid
       assert r["unet_calls_per_image"] * r["num_computed"] == r["unet_evals"]
       assert r["unet_calls_max"] <= r["unet_calls_bound"]
+      assert r["num_images"] == 6 < r["test_images"]  # a stated subset of the test split
   what = {r["method"]: (r["strategy"], r["shortlist"], r["shortlist_from"], r["unet_calls_bound"]) for r in rows
           if r["method"].startswith("dic_")}
+  schedules = {r["method"]: r["schedule"] for r in rows if r["method"].startswith("dic_")}
+  assert schedules == {"dic_fewshot": "stages keep (3, 1), samples (4, 8), l2 error",
+                       "dic_fast": "paired elimination, budget 8 samples, confidence 0.99, first test after 4, "
+                                   "rounds of 2, l2 error, head top-3 shortlist",
+                       "dic_zeroshot": "paired elimination, budget 8 samples, confidence 0.99, first test after 4, "
+                                       "rounds of 2, l2 error, head top-5 shortlist"}
+  report = (workdir / "results.md").read_text()  # each DiC row's protocol, beside the numbers
+  assert ("- DiC few-shot (tokens): stages keep (3, 1), samples (4, 8), l2 error; 52 UNet calls per image on average "
+          "(at most 52); an evenly spread 6 of the ") in report
   assert what == {"dic_fewshot": ("stages", 0, "every class", 10 * 4 + 3 * 4),
                   "dic_fast": ("eliminate", 3, "mcti token head", 3 * 8),
                   "dic_zeroshot": ("eliminate", 5, "CLIP zero-shot names", 5 * 8)}

@@ -195,3 +195,103 @@ def test_bad_token_inits_fail_before_the_models_load(tiny_checkpoint, tmp_path, 
   with pytest.raises(ConfigError, match=message):
     train.train(config, log=lambda _: None)
   assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ labels from a classifier
+
+
+def _guide_config(**overrides):
+  from mcti_jax.configs import mcti
+  from mcti_jax.tiny.guide import DIGITS_GUIDE
+  c = mcti.get_config("tiny")
+  c.tokens.init = "label"
+  c.tokens.label_classifier.type, c.tokens.label_classifier.path = "file", str(DIGITS_GUIDE)
+  for key, value in overrides.items():
+    c.tokens[key] = value
+  return c
+
+
+def test_the_digit_guides_labels_are_the_argmax_of_its_mean_probability_and_start_the_tokens():
+  """The committed digit guide on 3 shots of each digit (shot seed 1): the guide run here by hand, each class's
+  label the name of its highest mean softmax over the shots; the class then starts at that word's embedding."""
+  from mcti_jax import data as D
+  from mcti_jax import guides
+  config = _guide_config()
+  shots = D.sample_few_shot(D.load_labeled(config.data, "train"), 3, 1, resolution=config.data.resolution)
+  labels, info = token_init.class_labels(config, 10, shots=shots)
+
+  guide = guides.load(dict(type="file", path=config.tokens.label_classifier.path))
+  logits = np.asarray(guide(jnp.asarray(shots.shots.reshape(30, 16, 16, 3))), np.float64).reshape(10, 3, 10)
+  mean = np.asarray(jax.nn.softmax(logits, -1)).mean(1)
+  want = [guide.class_names[i] for i in mean.argmax(-1)]
+  assert labels == want
+  np.testing.assert_allclose(info["mean_probs"], mean, atol=1e-5)
+  assert sum(w == name for w, name in zip(want, config.data.class_names)) >= 9, want  # 98% on held-out digits
+
+  sd_path = str(tiny.DEFAULT_OUT / "sd")
+  sd = pipeline.load_stable_diffusion(sd_path)
+  table = np.asarray(tok.token_table(sd.text_encoder))
+  start = token_init.initial_tokens(config, sd.tokenizer, table, 10, labels)
+  assert start.texts == tuple(want)
+  for k, label in enumerate(want):
+    ids = sd.tokenizer(label, add_special_tokens=False)["input_ids"]
+    assert start.counts[k] == len(ids)
+    np.testing.assert_array_equal(start.vectors[k, :len(ids)], table[ids])
+
+
+def _toy_classifier(names):
+  """Logits = the first len(names) pixel values of the image's red channel (row-major)."""
+  from mcti_jax import guides
+  n = len(names)
+  return guides.Classifier(params={}, apply=lambda p, x: x[..., 0].reshape(x.shape[0], -1)[:, :n],
+                           transform=guides.Transform(), class_names=tuple(names))
+
+
+def test_label_words_narrow_a_classifiers_labels_to_those_of_its_classes():
+  names = ("zero", "one", "two")
+  images = np.zeros((2, 2, 2, 2, 3), np.float32)  # 2 classes x 2 shots of 2x2 px
+  images[0, :, 0, 0, 0] = [0.9, 0.8]  # class 0: "zero" on both shots
+  images[1, 0, 0, 1, 0], images[1, 0, 1, 0, 0] = 0.5, 0.6  # class 1, shot 0: "two" a bit above "one"
+  images[1, 1, 0, 1, 0] = 0.9  # shot 1: clearly "one"
+  classifier = _toy_classifier(names)
+  labels, info = token_init.classifier_labels(classifier, [(np.arange(2), images)])
+  assert labels == ["zero", "one"] and info["words"] == list(names)
+  labels, info = token_init.classifier_labels(classifier, [(np.arange(1), images[:1]), (np.array([1]), images[1:])],
+                                              words=("two", "zero"))
+  assert labels == ["zero", "two"] and info["probs"].shape == (2, 2, 2)  # softmax over "two" and "zero" only
+  np.testing.assert_allclose(info["probs"].sum(-1), 1.0)
+
+
+def test_the_label_source_is_checked_before_any_model_loads():
+  from mcti_jax.configs import mcti
+  c = mcti.get_config("tiny")
+  c.tokens.init, c.tokens.label_words = "label", ()
+  with pytest.raises(ConfigError, match="needs tokens.label_words .* or tokens.label_classifier"):
+    token_init.check_label_source(c)
+  c.tokens.label_classifier.type = "convnet"
+  with pytest.raises(ConfigError, match="tokens.label_classifier.type='convnet'; classifier types: file"):
+    token_init.check_label_source(c)
+  assert token_init.label_classifier_spec(mcti.get_config("tiny")) is None  # the default: CLIP zero-shot
+  with pytest.raises(ConfigError, match=r"tokens.label_words holds \['ten'\], which tokens.label_classifier does not"):
+    token_init.load_label_classifier(_guide_config(label_words=("one", "ten")))
+
+
+@pytest.mark.slow
+def test_labels_from_the_digit_guide_start_the_tokens_through_the_trainers_setup(tmp_path):
+  from mcti_jax import guides
+  from mcti_jax.tiny.guide import DIGITS_GUIDE
+  config = tiny_train_config(tiny.DEFAULT_OUT, tmp_path / "run", phases=("ti",),
+                             **{"tokens.init": "label", "data.n_shots": 3,
+                                "tokens.label_classifier.type": "file",
+                                "tokens.label_classifier.path": str(DIGITS_GUIDE)})
+  setup = setup_lib.prepare(config, log=lambda _: None)
+  assert setup.clip is None  # no CLIP for the labels: the guide names the shots
+  guide = guides.load(dict(type="file", path=str(DIGITS_GUIDE)))
+  shots = setup.shots.shots
+  logits = np.asarray(guide(jnp.asarray(shots.reshape(-1, *shots.shape[2:]))), np.float64).reshape(10, 3, 10)
+  want = [guide.class_names[i] for i in np.asarray(jax.nn.softmax(logits, -1)).mean(1).argmax(-1)]
+  assert list(setup.class_tokens.init_texts) == want
+  table = np.asarray(tok.token_table(setup.sd.text_encoder))
+  for k, label in enumerate(want):
+    ids = setup.sd.tokenizer(label, add_special_tokens=False)["input_ids"]
+    np.testing.assert_array_equal(np.asarray(setup.init_tokens)[k, :len(ids)], table[ids])

@@ -48,5 +48,4 @@ class Evaluator(generated.Settings):
       features = similarity_lib.unit_image_features(cell.models.clip, images, self.batch_size)
       per_class.append(float(class_similarity(features[None], shots[k:k + 1])[0]))
     return {"clip_similarity": float(np.mean(per_class)), "clip_similarity_per_class": per_class,
-            "prompt": generated.prompt(self.template, 0, learned.class_names[0]), "num_images": self.num_images,
-            "steps": self.steps, "guidance": guidance, "seed": self.seed}
+            "prompt": generated.prompt(self.template, 0, learned.class_names[0]), **self.drawn(guidance)}

@@ -1,8 +1,11 @@
 """The Diffusion Classifier: the class whose prompt lets the UNet predict the noise best (adaptive stages).
 
 Few-shot with a phase's tokens in `template`, or zero-shot with the class
-names (`tokens=""`). On an evenly spread subset of the test images, since it
-costs many UNet calls per image; finished images are cached per cell.
+names (`tokens=""`). On the whole test split, as the papers score it, unless
+`max_images` asks for an evenly spread subset (its row and the report say
+which); finished images are cached per cell. Each row records what it ran:
+the schedule (`schedule`), UNet calls per image (mean, max, bound) and the
+images scored of the split (`num_images` of `test_images`).
 
 Fewer UNet calls (classify/dic/elimination.py, config.py): `strategy=
 "eliminate"` replaces the preset's stage schedule by sequential paired
@@ -48,7 +51,7 @@ class Evaluator:
   template: str = "a photo of a {}"
   preset: str = "pets"  # the DiC paper's stage settings (classify.dic.PRESETS), or "tiny"
   error: str = ""  # override the preset's error metric
-  max_images: int = 200
+  max_images: int = 0  # 0: every test image (the papers' protocol); m: an evenly spread subset of m
   strategy: str = "auto"  # "stages", "eliminate", or "auto": stages below `large_k` classes, else eliminate
   confidence: float = 0.99  # "eliminate": of each drop
   round_samples: int = 5  # "eliminate": new samples per round (with strategy "auto": at most a quarter of the budget)
@@ -62,6 +65,8 @@ class Evaluator:
       raise ValueError(f"dic strategy={self.strategy!r}: one of 'auto', {', '.join(map(repr, dic.STRATEGIES))}")
     if self.shortlist != "auto" and not (isinstance(self.shortlist, int) and self.shortlist >= 0):
       raise ValueError(f"dic shortlist={self.shortlist!r}: 'auto', 0 (every class) or the number of classes to keep")
+    if isinstance(self.max_images, bool) or not isinstance(self.max_images, int) or self.max_images < 0:
+      raise ValueError(f"dic max_images={self.max_images!r}: 0 (every test image) or the size of a subset")
     if isinstance(self.large_k, bool) or not isinstance(self.large_k, int) or self.large_k < 1:
       raise ValueError(f"dic large_k={self.large_k!r} must be a whole number of classes, at least 1")
 
@@ -88,7 +93,7 @@ class Evaluator:
       contexts = dic.class_contexts(text_encoder, m.sd.tokenizer, class_names=list(r.class_names),
                                     template=self.template)
     # Evenly spread positions: the same subset for every row and seed whose test split is the same.
-    count = min(self.max_images, len(cell.test))
+    count = min(self.max_images or len(cell.test), len(cell.test))
     positions = np.linspace(0, len(cell.test) - 1, count).round().astype(int)
     subset = cell.test.subset(positions)
     extra = {"sd": runs.fingerprint(tc.model.sd_path), "resolution": tc.data.resolution}
@@ -105,7 +110,18 @@ class Evaluator:
     for i, res in enumerate(result.results):  # higher is better: minus the position in DiC's ranking
       scores[i, res.ranking] = -np.arange(len(res.ranking))
     info = {k: result.summary()[k] for k in ("images_per_s", "unet_evals_per_s", "unet_evals", "num_computed")}
+    info.update(test_images=len(cell.test), schedule=schedule(cfg))
     return scores, subset.labels, {**info, **calls_info(cfg, r.num_classes, result.results, self.tokens)}
+
+
+def schedule(cfg: dic.DiCConfig) -> str:
+  """What a DiC row ran, in words: its strategy, samples and error metric."""
+  if cfg.strategy == "eliminate":
+    text = (f"paired elimination, budget {cfg.max_samples} samples, confidence {cfg.confidence}, "
+            f"first test after {cfg.min_samples}, rounds of {cfg.round_samples}")
+  else:
+    text = f"stages keep {cfg.keep}, samples {cfg.samples}"
+  return text + f", {cfg.error} error" + (f", head top-{cfg.shortlist} shortlist" if cfg.shortlist else "")
 
 
 def head_ranking(cell, phase: str, positions: np.ndarray, template: str = "a photo of a {}") -> np.ndarray:

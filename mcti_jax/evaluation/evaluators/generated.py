@@ -45,6 +45,12 @@ class Settings:
       raise ConfigError(f"{kind} evaluator: template={self.template!r} must hold exactly one '{{}}' where the class "
                         "token goes (and optionally '{name}', the class's name), e.g. 'a photo of a {}'")
 
+  def drawn(self, guidance: float) -> dict:
+    """How the row's images were drawn, for the row. Not "seed" nor "num_images": the harness's rows hold the cell's
+    shot seed and test image count under those names."""
+    return {"images_per_class": self.num_images, "steps": self.steps, "guidance": guidance,
+            "generation_seed": self.seed}
+
   def guidance_of(self, train_config) -> float:
     return float(train_config.model.guidance if self.guidance is None else self.guidance)
 

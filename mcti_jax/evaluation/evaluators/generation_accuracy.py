@@ -112,8 +112,7 @@ def measure(sd, tokenizer, learned, classifier, targets: np.ndarray, settings: "
     row.update(accuracy(np.stack(without), targets, "baseline"))
     row["baseline_prompt"] = generated.prompt(settings.template, 0, names[0], settings.baseline_text)
   return {**row, "prompt": generated.prompt(settings.template, 0, names[0]), "targets": targets.tolist(),
-          "judge_classes": classifier.num_classes, "num_images": settings.num_images, "steps": settings.steps,
-          "guidance": guidance, "seed": settings.seed}
+          "judge_classes": classifier.num_classes, **settings.drawn(guidance)}
 
 
 @dataclasses.dataclass(frozen=True)
