@@ -9,12 +9,13 @@ SD baseline: the same seeds with the class name in place of the token
 (runs/demo/5shot/seed<s>/export/, from `make demo`: 5 shots of each digit,
 shot seeds 1-3) and DCT's, trained with the same seeds as the DCT demo
 (mcti_jax/configs/dct_demo.py; its settings were tuned on seed 0), guided by
-the same digit guide. `dct:tiny` learns "a photo of a <cls-k>"; `dct:tiny,names` learns "<cls-k> <name>"
-(DCT's paper: "A photo of a S_c label") and is judged from "a photo of a <cls-k> <name>": exactly DCT's pair
-with the baseline "a photo of a <name>".
+the same digit guide. `dct:tiny,no_names` learns "a photo of a <cls-k>"; `dct:tiny` (the paper's prompt,
+"A photo of a S_c label") learns "a photo of a <cls-k> <name>" and is judged from it: exactly DCT's pair with the
+baseline "a photo of a <name>".
 
-  for s in 1 2 3; do mcti train --config dct:tiny --config.workdir=runs/gen_acc_dct/seed$s --config.seed=$s; done
-  for s in 1 2 3; do mcti train --config dct:tiny,names --config.workdir=runs/gen_acc_dct_names/seed$s \
+  for s in 1 2 3; do mcti train --config dct:tiny,no_names --config.workdir=runs/gen_acc_dct/seed$s \
+      --config.seed=$s; done
+  for s in 1 2 3; do mcti train --config dct:tiny --config.workdir=runs/gen_acc_dct_names/seed$s \
       --config.seed=$s; done
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/generation_accuracy.py      # ~3 min on 2 CPU cores
 
@@ -46,7 +47,7 @@ def main(argv=None) -> dict:
   p.add_argument("--dct", default=str(ROOT / "runs/gen_acc_dct"), help="DCT runs: <dct>/seed<s>/export/dct ('' to "
                  "skip)")
   p.add_argument("--dct_names", default=str(ROOT / "runs/gen_acc_dct_names"),
-                 help="DCT runs of dct:tiny,names (prompts '<cls-k> <name>'): <dct_names>/seed<s>/export/dct ('' to "
+                 help="DCT runs of dct:tiny (prompts '<cls-k> <name>'): <dct_names>/seed<s>/export/dct ('' to "
                  "skip); judged from \"a photo of a <cls-k> <name>\"")
   p.add_argument("--dct_seeds", type=int, nargs="+", default=[1, 2, 3])
   p.add_argument("--judge", default=str(ROOT / "mcti_jax/assets/tiny/guide_digits"))
@@ -130,9 +131,9 @@ def report(out: dict) -> str:
       f"guidance {p['guidance']:g}; image g of every class from fold_in(key({p['seed']}), g)), judged by the "
       f"committed 10-way digit guide ({p['judge']}; 98.4% on held-out real digits). SD baseline: the same seeds and "
       f"prompt with the class name in place of the token (`{p['baseline_prompt']}`). Model: {p['model']}. "
-      f"TI / MC-TI: the demo's 5-shot tokens, shot seeds {p['shot_seeds']}; DCT: `dct:tiny` (30 steps) with seeds "
+      f"TI / MC-TI: the demo's 5-shot tokens, shot seeds {p['shot_seeds']}; DCT: `dct:tiny,no_names` with seeds "
       f"{p['dct_seeds']}, learned FROM this same guide (like DCT's ImageNet-guided, ImageNet-judged row, not an "
-      "independent judge); `dct:tiny,names` the same with the class name after the token, as in DCT's paper. "
+      "independent judge); `dct:tiny` the same with the class name after the token, as in DCT's paper. "
       f"Mean ± std over the seeds; top-5 of 10 classes; {10 * p['num_images_per_class']} images per token set.",
       ""]
   for steps, rows in out["tables"].items():

@@ -1,9 +1,12 @@
 """`mcti demo --config dct_demo`: Discriminative Class Tokens in the tiny world, judged independently.
 
-1. Digits, no names: for each seed, one DCT run learns a token per digit 0-9
-   from "a photo of a <cls-k>" (<cls-k> starts as "digit") and the tiny digit
-   guide. 8 images per class from held-out starting latents, before (the
-   initial token, i.e. "a photo of a digit") and after, are judged by two
+1. Digits, twice: for each seed, one DCT run learns a token per digit 0-9
+   from the paper's prompt with the digit's name, "a photo of a <cls-k>
+   three" (`digits`), and one from "a photo of a <cls-k>" without it
+   (`digits_no_names`); <cls-k> starts as "digit", the tiny digit guide
+   scores. The tiny model knows the names of 0-4 only. 8 images per class
+   from held-out starting latents, before (the initial token: "a photo of a
+   digit three", or "a photo of a digit") and after, are judged by two
    classifiers that are not the guide: logistic regression and k-NN on
    pixels. The guide's own verdict on the same images sits beside them: a
    token can fool the classifier it was trained against.
@@ -35,20 +38,25 @@ from mcti_jax.models import hf_io, pipeline
 from mcti_jax.tiny import captions, guide
 from mcti_jax.tiny import judges as pixel_judges
 
+# The digit runs of the config: the paper's prompt (with the digit's name), and the prompt without it.
+DIGIT_PARTS = ("digits", "digits_no_names")
 
 
 def run(config, log: Callable[[str], None] = print) -> dict:
   workdir = Path(config.workdir)
   paths.output_folder(workdir, "config.workdir")  # before the judges fit and the runs train
-  results = {"seeds": list(config.seeds), "digits": {}, "attribute": {}}
+  results = {"seeds": list(config.seeds), "attribute": {}}
   logistic, logistic_accuracy = pixel_judges.logistic()
   knn, knn_accuracy = pixel_judges.knn()
   results["judges"] = {"logistic": {"what": "logistic regression on pixels", "heldout_accuracy": logistic_accuracy},
                        "knn": {"what": "3-NN on pixels", "heldout_accuracy": knn_accuracy}}
   judges = {"logistic": logistic, "knn": knn}
-  for seed in config.seeds:
-    log(f"[digits, seed {seed}] DCT on the ten digits with the digit guide")
-    results["digits"][str(seed)] = _digits(config, seed, workdir / "digits" / f"seed{seed}", judges, log)
+  for part in DIGIT_PARTS:
+    results[part] = {}
+    for seed in config.seeds:
+      log(f"[{part}, seed {seed}] DCT on the ten digits with the digit guide")
+      results[part][str(seed)] = _digits(config[part], config.generation, seed, workdir / part / f"seed{seed}",
+                                         judges, log)
   for seed in config.seeds:
     log(f"[attribute, seed {seed}] DCT on 'a photo of the digit three <cls-0>' with the slant guide")
     results["attribute"][str(seed)] = _attribute(config, seed, workdir / "attribute" / f"seed{seed}", log)
@@ -70,13 +78,15 @@ def _stable_diffusion(path: str) -> pipeline.StableDiffusion:
   return pipeline.load_stable_diffusion(path)
 
 
-def _images(train_config, export: Path | None, template: str, num_classes: int, g, fill: str | None = None):
-  """uint8 [K, G, H, W, 3]: template filled with <cls-k> (or with `fill` for every class), from g.seed's latents."""
+def _images(train_config, export: Path | None, template: str, names: list[str], g, fill: str | None = None):
+  """uint8 [K, G, H, W, 3]: template filled with <cls-k> (or with `fill` for every class) and, where it holds
+  "{name}", with names[k]; from g.seed's latents."""
+  num_classes = len(names)
   # Loaded once; each export's tokens go into a copy of the tokenizer (they all add <cls-0>, ...).
   loaded = _stable_diffusion(train_config.model.sd_path)
   sd = dataclasses.replace(loaded, tokenizer=copy.deepcopy(loaded.tokenizer))
   learned = LearnedTokens.from_export(export, sd.tokenizer, sd.text_width) if export is not None else None
-  prompts = [template.format(fill if fill is not None else f"<cls-{k}>") for k in range(num_classes)]
+  prompts = [template.format(fill if fill is not None else f"<cls-{k}>", name=names[k]) for k in range(num_classes)]
   phase = train_config.phase.dct
   images = generate.generate(sd, prompts, learned=learned, num_images_per_prompt=g.num_images,
                              steps=phase.sampling_steps, guidance=phase.guidance, seed=g.seed)
@@ -96,17 +106,18 @@ def _verdicts(images: np.ndarray, judges: dict, guide_classifier, targets: np.nd
   return out
 
 
-def _digits(config, seed: int, workdir: Path, judges: dict, log) -> dict:
-  c = config.digits
+def _digits(c, generation, seed: int, workdir: Path, judges: dict, log) -> dict:
   result = _train(c, seed, workdir, log)
   targets = np.asarray(c.classifier.targets if c.classifier.targets is not None else range(10))
   guide_classifier = guides.load({"type": "file", "path": c.classifier.path})
+  names = [guide_classifier.class_names[t] for t in targets]
   template = c.phase.dct.templates[0]
-  before = _images(c, None, template, len(targets), config.generation, fill=c.tokens.init_word)
-  after = _images(c, result.exports["dct"], template, len(targets), config.generation)
-  titles = {"before": f"before DCT: \"{template.format(c.tokens.init_word)}\" (the initial token) in every row, "
-                      "row k judged against digit k",
-            "after": f"after DCT: \"{template.format('<cls-k>')}\", <cls-k> trained towards digit k"}
+  before = _images(c, None, template, names, generation, fill=c.tokens.init_word)
+  after = _images(c, result.exports["dct"], template, names, generation)
+  titles = {"before": f"before DCT: \"{template.format(c.tokens.init_word, name='<name of k>')}\" (the initial "
+                      "token) in row k, judged against digit k",
+            "after": f"after DCT: \"{template.format('<cls-k>', name='<name of k>')}\", <cls-k> trained towards "
+                     "digit k"}
   for name, images in (("before", before), ("after", after)):
     plots.image_grid(images, [f"digit {t}" for t in targets], [str(j + 1) for j in range(images.shape[1])],
                      f"{titles[name]}; training seed {seed}, the same starting latents in both pictures",
@@ -137,8 +148,8 @@ def _attribute(config, seed: int, workdir: Path, log) -> dict:
   result = _train(c, seed, workdir, log)
   g = config.attribute_generation
   template = c.phase.dct.templates[0]
-  plain = _images(c, None, template.replace(" {}", ""), 1, g, fill="")[0]  # "a photo of the digit three"
-  guided = _images(c, result.exports["dct"], template, 1, g)[0]
+  plain = _images(c, None, template.replace(" {}", ""), [""], g, fill="")[0]  # "a photo of the digit three"
+  guided = _images(c, result.exports["dct"], template, [""], g)[0]
   shown = min(16, len(plain))
   plots.image_grid(np.stack([plain[:shown], guided[:shown]]),
                    [template.replace(" {}", ""), template.format("<cls-0>")], [str(j + 1) for j in range(shown)],
@@ -157,13 +168,15 @@ def _attribute(config, seed: int, workdir: Path, log) -> dict:
 
 
 def summary(results: dict) -> dict:
-  """Mean ± std over seeds of every judge's rate, before and after, known and unknown; the attribute's shift."""
+  """Mean ± std over seeds of every judge's rate, per digit part, before and after, known and unknown; the
+  attribute's shift."""
   out = {}
-  for when in ("before", "after"):
-    for judge in ("logistic", "knn", "guide"):
-      for part in ("known", "unknown"):
-        values = [r[when][judge][part] for r in results["digits"].values()]
-        out[f"{when}/{judge}/{part}"] = [float(np.mean(values)), float(np.std(values))]
+  for part in DIGIT_PARTS:
+    for when in ("before", "after"):
+      for judge in ("logistic", "knn", "guide"):
+        for group in ("known", "unknown"):
+          values = [r[when][judge][group] for r in results[part].values()]
+          out[f"{part}/{when}/{judge}/{group}"] = [float(np.mean(values)), float(np.std(values))]
   shifts = [r["shift_in_std"] for r in results["attribute"].values()]
   out["attribute/shift_in_std"] = [float(np.mean(shifts)), float(np.std(shifts))]
   return out
@@ -176,22 +189,27 @@ def write_report(config, workdir: Path, results: dict) -> Path:
   judges = results["judges"]
   lines = [
       "# Discriminative Class Tokens in the tiny world", "", *evaluate.smoke_banner(config),
-      f"{config.generation.num_images} images per digit from \"a photo of a <cls-k>\" on held-out starting latents, "
-      f"before (the initial token, \"digit\") and after DCT with the tiny digit guide; mean ± std over seeds {seeds}. "
-      f"% judged as the intended digit by two judges that are not the guide (logistic regression on pixels, "
+      f"{config.generation.num_images} images per digit on held-out starting latents, before (the initial token, "
+      f"\"digit\") and after DCT with the tiny digit guide; mean ± std over seeds {seeds}. % judged as the intended "
+      f"digit by two judges that are not the guide (logistic regression on pixels, "
       f"{100 * judges['logistic']['heldout_accuracy']:.1f}% on held-out digits; 3-NN on pixels, "
-      f"{100 * judges['knn']['heldout_accuracy']:.1f}%), and by the guide itself.", "",
-      "| tokens | logistic, 0-4 | k-NN, 0-4 | guide, 0-4 | logistic, 5-9 | k-NN, 5-9 | guide, 5-9 |",
-      "|---|---|---|---|---|---|---|",
+      f"{100 * judges['knn']['heldout_accuracy']:.1f}%), and by the guide itself. The tiny model knows the names of "
+      f"0-4 only.", "",
+      "| prompt | tokens | logistic, 0-4 | k-NN, 0-4 | guide, 0-4 | logistic, 5-9 | k-NN, 5-9 | guide, 5-9 |",
+      "|---|---|---|---|---|---|---|---|",
   ]
-  for when in ("before", "after"):
-    cells = [pct(f"{when}/{j}/{part}") for part in ("known", "unknown") for j in ("logistic", "knn", "guide")]
-    lines.append(f"| {when} | " + " | ".join(cells) + " |")
+  for part in DIGIT_PARTS:
+    shown = config[part].phase.dct.templates[0].format("<cls-k>", name="<name>")
+    for when in ("before", "after"):
+      cells = [pct(f"{part}/{when}/{j}/{group}") for group in ("known", "unknown")
+               for j in ("logistic", "knn", "guide")]
+      lines.append(f"| {shown} | {when} | " + " | ".join(cells) + " |")
   first = seeds[0]
-  lines += ["", f"Seed {first}, one row per digit 0-9, before (the initial token) and after:", "",
-            f"![before](digits/seed{first}/generated_before.png) ![after](digits/seed{first}/generated_after.png)", "",
-            f"![per-class curves](digits/seed{first}/class_curves.png)", "",
-            "## An attribute token", "",
+  for part in DIGIT_PARTS:
+    lines += ["", f"{part}, seed {first}, one row per digit 0-9, before (the initial token) and after:", "",
+              f"![before]({part}/seed{first}/generated_before.png) ![after]({part}/seed{first}/generated_after.png)",
+              "", f"![per-class curves]({part}/seed{first}/class_curves.png)"]
+  lines += ["", "## An attribute token", "",
             "\"a photo of the digit three <cls-0>\" against \"a photo of the digit three\" on the same starting "
             "latents; <cls-0> learned with the slant guide towards \"leaning left\". The judge is the slant "
             "measured on each image (higher: leaning left).", "",

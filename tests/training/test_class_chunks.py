@@ -41,7 +41,7 @@ def _shots_config(checkpoint, workdir, devices: int):
 
 def _dct_config(checkpoint, workdir, devices: int, classifier_folder):
   from mcti_jax.configs import dct as dct_configs
-  c = dct_configs.get_config("tiny")
+  c = dct_configs.get_config("tiny,no_names")  # one prompt for every class: chunks regroup no per-class text
   base = tiny_train_config(checkpoint, workdir)
   c.model.sd_path, c.model.clip_path, c.workdir, c.data.cache_dir = (base.model.sd_path, base.model.clip_path,
                                                                     str(workdir), base.data.cache_dir)
