@@ -28,8 +28,8 @@ $(TEST_STAMP): $(STAMP)
 install: $(STAMP)
 
 # Two workers, a test file each at a time (module fixtures compile once): compiles are single-threaded, so two
-# overlap on 2 cores. Everything, slow tests included: about 15 minutes on a 2-core VM with an empty compile cache,
-# 12 with a warm one (tests/README.md has the durations).
+# overlap on 2 cores. Everything, slow tests included: about 13 minutes on a 2-core VM with an empty compile cache
+# (tests/README.md has the durations).
 test: $(TEST_STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile -m "not multiprocess" tests
 

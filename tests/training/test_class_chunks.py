@@ -41,7 +41,7 @@ def _shots_config(checkpoint, workdir, devices: int):
 
 def _dct_config(checkpoint, workdir, devices: int, classifier_folder):
   from mcti_jax.configs import dct as dct_configs
-  c = dct_configs.get_config("tiny,no_names")  # one prompt for every class: chunks regroup no per-class text
+  c = dct_configs.get_config("tiny")
   base = tiny_train_config(checkpoint, workdir)
   c.model.sd_path, c.model.clip_path, c.workdir, c.data.cache_dir = (base.model.sd_path, base.model.clip_path,
                                                                     str(workdir), base.data.cache_dir)
@@ -129,13 +129,13 @@ def _backbone(setup):
   return _BACKBONES[id(setup)][1]
 
 
-def _assert_same_metrics(got: list[dict], want: list[dict], num_classes: int):
+def _assert_same_metrics(got: list[dict], want: list[dict], num_classes: int, rtol: float = 1e-6):
   for a, b in zip(got, want):
     assert a.keys() == b.keys()
     for name in a:
       if name == "per_class":
         for term in a[name]:
-          np.testing.assert_allclose(a[name][term][:num_classes], b[name][term][:num_classes], rtol=1e-6, atol=1e-6)
+          np.testing.assert_allclose(a[name][term][:num_classes], b[name][term][:num_classes], rtol=rtol, atol=1e-6)
       else:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-6)
 
@@ -156,7 +156,9 @@ def test_chunks_of_1_and_3_give_the_tokens_and_metrics_of_one_pass(setups, group
   for chunk in (1, 3):
     tokens, metrics = run_steps(setup, phase, chunk)
     np.testing.assert_allclose(tokens, whole, rtol=0, atol=1e-6, err_msg=f"class_chunk={chunk}")
-    _assert_same_metrics(metrics, whole_metrics, NUM_CLASSES)
+    # DCT's per-class CE comes out of 6 DDIM steps, the VAE decoder and the guide: the regrouped sums drift by up to
+    # ~15 float32 ulps there (measured 1.7e-6 relative at LLVM -O1); its tokens still agree within 1e-6.
+    _assert_same_metrics(metrics, whole_metrics, NUM_CLASSES, rtol=5e-6 if group == "dct" else 1e-6)
 
 
 def _initial_vectors(setup, phase_name: str) -> np.ndarray:
