@@ -11,7 +11,8 @@ import pytest
 
 from conftest import tiny_train_config
 from mcti_jax.configs import eval as eval_config
-from mcti_jax.evaluation import evaluate, metrics
+from mcti_jax.errors import ConfigError
+from mcti_jax.evaluation import evaluate, evaluators, metrics
 from mcti_jax.tokens import export
 from mcti_jax.training import runs
 from mcti_jax.training import setup as setup_lib
@@ -359,3 +360,13 @@ def test_a_split_with_no_test_images_left_is_a_clear_error(tiny_checkpoint, tmp_
   setup = setup_lib.prepare(config.train, log=lambda _: None)
   with pytest.raises(ValueError, match="holds no images of the 2 trained classes"):
     evaluate.test_images(config, setup)
+
+
+@pytest.mark.parametrize("entry, message", [
+    (dict(type="dic", max_images=-3), r"config.evals.row: dic max_images=-3: 0 \(every test image\) or the size"),
+    (dict(type="dic", strategy="fastest"), r"config.evals.row: dic strategy='fastest'"),
+])
+def test_an_evaluator_field_out_of_range_is_a_config_error_naming_the_row(entry, message):
+  """Evaluators check their own fields (ValueError); make() names the row and the flag that fixes it."""
+  with pytest.raises(ConfigError, match=message + r".*--config.evals.row.<field>=<value>"):
+    evaluators.make("row", entry)

@@ -38,7 +38,10 @@ def make(name: str, entry) -> Any:
   if unknown:
     raise ConfigError(f"config.evals.{name} ({kind}) has no fields {unknown}; it has: type, label, "
                       f"{', '.join(sorted(fields))}")
-  return cls(**entry)
+  try:
+    return cls(**entry)
+  except ValueError as e:  # a field out of range: its own check says which
+    raise ConfigError(f"config.evals.{name}: {e}; fix it with --config.evals.{name}.<field>=<value>") from None
 
 
 def label(name: str, entry) -> str:
