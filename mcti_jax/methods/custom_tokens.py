@@ -11,6 +11,16 @@ The paper's details beyond its abstract are not public; this is our design.
   mcti_jax/configs/custom_tokens.py sets the words per dataset (the super-class word and attribute words).
 - Inference: composite queries "a photo of a S_k <attribute words>" retrieve images (retrieval/retrieve.py), refined
   by Generation-Aided Image Retrieval (retrieval/gair.py).
+
+Paper vs this module (Perera et al., arXiv 2502.12095; only the abstract and figure captions are available):
+
+  setting        | paper                                    | this module                 | why, if different
+  ---------------|------------------------------------------|-----------------------------|------------------------
+  loss           | TI + a discriminative objective (abstract)| alpha MSE + beta CE         | weights not given: 1, 1
+  CE candidates  | not given                                | class prototypes (above)    | a fixed target
+  subspace       | a subspace projection (abstract)         | subspace=True: exact span   |
+  GAIR           | balance token and words (abstract)       | the lam search; expansion   | expansion is ours, off
+                 |                                          | (expand_query) optional     |
 """
 
 import jax.numpy as jnp

@@ -49,8 +49,8 @@ Paper vs this module (paper: arXiv:2303.17155; code: github.com/idansc/discrimin
     UNet calls and mixes the last 4 noise predictions; the code's `i < steps - 1` test leaves the last two calls in
     the graph, so the authors' gradient runs through two UNet calls, not one.
 [e] The authors' (and so the default). kept_updates = 0 keeps the token that made the lowest loss, the one whose
-    images were scored; the exported token is then one AdamW step short of the authors'. Neither is wrong: the post-update
-    token was never itself scored, the pre-update one never received its own update.
+    images were scored; the exported token is then one AdamW step short of the authors'. Neither is wrong: the
+    post-update token was never itself scored, the pre-update one never received its own update.
 [f] The loss compared across epochs would then be that of other images.
 """
 

@@ -14,6 +14,21 @@ values: the tiny one uses beta = 0.0075 and lr 2e-3, tuned on the demo's seeds
 
 The shots of every class are looked at, but only class k's tokens are in its
 loss: classes still train independently (a per-class method).
+
+Paper vs this module (Wang et al., arXiv 2410.22317; tests/test_defaults.py holds the values):
+
+  setting        | paper (section)                          | this module (mcti:pets)     | why, if different
+  ---------------|------------------------------------------|-----------------------------|------------------------
+  loss           | alpha MSE + beta CE(s exp(cos)) (eq. 4-5)| alpha MSE + beta CE(s cos)  | exp is a misprint
+  alpha, beta, s | 1, 1, 10 (4.1)                           | 1, 1, 10                    | tiny preset: its own
+  schedule       | TI 3000 steps, then 100 steps (4.1)      | phases ti (3000), mcti (100)|
+  optimizer      | AdamW, lr 5e-4 (4.1)                     | AdamW, lr 5e-4              |
+  f_j            | CLIP image features, extracted beforehand| cached CLIP features        |
+  classifier     | eq. 6, template T1 (4.1)                 | clip_tokens, template T1    |
+  text pooling   | the official code: argmax of token ids   | EOS (model.pooling="eos")   | argmax points at the
+                 |                                          |                             | new token (models/clip.py)
+  CoOp context   | M = 16 (4.1)                             | evals.mcti_coop.num_context |
+  N-shot grid    | 1, 2, 4, 5, 8, 16 (3)                    | eval config n_shots         |
 """
 
 import jax

@@ -2,6 +2,19 @@
 
 The per-class loss is the MSE between the UNet's output for a noised shot and
 its training target (noise or v), averaged over the class's items.
+
+Paper vs this module (TI as MC-TI's warm-up: Wang et al. Sec. 4.1 "adhere to the same training scheme as
+outlined in the original paper", Gal et al.; tests/test_defaults.py holds the values):
+
+  setting      | paper (section)                       | this module (mcti:pets)      | why, if different
+  -------------|---------------------------------------|------------------------------|--------------------------
+  loss         | the LDM noise MSE (Gal et al., eq. 2) | noise (or v) MSE             |
+  steps        | 3000 (MC-TI 4.1)                      | phase.ti.steps = 3000        |
+  optimizer    | AdamW, lr 5e-4 (MC-TI 4.1)            | AdamW, lr 5e-4, decay 0.01   | decay: torch's default
+  items a step | not given                             | 1 shot per class, every class| all classes in one step
+  prompts      | Gal et al.'s ImageNet templates       | the same 27 (config.templates)|
+  init         | a word for the concept (Gal et al.)   | tokens.init_word per preset  |
+  model        | SD v1.5 (MC-TI 4.1)                   | model.sd_path = SD v1.5      |
 """
 
 import jax.numpy as jnp
