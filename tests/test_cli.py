@@ -69,9 +69,11 @@ def test_an_unknown_flag_or_config_is_named(args, message):
 
 
 @pytest.mark.parametrize("args", [[], ["generate", "--help"], ["export", "--help"], ["pretrain-tiny", "--help"],
-                                  ["generate", "--no-such-flag"]])
-def test_help_and_bad_flags_of_commands_without_a_config_answer_before_jax_is_imported(args):
-  code = ("import sys\nfrom mcti_jax import cli\ntry:\n  cli.main(['mcti', *sys.argv[1:]])\nexcept SystemExit:\n  pass\n"
+                                  ["retrieve", "--help"], ["generate", "--no-such-flag"]])
+def test_help_and_bad_flags_answer_before_jax_is_imported(args):
+  """Commands without a config (and retrieve, whose config reads retrieval/settings.py) parse before JAX loads."""
+  code = ("import sys\nfrom mcti_jax import cli\ntry:\n  cli.main(['mcti', *sys.argv[1:]])\nexcept SystemExit:\n"
+          "  pass\n"
           "print('imported jax' if 'jax' in sys.modules else 'no jax')")
   proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
                         timeout=120)

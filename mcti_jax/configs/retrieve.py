@@ -28,9 +28,7 @@ import dataclasses
 
 import ml_collections
 
-from mcti_jax.retrieval import gair
-from mcti_jax.retrieval import retrieve
-from mcti_jax.retrieval import tiny_world
+from mcti_jax.retrieval import settings
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -42,11 +40,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sd_path = ""  # default: the export's base model
   c.clip_path = ""  # default: the export's CLIP
   c.labels = ""  # a labels file over your own gallery; empty: the tiny world's digits and shape words
-  c.attributes = tiny_world.TINY_ATTRIBUTES  # tiny world: its queries use both words of each (tiny/captions.py)
+  c.attributes = settings.TINY_ATTRIBUTES  # tiny world: its queries use both words of each (tiny/captions.py)
   c.template = "a photo of a {}"  # tiny world: the class prompt; the words follow it
-  c.lams = retrieve.LAMS  # the fixed queries q(lam); q(1) is the composite prompt, always reported
+  c.lams = settings.LAMS  # the fixed queries q(lam); q(1) is the composite prompt, always reported
   c.resolution = 0  # labels galleries are read at this size; 0: CLIP's input size
   c.strip_images = 8  # retrieved images per row of a strip
   c.num_devices = ml_collections.config_dict.placeholder(int)  # for the gallery's CLIP features (default: all)
-  c.gair = ml_collections.ConfigDict({"enabled": True, **dataclasses.asdict(gair.GairConfig())})
+  c.gair = ml_collections.ConfigDict({"enabled": True, **dataclasses.asdict(settings.GairConfig())})
   return c

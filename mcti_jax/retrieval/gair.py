@@ -4,7 +4,7 @@ A composite query "a photo of a S_k w" asks for class k showing the words w.
 Its plain CLIP text feature can lean on either part (a strong token drowns the
 words, or the words drown the class). GAIR (Perera et al.) draws what the query
 asks for, checks what the drawings show, and retrieves with a query balanced to
-match. Every choice is a field of `GairConfig`; queries.py has the queries.
+match. Every choice is a field of `GairConfig` (settings.py); queries.py has the queries.
 
 1. Interpolation. The generator is conditioned on h(lam) = h_c + lam (h_cw - h_c),
    h_c the text encoder's last hidden states of the class prompt
@@ -73,52 +73,11 @@ import numpy as np
 
 from mcti_jax.tokens import conditioning
 from mcti_jax.generation import generate, sampling
-from mcti_jax.errors import ConfigError
 from mcti_jax.models import clip as clip_lib
 from mcti_jax.models import vae as vae_lib
 from mcti_jax.models.frozen import Frozen, freeze
 from mcti_jax.retrieval.queries import mix, normalize, prompt_features
-
-
-@dataclasses.dataclass(frozen=True)
-class GairConfig:
-  num_images: int = 4  # drawings per query and round
-  steps: int = 8  # DDIM steps
-  guidance: float = 2.0  # classifier-free guidance (the tiny demo's)
-  seed: int = 0  # starting noise
-  rounds: int = 3  # bisection rounds (plus the lam = 0 reference, drawn with the first)
-  lam_max: float = 1.0  # lam searched in [0, lam_max]; above 1 extrapolates past the composite prompt
-  class_keep: float = 0.5  # class shown: p_class >= class_keep x p_class of the lam = 0 drawings
-  attribute_threshold: float = 0.6  # attribute shown: p_attr >= this (0.5 = no preference)
-  logit_scale: float = 100.0  # of both judges' softmax (CLIP's)
-  head_template: str = "a photo of a {}"  # the class judge's prompt for every class token
-  # Query expansion (step 5), our addition: add the drawings' mean CLIP feature to q(lam). Off: GAIR as published.
-  expand_query: bool = False
-  image_weight: float = 0.5  # with expand_query: the weight of the drawings' mean CLIP feature in the query
-  judge_weighting: bool = True  # with expand_query: weight each drawing by p_class x p_attr in that mean
-  batch_size: int = 256  # drawings per jitted call: memory and speed only, results do not depend on it
-
-  def __post_init__(self):
-    checks = {"num_images": self.num_images >= 1, "steps": self.steps >= 1, "rounds": self.rounds >= 1,
-              "lam_max": self.lam_max > 0, "class_keep": self.class_keep >= 0,
-              "attribute_threshold": 0 < self.attribute_threshold < 1, "logit_scale": self.logit_scale > 0,
-              "image_weight": self.image_weight > 0 if self.expand_query else self.image_weight >= 0,
-              "batch_size": self.batch_size >= 1}
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-      raise ConfigError(f"GAIR settings out of range: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)} (see "
-                        "GairConfig in mcti_jax/retrieval/gair.py)")
-
-
-def from_config(entry) -> GairConfig:
-  """GairConfig from a config entry (a dict or ConfigDict of its fields, `enabled` ignored); unknown names refused."""
-  entry = dict(entry.items() if hasattr(entry, "items") else entry)
-  entry.pop("enabled", None)
-  fields = {f.name for f in dataclasses.fields(GairConfig)}
-  unknown = sorted(set(entry) - fields)
-  if unknown:
-    raise ConfigError(f"GAIR has no settings {unknown}; it has: {', '.join(sorted(fields))}")
-  return GairConfig(**entry)
+from mcti_jax.retrieval.settings import GairConfig
 
 
 # ------------------------------------------------------------------ the search

@@ -43,10 +43,10 @@ from mcti_jax.retrieval import gair
 from mcti_jax.retrieval.labels import load_labels
 from mcti_jax.retrieval.metrics import metrics, top_results
 from mcti_jax.retrieval.queries import Query, check_classes, fixed_queries, normalize
+from mcti_jax.retrieval.settings import LAMS, from_config
 from mcti_jax.retrieval.tiny_world import TINY_ATTRIBUTES, tiny_gallery, tiny_levels, tiny_queries, tiny_relevance
 from mcti_jax.tokens import conditioning
 
-LAMS = (0.0, 0.25, 0.5, 0.75, 1.5, 2.0)  # the fixed queries q(lam); q(1) is the composite prompt, reported as it
 
 # ------------------------------------------------------------------ image strips
 
@@ -261,7 +261,7 @@ def run(config, log: Callable[[str], None] = print) -> dict[str, Any]:
     raise ConfigError(f"--tokens {config.tokens} holds no manifest.json: pass the folder `mcti train` exported "
                       "(e.g. runs/<name>/export/mcti)")
   paths.output_folder(config.out, "config.out")  # before the models load and GAIR draws, not after
-  gair_config = gair.from_config(config.gair) if config.gair.enabled else None
+  gair_config = from_config(config.gair) if config.gair.enabled else None
   mesh = parallel.make_mesh(config.num_devices)
   common = dict(sd_path=config.sd_path or None, clip_path=config.clip_path or None, need_sd=gair_config is not None,
                 mesh=mesh, log=log)

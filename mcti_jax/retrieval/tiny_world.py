@@ -14,9 +14,9 @@ import numpy as np
 from mcti_jax import data as D
 from mcti_jax.errors import ConfigError
 from mcti_jax.retrieval.queries import Query, parse_query
+from mcti_jax.retrieval.settings import TINY_ATTRIBUTES
 from mcti_jax.tokens import placeholders as tok
 
-TINY_ATTRIBUTES = ("ink", "width", "slant")  # the tiny world's queries: both words of each (tiny/captions.py)
 
 
 def tiny_words() -> dict[str, tuple[int, int, str]]:

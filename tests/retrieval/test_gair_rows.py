@@ -10,15 +10,16 @@ from conftest import random_export
 
 from mcti_jax.errors import ConfigError
 from mcti_jax.retrieval import gair
+from mcti_jax.retrieval import settings as gair_settings
 from mcti_jax.retrieval.queries import normalize, parse_query, prompt_features
 
 
 def test_the_default_is_the_papers_gair_without_the_query_expansion():
-  assert gair.GairConfig().expand_query is False
-  assert gair.GairConfig(image_weight=0.0).image_weight == 0.0  # no expansion: the weight is unused
+  assert gair_settings.GairConfig().expand_query is False
+  assert gair_settings.GairConfig(image_weight=0.0).image_weight == 0.0  # no expansion: the weight is unused
   with pytest.raises(ConfigError, match="image_weight=0.0"):
-    gair.GairConfig(expand_query=True, image_weight=0.0)  # an expansion that adds nothing
-  assert gair.from_config({"enabled": True, "expand_query": True}).expand_query
+    gair_settings.GairConfig(expand_query=True, image_weight=0.0)  # an expansion that adds nothing
+  assert gair_settings.from_config({"enabled": True, "expand_query": True}).expand_query
 
 
 def test_the_custom_demo_names_its_tuning_seeds_and_reports_others():
@@ -35,7 +36,7 @@ def searched(tiny_checkpoint, tmp_path_factory):
   sd, clip, tokenizer, learned, pooling, _ = retrieve.load_models(tokens, None, None, need_sd=True)
   queries = [parse_query("a photo of a <cls-0> bold", type="bold", opposite="thin"),
              parse_query("a photo of a <cls-2> leaning left", type="slant")]
-  cfg = gair.GairConfig(num_images=2, steps=2, rounds=2)
+  cfg = gair_settings.GairConfig(num_images=2, steps=2, rounds=2)
   runs = {expand: gair.refine(sd, clip, tokenizer, learned, queries, dataclasses.replace(cfg, expand_query=expand),
                               pooling=pooling, log=lambda _: None)
           for expand in (False, True)}

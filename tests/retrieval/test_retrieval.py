@@ -12,6 +12,7 @@ from mcti_jax.retrieval import labels as labels_lib
 from mcti_jax.retrieval import metrics as retrieval_metrics
 from mcti_jax.retrieval import tiny_world
 from mcti_jax.retrieval import gair
+from mcti_jax.retrieval import settings as gair_settings
 from mcti_jax.data import DataError
 from mcti_jax.errors import ConfigError
 from mcti_jax.retrieval.queries import mix, normalize, parse_query
@@ -189,11 +190,11 @@ def test_gair_judges_by_hand():
 
 
 def test_gair_settings_are_checked():
-  assert gair.from_config({"enabled": True, "rounds": 2}).rounds == 2
+  assert gair_settings.from_config({"enabled": True, "rounds": 2}).rounds == 2
   with pytest.raises(ConfigError, match="GAIR has no settings \\['round'\\]"):
-    gair.from_config({"round": 2})
+    gair_settings.from_config({"round": 2})
   with pytest.raises(ConfigError, match="attribute_threshold=1.5"):
-    gair.GairConfig(attribute_threshold=1.5)
+    gair_settings.GairConfig(attribute_threshold=1.5)
 
 
 def test_retrieval_evaluator_is_a_type_with_checked_fields():

@@ -24,6 +24,7 @@ from mcti_jax.retrieval import labels as labels_lib
 from mcti_jax.retrieval import metrics as retrieval_metrics
 from mcti_jax.retrieval import tiny_world
 from mcti_jax.retrieval import gair as gair_lib
+from mcti_jax.retrieval import settings as gair_settings
 from mcti_jax.errors import ConfigError
 from mcti_jax.retrieval.queries import check_classes, fixed_queries, normalize, prompt_features
 
@@ -43,7 +44,7 @@ class Evaluator:
   def __post_init__(self):
     if self.query not in QUERIES:
       raise ConfigError(f"retrieval evaluator: query={self.query!r}; use one of {', '.join(QUERIES)}")
-    gair_lib.from_config(self.gair or {})  # refuse unknown GAIR settings before any training
+    gair_settings.from_config(self.gair or {})  # refuse unknown GAIR settings before any training
 
   def run(self, cell, name: str) -> dict[str, Any]:
     del name
@@ -56,8 +57,8 @@ class Evaluator:
       features = fixed_queries(s.clip, s.tokenizer, s.queries, s.learned, (self.lam,), s.pooling)
       features = features[f"lam={self.lam:g}"]
     else:
-      refined = gair_lib.refine(s.sd, s.clip, s.tokenizer, s.learned, s.queries, gair_lib.from_config(self.gair or {}),
-                                pooling=s.pooling)
+      refined = gair_lib.refine(s.sd, s.clip, s.tokenizer, s.learned, s.queries,
+                                gair_settings.from_config(self.gair or {}), pooling=s.pooling)
       features = refined.query_features
       info = {"lam_mean": float(np.mean(refined.lam)), "gair_seconds": refined.seconds}
     scores = features @ normalize(np.asarray(s.gallery_features, np.float32)).T
