@@ -29,6 +29,17 @@ def unit_image_features(clip_model, images: np.ndarray, batch_size: int = 64) ->
   return np.concatenate(out)
 
 
+def mean_pair_cosines(generated_features: np.ndarray, shot_features: np.ndarray) -> np.ndarray:
+  """generated [K, G, P] and shots [K, N, P] CLIP image features (any norm) -> [K]: for class k, the mean cosine
+  over all G x N pairs of its generations and its shots."""
+  g, s = (np.asarray(x, np.float64) for x in (generated_features, shot_features))
+  if g.ndim != 3 or s.ndim != 3 or g.shape[0] != s.shape[0] or g.shape[2] != s.shape[2]:
+    raise ValueError(f"need generated [K, G, P] and shots [K, N, P] with the same K and P, got {g.shape} and "
+                     f"{s.shape}")
+  g, s = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (g, s))
+  return np.einsum("kgp,knp->k", g, s) / (g.shape[1] * s.shape[1])
+
+
 def clip_image_similarity(clip_model, generated: np.ndarray, shots: np.ndarray, batch_size: int = 64) -> np.ndarray:
   """Per class, the mean CLIP image-image cosine of its generated images and its shots.
 
@@ -44,4 +55,4 @@ def clip_image_similarity(clip_model, generated: np.ndarray, shots: np.ndarray, 
   k, g, n = generated.shape[0], generated.shape[1], shots.shape[1]
   gen = unit_image_features(frozen, generated.reshape(-1, *generated.shape[2:]), batch_size).reshape(k, g, -1)
   ref = unit_image_features(frozen, shots.reshape(-1, *shots.shape[2:]), batch_size).reshape(k, n, -1)
-  return np.einsum("kgp,knp->k", gen.astype(np.float64), ref.astype(np.float64)) / (g * n)
+  return mean_pair_cosines(gen, ref)

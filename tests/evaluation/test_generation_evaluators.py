@@ -17,7 +17,7 @@ from conftest import ROOT, random_classifier, tiny_train_config
 from mcti_jax.configs import eval as eval_config
 from mcti_jax.errors import ConfigError
 from mcti_jax.evaluation import evaluate, evaluators
-from mcti_jax.evaluation.evaluators import clip_similarity as CSE
+from mcti_jax.generation import clip_similarity as CS
 from mcti_jax.evaluation.evaluators import generated
 from mcti_jax.evaluation.evaluators import generation_accuracy as GA
 
@@ -67,9 +67,9 @@ def test_clip_similarity_per_class_equals_numpy_cosines():
   gen, shots = rng.normal(size=(3, 2, 5)) * [[[1.0]], [[3.0]], [[0.5]]], rng.normal(size=(3, 4, 5))
   cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
   want = [np.mean([cos(g, s) for g in gen[k] for s in shots[k]]) for k in range(3)]
-  np.testing.assert_allclose(CSE.class_similarity(gen, shots), want, rtol=1e-12)
+  np.testing.assert_allclose(CS.mean_pair_cosines(gen, shots), want, rtol=1e-12)
   with pytest.raises(ValueError, match="same K and P"):
-    CSE.class_similarity(gen, shots[:2])
+    CS.mean_pair_cosines(gen, shots[:2])
 
 
 # ------------------------------------------------------------------ prompts, targets, refusals
@@ -238,7 +238,6 @@ def test_one_device_equals_eight_and_the_row_equals_the_harness(tiny_generation_
 @pytest.mark.slow
 def test_clip_similarity_equals_the_metric_on_the_shots_pixels(tiny_generation_eval):
   """The evaluator reads the trainer's shot features; generation/clip_similarity.py encodes the shots' pixels."""
-  from mcti_jax.generation import clip_similarity as CS
   config, _, rows = tiny_generation_eval
   cell = _cell(config, 8)
   sim = evaluators.make("sim", evaluate.evals_of(config)["sim"])

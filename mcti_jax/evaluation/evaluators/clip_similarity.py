@@ -21,17 +21,6 @@ from mcti_jax.evaluation.evaluators import generated
 from mcti_jax.generation import clip_similarity as similarity_lib
 
 
-def class_similarity(generated_features: np.ndarray, shot_features: np.ndarray) -> np.ndarray:
-  """generated [K, G, P] and shots [K, N, P] CLIP image features (any norm) -> [K]: for class k, the mean cosine
-  over all G x N pairs of its generations and its shots."""
-  g, s = (np.asarray(x, np.float64) for x in (generated_features, shot_features))
-  if g.ndim != 3 or s.ndim != 3 or g.shape[0] != s.shape[0] or g.shape[2] != s.shape[2]:
-    raise ValueError(f"need generated [K, G, P] and shots [K, N, P] with the same K and P, got {g.shape} and "
-                     f"{s.shape}")
-  g, s = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (g, s))
-  return np.einsum("kgp,knp->k", g, s) / (g.shape[1] * s.shape[1])
-
-
 @dataclasses.dataclass(frozen=True)
 class Evaluator(generated.Settings):
 
@@ -46,6 +35,6 @@ class Evaluator(generated.Settings):
       images = generated.draw(cell.models.sd, tokenizer, learned, generated.prompt(self.template, k, class_name),
                               self, guidance, cell.models.mesh)
       features = similarity_lib.unit_image_features(cell.models.clip, images, self.batch_size)
-      per_class.append(float(class_similarity(features[None], shots[k:k + 1])[0]))
+      per_class.append(float(similarity_lib.mean_pair_cosines(features[None], shots[k:k + 1])[0]))
     return {"clip_similarity": float(np.mean(per_class)), "clip_similarity_per_class": per_class,
             "prompt": generated.prompt(self.template, 0, learned.class_names[0]), **self.drawn(guidance)}
