@@ -9,6 +9,7 @@ a mistyped flag answer at once; `run` then draws the images (generate.py).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's usual; an export's manifest may name its base model's own
@@ -42,6 +43,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
   args.prog = prog
   if args.n < 1 or args.steps < 1:
     raise SystemExit(f"{prog}: --n and --steps must be >= 1")
+  if args.guidance is not None and not math.isfinite(args.guidance):
+    raise SystemExit(f"{prog}: --guidance {args.guidance} is not a number; give one such as 7.5 (<= 1: no guidance)")
   if not args.prompt and not args.tokens:
     raise SystemExit(f"{prog}: give --prompt (and --tokens to use learned classes)")
   return args

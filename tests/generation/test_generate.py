@@ -345,6 +345,14 @@ def test_generate_main_refuses_class_token_without_tokens(tiny_checkpoint, tmp_p
     generate_command.main(_argv(tiny_checkpoint, tmp_path / "out", "--prompt", "a photo of a <cls-0>"))
 
 
+@pytest.mark.parametrize("guidance", ["nan", "inf", "-inf"])
+def test_generate_refuses_a_guidance_that_is_not_a_number(tmp_path, guidance):
+  with pytest.raises(SystemExit, match=f"--guidance {guidance} is not a number"):
+    generate_command.main(["mcti generate", "--prompt", "a photo", f"--guidance={guidance}",
+                           "--out", str(tmp_path / "o")])
+  assert not (tmp_path / "o").exists()
+
+
 def test_generate_main_refuses_missing_model(tmp_path):
   with pytest.raises(SystemExit, match="mcti generate: .*nowhere"):
     generate_command.main(["mcti generate", "--sd", str(tmp_path / "nowhere"), "--prompt", "a photo"])
