@@ -25,6 +25,7 @@ labels file and its format), gair.py.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -261,6 +262,9 @@ def run(config, log: Callable[[str], None] = print) -> dict[str, Any]:
     raise ConfigError(f"--tokens {config.tokens} holds no manifest.json: pass the folder `mcti train` exported "
                       "(e.g. runs/<name>/export/mcti)")
   paths.output_folder(config.out, "config.out")  # before the models load and GAIR draws, not after
+  lams = config.lams
+  if isinstance(lams, str) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lams):
+    raise ConfigError(f"config.lams={lams!r} must be finite numbers, e.g. --config.lams='(0.0, 0.5, 1.5)'")
   gair_config = from_config(config.gair) if config.gair.enabled else None
   mesh = parallel.make_mesh(config.num_devices)
   common = dict(sd_path=config.sd_path or None, clip_path=config.clip_path or None, need_sd=gair_config is not None,
@@ -269,7 +273,7 @@ def run(config, log: Callable[[str], None] = print) -> dict[str, Any]:
     setup = labels_setup(config.tokens, config.labels, resolution=config.resolution, **common)
   else:
     setup = tiny_setup(config.tokens, attributes=tuple(config.attributes), template=config.template, **common)
-  results = retrieve(setup, tuple(config.lams), gair_config, config.out, strip_images=config.strip_images, log=log)
+  results = retrieve(setup, tuple(lams), gair_config, config.out, strip_images=config.strip_images, log=log)
   log(table(results))
   log(f"wrote {Path(config.out) / 'results.json'} and {len(setup.queries)} strips in {Path(config.out) / 'strips'}")
   return results

@@ -8,6 +8,7 @@ the settings of Generation-Aided Image Retrieval (gair.py, which says what each 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from mcti_jax.errors import ConfigError
 
@@ -38,8 +39,9 @@ class GairConfig:
               "lam_max": self.lam_max > 0, "class_keep": self.class_keep >= 0,
               "attribute_threshold": 0 < self.attribute_threshold < 1, "logit_scale": self.logit_scale > 0,
               "image_weight": self.image_weight > 0 if self.expand_query else self.image_weight >= 0,
-              "batch_size": self.batch_size >= 1}
-    bad = [name for name, ok in checks.items() if not ok]
+              "batch_size": self.batch_size >= 1, "guidance": True}
+    finite = ("guidance", "lam_max", "class_keep", "attribute_threshold", "logit_scale", "image_weight")
+    bad = [name for name, ok in checks.items() if not ok or (name in finite and not math.isfinite(getattr(self, name)))]
     if bad:
       raise ConfigError(f"GAIR settings out of range: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)} (see "
                         "GairConfig in mcti_jax/retrieval/settings.py)")

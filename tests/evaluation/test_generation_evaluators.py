@@ -105,6 +105,7 @@ def test_tokens_map_to_the_judge_by_name_or_by_targets():
     (dict(classifier=JUDGE, num_images=0), "num_images=0 must be a whole number >= 1"),
     (dict(classifier=JUDGE, template="a photo"), "template='a photo' must hold exactly one '{}'"),
     (dict(classifier=JUDGE, guidance="high"), "guidance='high' must be a number"),
+    (dict(classifier=JUDGE, guidance=float("nan")), "guidance=nan must be a number"),
     (dict(classifier=JUDGE, bogus=1), r"has no fields \['bogus'\]"),
 ])
 def test_bad_settings_are_refused_before_anything_runs(entry, message):

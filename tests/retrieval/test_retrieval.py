@@ -195,6 +195,22 @@ def test_gair_settings_are_checked():
     gair_settings.from_config({"round": 2})
   with pytest.raises(ConfigError, match="attribute_threshold=1.5"):
     gair_settings.GairConfig(attribute_threshold=1.5)
+  for field in ("guidance", "lam_max", "class_keep", "logit_scale", "image_weight"):  # nan and inf are no setting
+    for bad in (float("nan"), float("inf")):
+      with pytest.raises(ConfigError, match=f"{field}={bad!r}"):
+        gair_settings.GairConfig(**{field: bad})
+
+
+@pytest.mark.parametrize("lams", ["(float('nan'),)", "(0.5, inf)"])
+def test_retrieve_refuses_lams_that_are_not_finite_numbers_before_the_models_load(tmp_path, capsys, lams):
+  from mcti_jax import cli
+  export = tmp_path / "tokens"
+  export.mkdir()
+  (export / "manifest.json").write_text("{}")  # never read: the check comes first
+  with pytest.raises(SystemExit) as e:
+    cli.main(["mcti", "retrieve", "--tokens", str(export), f"--config.lams={lams}", f"--config.out={tmp_path / 'o'}"])
+  assert e.value.code == 1 and not (tmp_path / "o").exists()
+  assert capsys.readouterr().err.startswith("mcti retrieve: error: config.lams=")
 
 
 def test_retrieval_evaluator_is_a_type_with_checked_fields():

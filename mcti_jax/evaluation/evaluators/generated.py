@@ -12,6 +12,7 @@ Not an evaluator type itself (not in TYPES).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -38,7 +39,8 @@ class Settings:
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{kind} evaluator: {field}={value!r} must be a whole number >= 1")
-    if self.guidance is not None and (isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float))):
+    if self.guidance is not None and (isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float))
+                                      or not math.isfinite(self.guidance)):
       raise ConfigError(f"{kind} evaluator: guidance={self.guidance!r} must be a number (<= 1: no guidance) or None "
                         "(the run's model.guidance)")
     if not isinstance(self.template, str) or self.template.replace("{name}", "").count("{}") != 1:
